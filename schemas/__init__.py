@@ -1,0 +1,22 @@
+"""treeflow's record contract: Avro schemas, typed models and the codec.
+
+`Event` is what the events topic holds, `Command` the commands topic and `Task`
+the tasks topics; `EVENTS`, `COMMANDS` and `TASKS` encode and decode them.
+"""
+
+from ._base import MODELS_BY_AVRO_NAME, AvroModel
+from .codec import COMMANDS, EVENTS, TASKS, DecodeError, RecordCodec, RecordPosition
+from .models import *  # noqa: F403  (the generated models are the public surface)
+from .models import EventType
+
+
+def _record_name(event_type: EventType) -> str:
+    return "treeflow.events." + "".join(part.capitalize() for part in event_type.value.split("_"))
+
+
+#: The payload model of each event type (the record named after it).
+PAYLOAD_MODELS: dict[EventType, type[AvroModel]] = {
+    event_type: MODELS_BY_AVRO_NAME[_record_name(event_type)] for event_type in EventType
+}
+#: The event type of each payload model.
+EVENT_TYPES: dict[type[AvroModel], EventType] = {model: t for t, model in PAYLOAD_MODELS.items()}
