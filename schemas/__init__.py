@@ -20,3 +20,13 @@ PAYLOAD_MODELS: dict[EventType, type[AvroModel]] = {
 }
 #: The event type of each payload model.
 EVENT_TYPES: dict[type[AvroModel], EventType] = {model: t for t, model in PAYLOAD_MODELS.items()}
+
+#: The event types that close an execution's run, and the status each leaves.
+CLOSING_STATUS: dict[EventType, str] = {
+    EventType.WORKFLOW_EXECUTION_COMPLETED: "COMPLETED",
+    EventType.WORKFLOW_EXECUTION_FAILED: "FAILED",
+    EventType.WORKFLOW_EXECUTION_CANCELED: "CANCELED",
+    EventType.WORKFLOW_EXECUTION_TERMINATED: "TERMINATED",
+    EventType.WORKFLOW_EXECUTION_TIMED_OUT: "TIMED_OUT",
+    EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW: "CONTINUED_AS_NEW",
+}

@@ -1,0 +1,86 @@
+"""Broker profiles: the one place where client settings differ between brokers.
+
+treeflow's clients behave the same on every broker; a profile only tunes what a
+broker needs tuned. The embedded Tansu broker has gaps (DESIGN.md §8) that the
+`tansu` profile works around; on Apache Kafka the `kafka` profile changes nothing
+the engine relies on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .partitioner import key_partitioner
+
+PROFILE_ENV = "TREEFLOW_BROKER_PROFILE"
+
+
+@dataclass(frozen=True)
+class BrokerProfile:
+    """Client settings for one kind of broker."""
+
+    name: str
+    #: How long a fetch may wait for data. Tansu does not wake a waiting fetch
+    #: when data arrives, so a low bound is what keeps latency low there.
+    fetch_max_wait_ms: int
+    #: Tansu makes a group join wait half the session timeout: keep it short there.
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    #: Tansu has no idempotent or transactional producer.
+    idempotent_producer: bool
+    #: Tansu's ListOffsets answers the last batch's first offset + 1, too low when
+    #: that batch holds several records; fetch responses carry the true high
+    #: watermark, which `treeflow.kafka.offsets.end_offsets` then reads instead.
+    exact_list_offsets: bool
+
+    def producer_options(self) -> dict[str, Any]:
+        return {
+            "acks": "all",
+            "enable_idempotence": self.idempotent_producer,
+            "partitioner": key_partitioner,
+            "linger_ms": 0,
+        }
+
+    def consumer_options(self) -> dict[str, Any]:
+        return {
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": self.heartbeat_interval_ms,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+        }
+
+
+KAFKA = BrokerProfile(
+    name="kafka",
+    fetch_max_wait_ms=100,
+    session_timeout_ms=10_000,
+    heartbeat_interval_ms=3_000,
+    idempotent_producer=True,
+    exact_list_offsets=True,
+)
+
+TANSU = BrokerProfile(
+    name="tansu",
+    fetch_max_wait_ms=5,
+    session_timeout_ms=6_000,
+    heartbeat_interval_ms=1_000,
+    idempotent_producer=False,
+    exact_list_offsets=False,
+)
+
+PROFILES = {profile.name: profile for profile in (KAFKA, TANSU)}
+
+
+def profile_named(name: str) -> BrokerProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown broker profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def current_profile() -> BrokerProfile:
+    """The profile named by `TREEFLOW_BROKER_PROFILE`, `kafka` when unset."""
+    return profile_named(os.environ.get(PROFILE_ENV, KAFKA.name))
