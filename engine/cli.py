@@ -115,3 +115,7 @@ def demo(prefix: str | None, partitions: int | None) -> None:
             asyncio.run(run_demo(settings, click.echo))
     except (BrokerError, SettingsError, TopicConflictError) as error:
         fail_cleanly(error)
+
+
+if __name__ == "__main__":
+    main()

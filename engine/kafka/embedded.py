@@ -50,6 +50,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
 def answers_api_versions(host: str, port: int, timeout: float = 1.0) -> bool:
     """True when a Kafka broker at host:port answers an ApiVersions request without error."""
     client_id = b"treeflow"
@@ -105,6 +111,8 @@ class EmbeddedBroker:
         if self.running:
             return self
         binary = broker_binary()
+        if _port_taken(self.port):
+            raise BrokerError(f"cannot start the embedded broker: {HOST}:{self.port} is already in use")
         url = f"tcp://{HOST}:{self.port}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
