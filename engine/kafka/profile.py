@@ -23,9 +23,11 @@ class BrokerProfile:
 
     name: str
     #: How long a fetch may wait for data. Tansu does not wake a waiting fetch
-    #: when data arrives, so a low bound is what keeps latency low there.
+    #: when data arrives (it looks at half and at the full wait), so a low bound
+    #: is what keeps latency low there; 0 makes Tansu answer with no data at all.
     fetch_max_wait_ms: int
-    #: Tansu makes a group join wait half the session timeout: keep it short there.
+    #: Tansu makes a group join wait half the session timeout (at least ~1 s):
+    #: keep it short there.
     session_timeout_ms: int
     heartbeat_interval_ms: int
     #: Tansu has no idempotent or transactional producer.
@@ -65,7 +67,7 @@ KAFKA = BrokerProfile(
 TANSU = BrokerProfile(
     name="tansu",
     fetch_max_wait_ms=5,
-    session_timeout_ms=6_000,
+    session_timeout_ms=3_000,
     heartbeat_interval_ms=1_000,
     idempotent_producer=False,
     exact_list_offsets=False,
