@@ -1,11 +1,12 @@
 """treeflow's record contract: Avro schemas, typed models and the codec.
 
-`Event` is what the events topic holds, `Command` the commands topic and `Task`
-the tasks topics; `EVENTS`, `COMMANDS` and `TASKS` encode and decode them.
+`Event` is what the events topic holds, `Command` the commands topic, `Task` the
+tasks topics and `Reply` the replies topic; `EVENTS`, `COMMANDS`, `TASKS` and
+`REPLIES` encode and decode them.
 """
 
 from ._base import MODELS_BY_AVRO_NAME, AvroModel
-from .codec import COMMANDS, EVENTS, TASKS, DecodeError, RecordCodec, RecordPosition
+from .codec import COMMANDS, EVENTS, REPLIES, TASKS, DecodeError, RecordCodec, RecordPosition
 from .models import *  # noqa: F403  (the generated models are the public surface)
 from .models import EventType
 

@@ -16,7 +16,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from . import registry
 from ._base import AvroModel
-from .models import Command, Event, Task
+from .models import Command, Event, Reply, Task
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
@@ -113,3 +113,4 @@ class RecordCodec(Generic[M]):
 EVENTS: RecordCodec[Event] = RecordCodec("event", Event)
 COMMANDS: RecordCodec[Command] = RecordCodec("command", Command)
 TASKS: RecordCodec[Task] = RecordCodec("task", Task)
+REPLIES: RecordCodec[Reply] = RecordCodec("reply", Reply)

@@ -696,6 +696,19 @@ class WorkflowTaskTimedOut(AvroModel):
     timeout_type: str = Field(description='Which timeout, e.g. START_TO_CLOSE.')
 
 
+class Reply(AvroModel):
+    """One entry of the replies topic: the processor's answer to a client's request (start, signal, cancel, terminate)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.replies.Reply"
+    command_id: str = Field(description='The command answered.')
+    timestamp: datetime = Field(description='When the command was decided.')
+    root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
+    workflow_exec_id: str = Field(description='The execution the command was about.')
+    accepted: bool = Field(description='True when the command took effect (or had already taken effect).')
+    workflow_run_id: None | str = Field(default=None, description="The execution's current run, when it exists.")
+    error: None | Failure = Field(default=None, description='Why the command was rejected.')
+
+
 class ActivityTask(AvroModel):
     """Run one attempt of an activity."""
 
@@ -796,6 +809,7 @@ for _model in (
     WorkflowTaskCompleted,
     WorkflowTaskFailed,
     WorkflowTaskTimedOut,
+    Reply,
     ActivityTask,
     Task,
     WorkflowTask,

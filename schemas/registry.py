@@ -24,6 +24,7 @@ TOP_LEVEL = {
     "event": "treeflow.events.Event",
     "command": "treeflow.commands.Command",
     "task": "treeflow.tasks.Task",
+    "reply": "treeflow.replies.Reply",
 }
 
 

@@ -1,0 +1,503 @@
+"""decide(view, command) -> events: what the processor appends for one command.
+
+`view` maps execution ids to their states (the executions of the command's tree, or
+for a tick the executions with something due). Ids derive from the command id and
+timestamps come from the command, so the same command on the same state always
+yields the same events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from treeflow.schemas import (
+    EVENT_TYPES,
+    PAYLOAD_MODELS,
+    AvroModel,
+    Command,
+    Event,
+    Failure,
+    ParentClosePolicy,
+    Reply,
+    WorkflowContext,
+)
+from treeflow.schemas import models as m
+
+from .evolve import evolve
+from .state import ExecutionState, Status
+
+#: Namespace of the run ids derived from command ids.
+RUN_ID_NAMESPACE = uuid.UUID("6f6c0b8e-7a4c-4b0e-9a57-2f1f0c3d5e11")
+#: Used when an activity sets no retry policy (Temporal's defaults).
+DEFAULT_RETRY = m.RetryPolicy()
+
+CLIENT_COMMANDS = (m.StartWorkflowExecution, m.SignalWorkflowExecution, m.RequestCancelWorkflowExecution,
+                   m.TerminateWorkflowExecution)
+
+
+@dataclass
+class Outcome:
+    """What one command did: events to append, replies to send, and the states after."""
+
+    events: list[Event] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+    states: dict[str, ExecutionState] = field(default_factory=dict)
+
+
+def decide(view: Mapping[str, ExecutionState], command: Command) -> list[Event]:
+    """The events `command` appends, given the executions in `view`."""
+    return process(view, command).events
+
+
+def process(view: Mapping[str, ExecutionState], command: Command) -> Outcome:
+    """`decide`, plus the replies and the evolved states (so callers need not fold twice)."""
+    session = _Session(view, command)
+    target = view.get(command.workflow_exec_id)
+    if target is not None and command.command_id in target.recent_commands:
+        # Delivered again (a crash before the offset commit, or a client retry):
+        # its events are already in the log.
+        if isinstance(command.payload, CLIENT_COMMANDS):
+            session.reply(accepted=True)
+        return session.outcome
+    _HANDLERS[type(command.payload)](session, command.payload)
+    return session.outcome
+
+
+def run_id_for(*parts: str) -> str:
+    return str(uuid.uuid5(RUN_ID_NAMESPACE, ":".join(parts)))
+
+
+class _Session:
+    """Emits events for one command, evolving an overlay of the view as it goes."""
+
+    def __init__(self, view: Mapping[str, ExecutionState], command: Command) -> None:
+        self.view = view
+        self.command = command
+        self.now: datetime = command.timestamp
+        self.outcome = Outcome()
+
+    def get(self, exec_id: str) -> ExecutionState | None:
+        return self.outcome.states.get(exec_id) or self.view.get(exec_id)
+
+    def running(self, exec_id: str) -> ExecutionState | None:
+        state = self.get(exec_id)
+        return state if state is not None and state.open else None
+
+    def emit(self, context: WorkflowContext, payload: AvroModel, attempt: int | None = None) -> ExecutionState:
+        exec_id = context.workflow_exec_id
+        previous = self.get(exec_id)
+        event = Event(
+            event_id=f"{self.command.command_id}:{len(self.outcome.events)}",
+            event_type=EVENT_TYPES[type(payload)],
+            timestamp=self.now,
+            sequence=(previous.last_sequence if previous else 0) + 1,
+            workflow_context=context,
+            attempt=attempt,
+            payload=payload,
+        )
+        state = evolve(previous, event)
+        self.outcome.events.append(event)
+        self.outcome.states[exec_id] = state
+        return state
+
+    def emit_on(self, exec_id: str, payload: AvroModel, attempt: int | None = None) -> ExecutionState:
+        state = self.get(exec_id)
+        assert state is not None
+        return self.emit(state.context, payload, attempt)
+
+    def reply(self, accepted: bool, error: str | None = None, error_type: str = "CommandRejected") -> None:
+        state = self.get(self.command.workflow_exec_id)
+        self.outcome.replies.append(Reply(
+            command_id=self.command.command_id, timestamp=self.now,
+            root_workflow_exec_id=self.command.root_workflow_exec_id,
+            workflow_exec_id=self.command.workflow_exec_id, accepted=accepted,
+            workflow_run_id=state.context.workflow_run_id if state else None,
+            error=Failure(type=error_type, message=error, non_retryable=True) if error else None))
+
+    def reject_unless_running(self) -> ExecutionState | None:
+        state = self.get(self.command.workflow_exec_id)
+        if state is None:
+            self.reply(False, f"workflow execution {self.command.workflow_exec_id} not found", "WorkflowNotFound")
+            return None
+        if not state.open:
+            self.reply(False, f"workflow execution {state.exec_id} is already closed ({state.status.value})",
+                       "WorkflowClosed")
+            return None
+        return state
+
+    # ----------------------------------------------------------- closing
+
+    def close(self, exec_id: str, payload: AvroModel, status: Status) -> None:
+        """Close a run: record the close policy on each open child, then the closing event
+        (always the run's last), then apply the policies and tell the parent."""
+        state = self.get(exec_id)
+        assert state is not None and state.open
+        children = list(state.children.items())
+        for child_id, ref in children:
+            self.emit(state.context, m.ParentClosePolicyApplied(
+                child_workflow_exec_id=child_id, child_workflow_name=ref.workflow_name, policy=ref.policy,
+                parent_close_status=status.value))
+        self.emit(state.context, payload)
+        for child_id, ref in children:
+            if self.running(child_id) is None:
+                continue
+            if ref.policy is ParentClosePolicy.TERMINATE:
+                self.close(child_id, m.WorkflowExecutionTerminated(
+                    reason=f"parent {exec_id} closed ({status.value})"), Status.TERMINATED)
+            elif ref.policy is ParentClosePolicy.REQUEST_CANCEL:
+                self.request_cancel(child_id, f"parent {exec_id} closed ({status.value})")
+        if status is not Status.CONTINUED_AS_NEW:
+            self.notify_parent(exec_id, status, payload)
+
+    def notify_parent(self, exec_id: str, status: Status, payload: Any) -> None:
+        child = self.get(exec_id)
+        assert child is not None
+        parent_id = child.context.parent_workflow_exec_id
+        parent = self.running(parent_id) if parent_id else None
+        if parent is None or exec_id not in parent.children:
+            return  # top-level, abandoned, or the parent closed first
+        ids = {"child_workflow_exec_id": exec_id, "child_workflow_name": child.context.workflow_name}
+        notice: AvroModel = {
+            Status.COMPLETED: lambda: m.ChildWorkflowExecutionCompleted(**ids, result_json=payload.result_json),
+            Status.FAILED: lambda: m.ChildWorkflowExecutionFailed(**ids, failure=payload.failure),
+            Status.CANCELED: lambda: m.ChildWorkflowExecutionCanceled(**ids, details_json=payload.details_json),
+            Status.TERMINATED: lambda: m.ChildWorkflowExecutionTerminated(**ids, reason=payload.reason),
+            Status.TIMED_OUT: lambda: m.ChildWorkflowExecutionTimedOut(**ids),
+        }[status]()
+        self.emit(parent.context, notice)
+
+    def request_cancel(self, exec_id: str, reason: str, identity: str | None = None) -> None:
+        state = self.running(exec_id)
+        if state is not None and not state.cancel_requested:
+            self.emit(state.context, m.WorkflowExecutionCancelRequested(reason=reason, identity=identity))
+
+    # ----------------------------------------------------------- activities
+
+    def current_activity(self, payload: Any) -> tuple[ExecutionState, Any] | None:
+        """The execution and activity a worker report is about, if the report is current."""
+        state = self.running(self.command.workflow_exec_id)
+        if state is None or state.context.workflow_run_id != payload.workflow_run_id:
+            return None
+        activity = state.activities.get(payload.activity_id)
+        if activity is None or activity.attempt != payload.attempt or activity.cancel_requested:
+            return None
+        return state, activity
+
+    def ensure_started(self, state: ExecutionState, activity: Any) -> None:
+        if activity.started_at is None:
+            self.emit(state.context, m.ActivityTaskStarted(activity_id=activity.activity_id,
+                                                         activity_name=activity.activity_name), activity.attempt)
+
+    def fail_attempt(self, state: ExecutionState, activity: Any, failure: Failure,
+                     timeout_type: str | None = None) -> None:
+        """Retry the activity by its policy, or fail it for good."""
+        ids = {"activity_id": activity.activity_id, "activity_name": activity.activity_name}
+        backoff = _retry_backoff(activity, failure, self.now, final=timeout_type == "SCHEDULE_TO_CLOSE")
+        if timeout_type is not None:
+            self.emit(state.context, m.ActivityTaskTimedOut(**ids, timeout_type=timeout_type,
+                                                           will_retry=backoff is not None), activity.attempt)
+        if backoff is not None:
+            self.emit(state.context, m.ActivityTaskRetrying(**ids, failure=failure, next_attempt=activity.attempt + 1,
+                                                           backoff_ms=backoff), activity.attempt)
+        elif timeout_type is None:
+            self.emit(state.context, m.ActivityTaskFailed(**ids, failure=failure), activity.attempt)
+
+
+def _retry_backoff(activity: Any, failure: Failure, now: datetime, final: bool) -> int | None:
+    """Milliseconds before the next attempt, or None when the activity fails for good."""
+    policy = activity.retry_policy or DEFAULT_RETRY
+    if final or failure.non_retryable or failure.type in policy.non_retryable_error_types:
+        return None
+    if policy.maximum_attempts and activity.attempt >= policy.maximum_attempts:
+        return None
+    maximum = policy.maximum_interval_ms or 100 * policy.initial_interval_ms
+    backoff = min(int(policy.initial_interval_ms * policy.backoff_coefficient ** (activity.attempt - 1)), maximum)
+    deadline = activity.schedule_deadline
+    if deadline is not None and now + timedelta(milliseconds=backoff) >= deadline:
+        return None
+    return backoff
+
+
+# --------------------------------------------------------------- client requests
+
+def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
+    exec_id = s.command.workflow_exec_id
+    if s.command.root_workflow_exec_id != exec_id:
+        s.reply(False, f"a top-level execution is its own root: {exec_id} was sent with root "
+                       f"{s.command.root_workflow_exec_id}", "InvalidArgument")
+        return
+    existing = s.running(exec_id)
+    if existing is not None:
+        s.reply(False, f"workflow execution {exec_id} is already running (run {existing.context.workflow_run_id})",
+                "WorkflowAlreadyStarted")
+        return
+    context = WorkflowContext(workflow_exec_id=exec_id, workflow_run_id=run_id_for(s.command.command_id),
+                              workflow_name=p.workflow_name, parent_workflow_exec_id=None,
+                              root_workflow_exec_id=exec_id, task_queue=p.task_queue)
+    s.emit(context, m.WorkflowExecutionStarted(input_json=p.input_json, execution_timeout_ms=p.execution_timeout_ms,
+                                               retry_policy=p.retry_policy, identity=p.identity))
+    s.reply(True)
+
+
+def _signal(s: _Session, p: m.SignalWorkflowExecution) -> None:
+    state = s.reject_unless_running()
+    if state is not None:
+        s.emit(state.context, m.WorkflowExecutionSignaled(signal_name=p.signal_name, input_json=p.input_json,
+                                                          identity=p.identity))
+        s.reply(True)
+
+
+def _request_cancel(s: _Session, p: m.RequestCancelWorkflowExecution) -> None:
+    state = s.reject_unless_running()
+    if state is not None:
+        s.request_cancel(state.exec_id, p.reason, p.identity)
+        s.reply(True)
+
+
+def _terminate(s: _Session, p: m.TerminateWorkflowExecution) -> None:
+    state = s.reject_unless_running()
+    if state is not None:
+        s.close(state.exec_id, m.WorkflowExecutionTerminated(reason=p.reason, identity=p.identity),
+                Status.TERMINATED)
+        s.reply(True)
+
+
+# --------------------------------------------------------------- worker reports
+
+def _complete_workflow_task(s: _Session, p: m.CompleteWorkflowTask) -> None:
+    state = s.running(s.command.workflow_exec_id)
+    if (state is None or state.context.workflow_run_id != p.workflow_run_id or state.workflow_task is None
+            or state.workflow_task.task_id != p.task_id):
+        return  # a stale task: superseded, timed out, or the run closed
+    s.emit(state.context, m.WorkflowTaskCompleted(task_id=p.task_id, history_length=p.history_length))
+    for decision in p.decisions:
+        if s.running(state.exec_id) is None:
+            break  # nothing after a closing decision
+        _DECISIONS[type(decision)](s, state.exec_id, decision)
+
+
+def _fail_workflow_task(s: _Session, p: m.FailWorkflowTask) -> None:
+    state = s.running(s.command.workflow_exec_id)
+    if (state is None or state.context.workflow_run_id != p.workflow_run_id or state.workflow_task is None
+            or state.workflow_task.task_id != p.task_id):
+        return
+    s.emit(state.context, m.WorkflowTaskFailed(task_id=p.task_id, cause=p.cause, failure=p.failure))
+
+
+def _activity_started(s: _Session, p: m.ReportActivityTaskStarted) -> None:
+    found = s.current_activity(p)
+    if found is not None:
+        s.ensure_started(*found)
+
+
+def _complete_activity(s: _Session, p: m.CompleteActivityTask) -> None:
+    found = s.current_activity(p)
+    if found is None:
+        return  # late or superseded: not an event
+    state, activity = found
+    s.ensure_started(state, activity)
+    s.emit(state.context, m.ActivityTaskCompleted(activity_id=activity.activity_id,
+                                                  activity_name=activity.activity_name, result_json=p.result_json),
+           activity.attempt)
+
+
+def _fail_activity(s: _Session, p: m.FailActivityTask) -> None:
+    found = s.current_activity(p)
+    if found is not None:
+        state, activity = found
+        s.ensure_started(state, activity)
+        s.fail_attempt(s.get(state.exec_id), activity, p.failure)  # type: ignore[arg-type]
+
+
+def _heartbeat(s: _Session, p: m.RecordActivityHeartbeat) -> None:
+    found = s.current_activity(p)
+    if found is not None:
+        state, activity = found
+        heartbeats = dict(state.heartbeats)
+        heartbeats[activity.activity_id] = s.now
+        s.outcome.states[state.exec_id] = dataclasses.replace(state, heartbeats=heartbeats)
+
+
+def _custom_task_event(s: _Session, p: m.RecordCustomTaskEvent) -> None:
+    found = s.current_activity(p)
+    model = PAYLOAD_MODELS.get(p.event_type)
+    if found is None or model is None or not p.event_type.value.startswith("CUSTOM_TASK_"):
+        return
+    state, activity = found
+    fields: dict[str, Any] = {"custom_task_id": p.custom_task_id, "custom_task_type": p.custom_task_type,
+                              "activity_id": activity.activity_id, "payload": p.payload}
+    if "failure" in model.model_fields:
+        fields["failure"] = p.failure
+    s.emit(state.context, model(**fields), activity.attempt)
+
+
+def _tick(s: _Session, p: m.Tick) -> None:
+    """Fire what is due at `now` among the executions in the view."""
+    for exec_id in sorted(s.view):
+        state = s.running(exec_id)
+        if state is None:
+            continue
+        deadline = state.deadline
+        if deadline is not None and deadline <= s.now:
+            s.close(exec_id, m.WorkflowExecutionTimedOut(execution_timeout_ms=state.execution_timeout_ms),
+                    Status.TIMED_OUT)
+            continue
+        for timer_id, fire_at in sorted(state.timers.items(), key=lambda item: (item[1], item[0])):
+            if fire_at <= s.now:
+                s.emit(state.context, m.TimerFired(timer_id=timer_id))
+        for activity_id in sorted(state.activities):
+            current = s.get(exec_id)
+            activity = current.activities[activity_id]  # type: ignore[union-attr]
+            schedule_deadline = activity.schedule_deadline
+            if schedule_deadline is not None and schedule_deadline <= s.now:
+                s.fail_attempt(current, activity, _timeout_failure("SCHEDULE_TO_CLOSE", activity),  # type: ignore[arg-type]
+                               "SCHEDULE_TO_CLOSE")
+            elif activity.attempt_deadline <= s.now:
+                s.fail_attempt(current, activity, _timeout_failure("START_TO_CLOSE", activity),  # type: ignore[arg-type]
+                               "START_TO_CLOSE")
+            elif _heartbeat_deadline(current, activity) <= s.now:  # type: ignore[arg-type]
+                s.fail_attempt(current, activity, _timeout_failure("HEARTBEAT", activity),  # type: ignore[arg-type]
+                               "HEARTBEAT")
+        current = s.running(exec_id)
+        if current is not None and current.workflow_task is not None and current.workflow_task.deadline <= s.now:
+            s.emit(current.context, m.WorkflowTaskTimedOut(task_id=current.workflow_task.task_id,
+                                                          timeout_type="START_TO_CLOSE"))
+
+
+NEVER = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _heartbeat_deadline(state: ExecutionState, activity: Any) -> datetime:
+    if activity.heartbeat_timeout_ms is None or activity.started_at is None:
+        return NEVER
+    last = state.heartbeats.get(activity.activity_id, activity.started_at)
+    return max(last, activity.started_at) + timedelta(milliseconds=activity.heartbeat_timeout_ms)
+
+
+def _timeout_failure(timeout_type: str, activity: Any) -> Failure:
+    return Failure(type="ActivityTimeoutError",
+                   message=f"activity {activity.activity_name} ({activity.activity_id}) attempt {activity.attempt} "
+                           f"timed out ({timeout_type})")
+
+
+# --------------------------------------------------------------- decisions
+
+def _schedule_activity(s: _Session, exec_id: str, d: m.ScheduleActivityTask) -> None:
+    state = s.get(exec_id)
+    assert state is not None
+    if d.activity_id in state.activities:
+        return
+    s.emit(state.context, m.ActivityTaskScheduled(
+        activity_id=d.activity_id, activity_name=d.activity_name, task_queue=d.task_queue or state.context.task_queue,
+        input_json=d.input_json, retry_policy=d.retry_policy, schedule_to_close_timeout_ms=d.schedule_to_close_timeout_ms,
+        start_to_close_timeout_ms=d.start_to_close_timeout_ms, heartbeat_timeout_ms=d.heartbeat_timeout_ms))
+
+
+def _start_timer(s: _Session, exec_id: str, d: m.StartTimer) -> None:
+    s.emit_on(exec_id, m.TimerStarted(timer_id=d.timer_id, duration_ms=d.duration_ms,
+                                      fire_at=s.now + timedelta(milliseconds=d.duration_ms)))
+
+
+def _cancel_timer(s: _Session, exec_id: str, d: m.CancelTimer) -> None:
+    if d.timer_id in s.get(exec_id).timers:  # type: ignore[union-attr]
+        s.emit_on(exec_id, m.TimerCanceled(timer_id=d.timer_id))
+
+
+def _request_cancel_activity(s: _Session, exec_id: str, d: m.RequestCancelActivityTask) -> None:
+    activity = s.get(exec_id).activities.get(d.activity_id)  # type: ignore[union-attr]
+    if activity is None:
+        return
+    ids = {"activity_id": activity.activity_id, "activity_name": activity.activity_name}
+    s.emit_on(exec_id, m.ActivityTaskCancelRequested(**ids), activity.attempt)
+    # The workflow stops waiting at once; a result the attempt still reports is ignored.
+    s.emit_on(exec_id, m.ActivityTaskCanceled(**ids), activity.attempt)
+
+
+def _start_child(s: _Session, exec_id: str, d: m.StartChildWorkflowExecution) -> None:
+    parent = s.get(exec_id)
+    assert parent is not None
+    s.emit(parent.context, m.StartChildWorkflowExecutionInitiated(
+        child_workflow_exec_id=d.child_workflow_exec_id, child_workflow_name=d.child_workflow_name,
+        task_queue=d.task_queue, input_json=d.input_json, parent_close_policy=d.parent_close_policy,
+        execution_timeout_ms=d.execution_timeout_ms, retry_policy=d.retry_policy))
+    ids = {"child_workflow_exec_id": d.child_workflow_exec_id, "child_workflow_name": d.child_workflow_name}
+    if s.running(d.child_workflow_exec_id) is not None:
+        s.emit(parent.context, m.StartChildWorkflowExecutionFailed(**ids, cause="WORKFLOW_ALREADY_RUNNING"))
+        return
+    child_context = WorkflowContext(
+        workflow_exec_id=d.child_workflow_exec_id,
+        workflow_run_id=run_id_for(s.command.command_id, d.child_workflow_exec_id),
+        workflow_name=d.child_workflow_name, parent_workflow_exec_id=exec_id,
+        root_workflow_exec_id=parent.context.root_workflow_exec_id, task_queue=d.task_queue)
+    s.emit(child_context, m.WorkflowExecutionStarted(
+        input_json=d.input_json, execution_timeout_ms=d.execution_timeout_ms, retry_policy=d.retry_policy,
+        parent_close_policy=d.parent_close_policy, parent_workflow_run_id=parent.context.workflow_run_id))
+    s.emit(s.get(exec_id).context, m.ChildWorkflowExecutionStarted(  # type: ignore[union-attr]
+        **ids, child_workflow_run_id=child_context.workflow_run_id))
+
+
+def _request_cancel_child(s: _Session, exec_id: str, d: m.RequestCancelChildWorkflowExecution) -> None:
+    ref = s.get(exec_id).children.get(d.child_workflow_exec_id)  # type: ignore[union-attr]
+    if ref is None:
+        return
+    s.emit_on(exec_id, m.ChildWorkflowExecutionCancelRequested(child_workflow_exec_id=d.child_workflow_exec_id,
+                                                               child_workflow_name=ref.workflow_name))
+    s.request_cancel(d.child_workflow_exec_id, f"parent {exec_id} asked")
+
+
+def _complete(s: _Session, exec_id: str, d: m.CompleteWorkflowExecution) -> None:
+    s.close(exec_id, m.WorkflowExecutionCompleted(result_json=d.result_json), Status.COMPLETED)
+
+
+def _fail(s: _Session, exec_id: str, d: m.FailWorkflowExecution) -> None:
+    s.close(exec_id, m.WorkflowExecutionFailed(failure=d.failure), Status.FAILED)
+
+
+def _cancel(s: _Session, exec_id: str, d: m.CancelWorkflowExecution) -> None:
+    s.close(exec_id, m.WorkflowExecutionCanceled(details_json=d.details_json), Status.CANCELED)
+
+
+def _continue_as_new(s: _Session, exec_id: str, d: m.ContinueAsNewWorkflowExecution) -> None:
+    state = s.get(exec_id)
+    assert state is not None
+    new_run = run_id_for(s.command.command_id, exec_id, "continue-as-new")
+    s.close(exec_id, m.WorkflowExecutionContinuedAsNew(new_workflow_run_id=new_run, input_json=d.input_json),
+            Status.CONTINUED_AS_NEW)
+    context = state.context.model_copy(update={"workflow_run_id": new_run})
+    s.emit(context, m.WorkflowExecutionStarted(
+        input_json=d.input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
+        parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id))
+
+
+_HANDLERS: dict[type, Callable[[_Session, Any], None]] = {
+    m.StartWorkflowExecution: _start,
+    m.SignalWorkflowExecution: _signal,
+    m.RequestCancelWorkflowExecution: _request_cancel,
+    m.TerminateWorkflowExecution: _terminate,
+    m.CompleteWorkflowTask: _complete_workflow_task,
+    m.FailWorkflowTask: _fail_workflow_task,
+    m.ReportActivityTaskStarted: _activity_started,
+    m.CompleteActivityTask: _complete_activity,
+    m.FailActivityTask: _fail_activity,
+    m.RecordActivityHeartbeat: _heartbeat,
+    m.RecordCustomTaskEvent: _custom_task_event,
+    m.Tick: _tick,
+}
+
+_DECISIONS: dict[type, Callable[[_Session, str, Any], None]] = {
+    m.ScheduleActivityTask: _schedule_activity,
+    m.StartTimer: _start_timer,
+    m.CancelTimer: _cancel_timer,
+    m.RequestCancelActivityTask: _request_cancel_activity,
+    m.StartChildWorkflowExecution: _start_child,
+    m.RequestCancelChildWorkflowExecution: _request_cancel_child,
+    m.CompleteWorkflowExecution: _complete,
+    m.FailWorkflowExecution: _fail,
+    m.CancelWorkflowExecution: _cancel,
+    m.ContinueAsNewWorkflowExecution: _continue_as_new,
+}

@@ -1,0 +1,131 @@
+"""The state of one execution, as folded from its events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from types import MappingProxyType
+
+from treeflow.schemas import Failure, ParentClosePolicy, RetryPolicy, WorkflowContext
+
+EMPTY: Mapping = MappingProxyType({})
+
+#: How long a worker may take over a workflow task before it is given to another.
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=10)
+#: Bound of one activity attempt when the activity sets no timeout.
+DEFAULT_START_TO_CLOSE = timedelta(minutes=5)
+#: How many recent command ids an execution remembers to drop a re-delivered command.
+RECENT_COMMANDS = 64
+
+
+class Status(str, Enum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    TERMINATED = "TERMINATED"
+    TIMED_OUT = "TIMED_OUT"
+    CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
+
+
+@dataclass(frozen=True)
+class ActivityState:
+    """An activity scheduled and not yet closed; `attempt` is the current attempt."""
+
+    activity_id: str
+    activity_name: str
+    task_queue: str
+    input_json: str | None
+    retry_policy: RetryPolicy | None
+    schedule_to_close_timeout_ms: int | None
+    start_to_close_timeout_ms: int | None
+    heartbeat_timeout_ms: int | None
+    scheduled_at: datetime
+    ready_at: datetime
+    attempt: int = 1
+    started_at: datetime | None = None
+    cancel_requested: bool = False
+
+    @property
+    def attempt_deadline(self) -> datetime:
+        """When the current attempt times out (start-to-close, counted from its start,
+        or from when it was ready if no worker reported a start)."""
+        bound = (timedelta(milliseconds=self.start_to_close_timeout_ms) if self.start_to_close_timeout_ms
+                 else DEFAULT_START_TO_CLOSE)
+        return (self.started_at or self.ready_at) + bound
+
+    @property
+    def schedule_deadline(self) -> datetime | None:
+        if self.schedule_to_close_timeout_ms is None:
+            return None
+        return self.scheduled_at + timedelta(milliseconds=self.schedule_to_close_timeout_ms)
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    """A child this execution started and that has not closed (from the parent's view)."""
+
+    workflow_name: str
+    policy: ParentClosePolicy
+    started: bool = False
+
+
+@dataclass(frozen=True)
+class WorkflowTaskState:
+    """The workflow task the execution waits on: dispatched from `ready_at` on."""
+
+    task_id: str
+    ready_at: datetime
+    attempt: int = 1
+
+    @property
+    def deadline(self) -> datetime:
+        return self.ready_at + WORKFLOW_TASK_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ExecutionState:
+    """One execution: its current run, what it waits on, and how it closed."""
+
+    context: WorkflowContext
+    status: Status
+    last_sequence: int
+    execution_started_at: datetime
+    run_started_at: datetime
+    start_command_id: str
+    input_json: str | None = None
+    execution_timeout_ms: int | None = None
+    retry_policy: RetryPolicy | None = None
+    parent_close_policy: ParentClosePolicy | None = None
+    first_sequence: int = 1
+    activities: Mapping[str, ActivityState] = field(default_factory=lambda: EMPTY)
+    timers: Mapping[str, datetime] = field(default_factory=lambda: EMPTY)
+    children: Mapping[str, ChildRef] = field(default_factory=lambda: EMPTY)
+    workflow_task: WorkflowTaskState | None = None
+    #: Sequence of the newest event the workflow code has to see.
+    last_trigger_sequence: int = 0
+    cancel_requested: bool = False
+    recent_commands: tuple[str, ...] = ()
+    closed_at: datetime | None = None
+    closed_by_command_id: str | None = None
+    result_json: str | None = None
+    failure: Failure | None = None
+    #: Volatile (not folded from events): when the current attempt of each activity
+    #: last heartbeated. Excluded from equality, so that state == fold(events).
+    heartbeats: Mapping[str, datetime] = field(default_factory=lambda: EMPTY, compare=False)
+
+    @property
+    def exec_id(self) -> str:
+        return self.context.workflow_exec_id
+
+    @property
+    def open(self) -> bool:
+        return self.status is Status.RUNNING
+
+    @property
+    def deadline(self) -> datetime | None:
+        if self.execution_timeout_ms is None:
+            return None
+        return self.execution_started_at + timedelta(milliseconds=self.execution_timeout_ms)

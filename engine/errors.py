@@ -1,0 +1,116 @@
+"""The errors treeflow raises, and their conversion to and from `Failure` records."""
+
+from __future__ import annotations
+
+import traceback
+
+from treeflow.schemas import Failure
+
+
+class TreeflowError(Exception):
+    """Base of the errors treeflow raises."""
+
+
+class ApplicationError(TreeflowError):
+    """An error raised by user code, or rebuilt from a recorded `Failure`.
+
+    Raise it from an activity or workflow to choose the error's `type` or to make it
+    `non_retryable`. `stack_trace` holds the original traceback text when rebuilt.
+    """
+
+    def __init__(self, message: str, *, type: str | None = None, non_retryable: bool = False,
+                 stack_trace: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type or "ApplicationError"
+        self.non_retryable = non_retryable
+        self.stack_trace = stack_trace
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.type != "ApplicationError" else self.message
+
+
+class ActivityError(TreeflowError):
+    """Raised in a workflow when an activity it awaits failed for good; `cause` says why."""
+
+    def __init__(self, activity_name: str, activity_id: str, cause: ApplicationError, reason: str = "failed") -> None:
+        super().__init__(f"activity {activity_name} ({activity_id}) {reason}: {cause}")
+        self.activity_name = activity_name
+        self.activity_id = activity_id
+        self.__cause__ = cause
+
+    @property
+    def cause(self) -> ApplicationError:
+        return self.__cause__  # type: ignore[return-value]
+
+
+class ChildWorkflowError(TreeflowError):
+    """Raised in a parent when a child it awaits did not complete; `status` says how it ended."""
+
+    def __init__(self, workflow_name: str, execution_id: str, status: str, cause: ApplicationError | None) -> None:
+        detail = f": {cause}" if cause else ""
+        super().__init__(f"child workflow {workflow_name} ({execution_id}) {status.lower()}{detail}")
+        self.workflow_name = workflow_name
+        self.execution_id = execution_id
+        self.status = status
+        self.__cause__ = cause
+
+    @property
+    def cause(self) -> ApplicationError | None:
+        return self.__cause__  # type: ignore[return-value]
+
+
+class WorkflowFailureError(TreeflowError):
+    """Raised by a client waiting for a result when the execution did not complete."""
+
+    def __init__(self, execution_id: str, status: str, cause: ApplicationError | None) -> None:
+        detail = f": {cause}" if cause else ""
+        super().__init__(f"workflow execution {execution_id} {status.lower()}{detail}")
+        self.execution_id = execution_id
+        self.status = status
+        self.__cause__ = cause
+
+    @property
+    def cause(self) -> ApplicationError | None:
+        return self.__cause__  # type: ignore[return-value]
+
+
+class WorkflowAlreadyStartedError(TreeflowError):
+    """An execution with this id is already running."""
+
+
+class CommandRejectedError(TreeflowError):
+    """The processor rejected a request (e.g. a signal to a closed execution)."""
+
+
+class NonDeterminismError(TreeflowError):
+    """Workflow code did not do on replay what its history says it did."""
+
+
+def failure_from_exception(exc: BaseException) -> Failure:
+    """A `Failure` record of `exc` and its cause chain (type, message, stack)."""
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if isinstance(exc, ApplicationError):
+        return Failure(type=exc.type, message=exc.message, non_retryable=exc.non_retryable,
+                       stack_trace=exc.stack_trace or _stack(exc),
+                       cause=failure_from_exception(cause) if cause else None)
+    if isinstance(exc, (ActivityError, ChildWorkflowError, WorkflowFailureError)):
+        return Failure(type=type(exc).__name__, message=str(exc), stack_trace=_stack(exc),
+                       cause=failure_from_exception(exc.cause) if exc.cause else None)
+    return Failure(type=type(exc).__name__, message=str(exc), stack_trace=_stack(exc),
+                   cause=failure_from_exception(cause) if cause else None)
+
+
+def exception_from_failure(failure: Failure) -> ApplicationError:
+    """The `ApplicationError` a recorded failure stands for, with its cause chain."""
+    error = ApplicationError(failure.message, type=failure.type, non_retryable=failure.non_retryable,
+                             stack_trace=failure.stack_trace)
+    if failure.cause:
+        error.__cause__ = exception_from_failure(failure.cause)
+    return error
+
+
+def _stack(exc: BaseException) -> str | None:
+    if exc.__traceback__ is None:
+        return None
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False))
