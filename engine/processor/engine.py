@@ -1,0 +1,162 @@
+"""The processor's state of one partition, around the pure core.
+
+`PartitionEngine` holds every execution of one commands/events partition, the
+current run's history of each open one (workflow tasks carry it), what has been
+dispatched, and when something is due. It applies commands through `core.process`
+and says what to append, reply and dispatch; Kafka and faust stay outside.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
+from treeflow.schemas import models as m
+
+from ..core import ExecutionState, WorkItem, evolve, next_due, pending_work, process
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A task to hand to a worker: `history` is set for workflow tasks."""
+
+    item: WorkItem
+    context: WorkflowContext
+    task: Task
+    history: list[Event] | None = None
+
+
+@dataclass
+class Effects:
+    events: list[Event] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+
+
+class PartitionEngine:
+    """Executions of one partition, their histories, and their pending work."""
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.states: dict[str, ExecutionState] = {}
+        self.histories: dict[str, list[Event]] = {}
+        self._dispatched: dict[str, set[str]] = {}
+        self._due: list[tuple[datetime, str]] = []
+
+    # ------------------------------------------------------------ recovery
+
+    def replay(self, events: list[Event]) -> None:
+        """Fold events read back from the events topic (nothing is dispatched)."""
+        for event in events:
+            self._append(event)
+        for state in self.states.values():
+            self._schedule(state)
+
+    # ------------------------------------------------------------ commands
+
+    def handle(self, command: Command, now: datetime) -> Effects:
+        """Decide `command`; the caller appends the events, sends the replies and dispatches."""
+        outcome = process(self.states, command)
+        for event in outcome.events:
+            self._append(event)
+        # States not moved by an event (a heartbeat) still change.
+        for exec_id, state in outcome.states.items():
+            self.states[exec_id] = state
+        effects = Effects(outcome.events, outcome.replies)
+        moment = max(now, command.timestamp)
+        for exec_id in outcome.states:
+            effects.dispatches.extend(self._ready_work(exec_id, moment))
+        return effects
+
+    def tick(self, now: datetime, command_id: str) -> Effects:
+        """Decide what is due at `now`, and dispatch work whose backoff has passed."""
+        due: set[str] = set()
+        while self._due and self._due[0][0] <= now:
+            _, exec_id = heapq.heappop(self._due)
+            due.add(exec_id)
+        effects = Effects()
+        if not due:
+            return effects
+        view = {exec_id: self.states[exec_id] for exec_id in due if exec_id in self.states}
+        tick = Command(command_id=command_id, timestamp=now, root_workflow_exec_id="", workflow_exec_id="",
+                       payload=m.Tick(now=now))
+        outcome = process(view, tick)
+        for event in outcome.events:
+            self._append(event)
+        for exec_id, state in outcome.states.items():
+            self.states[exec_id] = state
+        effects.events, effects.replies = outcome.events, outcome.replies
+        for exec_id in due | set(outcome.states):
+            effects.dispatches.extend(self._ready_work(exec_id, now))
+            if exec_id in self.states:
+                self._schedule(self.states[exec_id])
+        return effects
+
+    def next_wakeup(self) -> datetime | None:
+        return self._due[0][0] if self._due else None
+
+    def redispatch_all(self, now: datetime) -> list[Dispatch]:
+        """Everything pending (after a recovery: what was dispatched before may be lost)."""
+        dispatches = []
+        for exec_id in list(self.states):
+            dispatches.extend(self._ready_work(exec_id, now))
+        return dispatches
+
+    # ------------------------------------------------------------ internals
+
+    def _append(self, event: Event) -> None:
+        exec_id = event.workflow_context.workflow_exec_id
+        state = evolve(self.states.get(exec_id), event)
+        self.states[exec_id] = state
+        if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
+            self.histories[exec_id] = [event]
+        elif state.open:
+            self.histories.setdefault(exec_id, []).append(event)
+        else:
+            self.histories.pop(exec_id, None)
+            self._dispatched.pop(exec_id, None)
+
+    def _ready_work(self, exec_id: str, now: datetime) -> list[Dispatch]:
+        state = self.states.get(exec_id)
+        if state is None:
+            return []
+        items = pending_work(state)
+        done = self._dispatched.get(exec_id, set())
+        keep = {item.key for item in items} & done
+        dispatches = []
+        for item in items:
+            if item.key in done:
+                continue
+            if item.ready_at <= now:
+                dispatches.append(self._dispatch(state, item, now))
+                keep.add(item.key)
+        if keep:
+            self._dispatched[exec_id] = keep
+        else:
+            self._dispatched.pop(exec_id, None)
+        self._schedule(state, [item.ready_at for item in items if item.key not in keep])
+        return dispatches
+
+    def _schedule(self, state: ExecutionState, extra: list[datetime] | None = None) -> None:
+        times = [t for t in (next_due(state), *(extra or [])) if t is not None]
+        if times:
+            heapq.heappush(self._due, (min(times), state.exec_id))
+
+    def _dispatch(self, state: ExecutionState, item: WorkItem, now: datetime) -> Dispatch:
+        if item.kind == "workflow":
+            history = list(self.histories.get(state.exec_id, []))
+            task_id = state.workflow_task.task_id  # type: ignore[union-attr]
+            payload: Any = m.WorkflowTask(history=history, first_sequence=history[0].sequence if history else 1)
+            return Dispatch(item, state.context, Task(task_id=task_id, timestamp=now,
+                                                      workflow_context=state.context, payload=payload), history)
+        activity = state.activities[item.activity_id]  # type: ignore[index]
+        payload = m.ActivityTask(
+            activity_id=activity.activity_id, activity_name=activity.activity_name, input_json=activity.input_json,
+            attempt=activity.attempt, scheduled_at=activity.ready_at,
+            start_to_close_timeout_ms=activity.start_to_close_timeout_ms,
+            heartbeat_timeout_ms=activity.heartbeat_timeout_ms)
+        return Dispatch(item, state.context, Task(task_id=item.key, timestamp=now, workflow_context=state.context,
+                                                  payload=payload))

@@ -1,0 +1,471 @@
+"""Workflow code, run deterministically from its history.
+
+A `WorkflowInstance` owns one run of one workflow. Its event loop executes nothing
+but the workflow's own callbacks: timers become durable timers, activities and
+children become decisions, and results arrive as history events. Fed the same
+history it issues the same decisions, so a worker that lost an instance rebuilds it
+by replaying the history, and a worker that kept it (sticky) just feeds it the new
+events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from treeflow.schemas import Event, EventType, ParentClosePolicy, WorkflowContext
+from treeflow.schemas import models as m
+
+from ..definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, WorkflowDefinition
+from ..errors import (
+    ActivityError,
+    ChildWorkflowError,
+    NonDeterminismError,
+    exception_from_failure,
+    failure_from_exception,
+)
+from ..options import RetryPolicy, millis
+from ..payloads import from_json, to_json
+
+log = logging.getLogger(__name__)
+T = EventType
+
+#: Events that answer something the workflow code waits for.
+RESOLVING = {
+    T.WORKFLOW_EXECUTION_STARTED, T.WORKFLOW_EXECUTION_SIGNALED, T.WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+    T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED, T.TIMER_FIRED,
+    T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
+    T.CHILD_WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_CANCELED,
+    T.CHILD_WORKFLOW_EXECUTION_TERMINATED, T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+}
+#: The events a decision leads to, and the decision each stands for.
+EFFECTS = {
+    T.ACTIVITY_TASK_SCHEDULED: (m.ScheduleActivityTask, "activity_id"),
+    T.TIMER_STARTED: (m.StartTimer, "timer_id"),
+    T.TIMER_CANCELED: (m.CancelTimer, "timer_id"),
+    T.ACTIVITY_TASK_CANCEL_REQUESTED: (m.RequestCancelActivityTask, "activity_id"),
+    T.START_CHILD_WORKFLOW_EXECUTION_INITIATED: (m.StartChildWorkflowExecution, "child_workflow_exec_id"),
+    T.CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED: (m.RequestCancelChildWorkflowExecution, "child_workflow_exec_id"),
+    T.WORKFLOW_EXECUTION_COMPLETED: (m.CompleteWorkflowExecution, None),
+    T.WORKFLOW_EXECUTION_FAILED: (m.FailWorkflowExecution, None),
+    T.WORKFLOW_EXECUTION_CANCELED: (m.CancelWorkflowExecution, None),
+    T.WORKFLOW_EXECUTION_CONTINUED_AS_NEW: (m.ContinueAsNewWorkflowExecution, None),
+}
+CHILD_CLOSED = {
+    T.CHILD_WORKFLOW_EXECUTION_FAILED: "FAILED", T.CHILD_WORKFLOW_EXECUTION_CANCELED: "CANCELED",
+    T.CHILD_WORKFLOW_EXECUTION_TERMINATED: "TERMINATED", T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT: "TIMED_OUT",
+}
+
+
+def current_instance() -> WorkflowInstance | None:
+    """The instance whose code is running, if any."""
+    loop = asyncio._get_running_loop()
+    return loop.instance if isinstance(loop, WorkflowLoop) else None
+
+
+class WorkflowLoop(asyncio.AbstractEventLoop):
+    """An event loop that only runs the workflow's callbacks, in order, when asked."""
+
+    def __init__(self, instance: WorkflowInstance) -> None:
+        self.instance = instance
+        self.ready: deque[asyncio.Handle] = deque()
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any,
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        self.ready.append(handle)
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
+                   context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        return self.instance.start_timer(delay, callback, args, context)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any,
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        return self.call_later(when - self.time(), callback, *args, context=context)
+
+    def time(self) -> float:
+        return self.instance.now.timestamp()
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(self, coro: Any, *, name: str | None = None,
+                    context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+        return asyncio.Task(coro, loop=self, name=name, context=context)
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        self.instance.cancel_timer(handle)
+
+    def get_debug(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return False
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        if context.get("message") == "Task was destroyed but it is pending!":
+            return  # an evicted instance's tasks: expected, the history keeps its progress
+        log.error("workflow %s: %s", self.instance.context.workflow_exec_id, context.get("message"),
+                  exc_info=context.get("exception"))
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    def run_ready(self) -> None:
+        outer = asyncio._get_running_loop()
+        asyncio._set_running_loop(self)
+        try:
+            while self.ready:
+                handle = self.ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+        finally:
+            asyncio._set_running_loop(outer)
+
+
+@dataclass
+class _Issued:
+    decision: Any
+    key: str | None
+
+
+@dataclass
+class _Activity:
+    definition: ActivityDefinition | None
+    name: str
+    future: asyncio.Future[Any]
+
+
+class ChildHandle:
+    """A started child workflow: `await handle` gives its result (or raises its failure)."""
+
+    def __init__(self, instance: WorkflowInstance, execution_id: str, workflow_name: str,
+                 result: asyncio.Future[Any]) -> None:
+        self.execution_id = execution_id
+        self.workflow_name = workflow_name
+        self._instance = instance
+        self._result = result
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result.__await__()
+
+    async def result(self) -> Any:
+        return await self._result
+
+    def cancel(self) -> None:
+        """Ask the child to cancel (a decision: it reaches the child as a cancel request)."""
+        self._instance.request_cancel_child(self.execution_id)
+
+
+@dataclass
+class _Child:
+    workflow_name: str
+    return_type: Any
+    started: asyncio.Future[Any]
+    result: asyncio.Future[Any]
+    cancel_requested: bool = False
+
+
+class WorkflowInstance:
+    """One run of one workflow, fed its history one task at a time."""
+
+    def __init__(self, definition: WorkflowDefinition, context: WorkflowContext) -> None:
+        self.definition = definition
+        self.context = context
+        self.loop = WorkflowLoop(self)
+        self.now: datetime = datetime.fromtimestamp(0).astimezone()
+        self.random = random.Random(uuid.UUID(context.workflow_run_id).int
+                                    if _is_uuid(context.workflow_run_id) else context.workflow_run_id)
+        self.applied_sequence = 0
+        self.last_task_id: str | None = None
+        self.closed = False
+        self.cancel_requested = False
+        self.main: asyncio.Task[Any] | None = None
+        self._issued: deque[_Issued] = deque()
+        self._buffer: list[Event] = []
+        self._times: dict[int, datetime] = {}
+        self._activities: dict[str, _Activity] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timer_ids: dict[int, str] = {}
+        self._children: dict[str, _Child] = {}
+        self._counters = {"activity": 0, "timer": 0}
+
+    # ------------------------------------------------------------ feeding history
+
+    def activate(self, events: list[Event]) -> list[Any]:
+        """Feed the events after `applied_sequence`; return the decisions the code makes now.
+
+        Raises `NonDeterminismError` when the code does not do what the history says.
+        """
+        for event in events:
+            if event.sequence <= self.applied_sequence:
+                continue
+            self.applied_sequence = event.sequence
+            self._times[event.sequence] = event.timestamp
+            if event.event_type is T.WORKFLOW_TASK_COMPLETED:
+                # The code ran here, having seen the history up to history_length.
+                self._apply_buffer(upto=event.payload.history_length)  # type: ignore[union-attr]
+                self._run(event.payload.history_length)  # type: ignore[union-attr]
+            elif event.event_type in EFFECTS:
+                self._match(event)
+            elif event.event_type in RESOLVING:
+                self._buffer.append(event)
+        self._apply_buffer(upto=self.applied_sequence)
+        self._run(self.applied_sequence)
+        return [issued.decision for issued in self._issued]
+
+    def _apply_buffer(self, upto: int) -> None:
+        later = []
+        for event in self._buffer:
+            if event.sequence <= upto:
+                self._resolve(event)
+            else:
+                later.append(event)
+        self._buffer = later
+
+    def _run(self, seen: int) -> None:
+        # The code sees the time of the newest event it has seen, on replay too.
+        self.now = self._times.get(seen, self.now)
+        self.loop.run_ready()
+
+    def _issue(self, decision: Any, key: str | None) -> None:
+        if not self.closed:
+            self._issued.append(_Issued(decision, key))
+            if isinstance(decision, (m.CompleteWorkflowExecution, m.FailWorkflowExecution,
+                                     m.CancelWorkflowExecution, m.ContinueAsNewWorkflowExecution)):
+                self.closed = True
+
+    def _match(self, event: Event) -> None:
+        decision_type, key_field = EFFECTS[event.event_type]
+        key = getattr(event.payload, key_field) if key_field else None
+        if not self._issued:
+            raise NonDeterminismError(
+                f"history event #{event.sequence} {event.event_type.value}"
+                f"{f' ({key})' if key else ''} has no matching command: the workflow code did not ask for it")
+        issued = self._issued.popleft()
+        if type(issued.decision) is not decision_type or issued.key != key:
+            raise NonDeterminismError(
+                f"history event #{event.sequence} {event.event_type.value}{f' ({key})' if key else ''} does not "
+                f"match the workflow code's next command {type(issued.decision).__name__}"
+                f"{f' ({issued.key})' if issued.key else ''}")
+        name = getattr(event.payload, "activity_name", None) or getattr(event.payload, "child_workflow_name", None)
+        expected = (getattr(issued.decision, "activity_name", None)
+                    or getattr(issued.decision, "child_workflow_name", None))
+        if name != expected:
+            raise NonDeterminismError(f"history event #{event.sequence} {event.event_type.value} ({key}) is for "
+                                      f"{name}, the workflow code asked for {expected}")
+
+    def _resolve(self, event: Event) -> None:
+        t, p = event.event_type, event.payload
+        if t is T.WORKFLOW_EXECUTION_STARTED:
+            self._start_main(p.input_json)  # type: ignore[union-attr]
+        elif t is T.WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+            self.cancel_requested = True
+            if self.main is not None and not self.main.done():
+                self.main.cancel()
+        elif t is T.WORKFLOW_EXECUTION_SIGNALED:
+            self._deliver_signal(p.signal_name, p.input_json)  # type: ignore[union-attr]
+        elif t is T.TIMER_FIRED:
+            handle = self._timers.pop(p.timer_id, None)  # type: ignore[union-attr]
+            if handle is not None and not handle.cancelled():
+                self.loop.ready.append(handle)
+        elif t in (T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED):
+            self._resolve_activity(event)
+        else:
+            self._resolve_child(event)
+
+    def _resolve_activity(self, event: Event) -> None:
+        p = event.payload
+        activity = self._activities.pop(p.activity_id, None)  # type: ignore[union-attr]
+        if activity is None or activity.future.done():
+            return
+        if event.event_type is T.ACTIVITY_TASK_COMPLETED:
+            return_type = activity.definition.return_type if activity.definition else Any
+            _settle(activity.future, lambda: from_json(p.result_json, return_type))  # type: ignore[union-attr]
+        elif event.event_type is T.ACTIVITY_TASK_FAILED:
+            activity.future.set_exception(ActivityError(activity.name, p.activity_id,  # type: ignore[union-attr]
+                                                        exception_from_failure(p.failure)))  # type: ignore[union-attr]
+        else:
+            activity.future.cancel()
+
+    def _resolve_child(self, event: Event) -> None:
+        p = event.payload
+        child = self._children.get(p.child_workflow_exec_id)  # type: ignore[union-attr]
+        if child is None:
+            return
+        t = event.event_type
+        if t is T.CHILD_WORKFLOW_EXECUTION_STARTED:
+            if not child.started.done():
+                child.started.set_result(p.child_workflow_run_id)  # type: ignore[union-attr]
+            return
+        if t is T.START_CHILD_WORKFLOW_EXECUTION_FAILED:
+            error = ChildWorkflowError(child.workflow_name, p.child_workflow_exec_id, "START_FAILED",  # type: ignore[union-attr]
+                                       exception_from_failure(m.Failure(type=p.cause, message=p.cause)))  # type: ignore[union-attr]
+            for future in (child.started, child.result):
+                if not future.done():
+                    future.set_exception(error)
+            return
+        del self._children[p.child_workflow_exec_id]  # type: ignore[union-attr]
+        if child.result.done():
+            return
+        if t is T.CHILD_WORKFLOW_EXECUTION_COMPLETED:
+            _settle(child.result, lambda: from_json(p.result_json, child.return_type))  # type: ignore[union-attr]
+            return
+        failure = getattr(p, "failure", None)
+        cause = exception_from_failure(failure) if failure else None
+        if t is T.CHILD_WORKFLOW_EXECUTION_TERMINATED:
+            cause = exception_from_failure(m.Failure(type="Terminated", message=p.reason))  # type: ignore[union-attr]
+        child.result.set_exception(ChildWorkflowError(child.workflow_name, p.child_workflow_exec_id,  # type: ignore[union-attr]
+                                                      CHILD_CLOSED[t], cause))
+
+    # ------------------------------------------------------------ the main coroutine
+
+    def _start_main(self, input_json: str | None) -> None:
+        self.main = self.loop.create_task(self._main(input_json), name=f"workflow {self.context.workflow_exec_id}")
+
+    async def _main(self, input_json: str | None) -> None:
+        definition = self.definition
+        try:
+            workflow = definition.cls()
+            self.workflow_object = workflow
+            run = getattr(workflow, definition.run_method)
+            if definition.param_type is None:
+                result = await run()
+            else:
+                result = await run(from_json(input_json, definition.param_type))
+        except asyncio.CancelledError:
+            if self.cancel_requested:
+                self._issue(m.CancelWorkflowExecution(), None)
+            else:
+                self._issue(m.FailWorkflowExecution(failure=failure_from_exception(
+                    RuntimeError("the workflow was cancelled without a cancel request"))), None)
+        except BaseException as exc:  # a workflow that raises ends FAILED with that failure
+            self._issue(m.FailWorkflowExecution(failure=failure_from_exception(exc)), None)
+        else:
+            self._issue(m.CompleteWorkflowExecution(result_json=to_json(result)), None)
+
+    def _deliver_signal(self, name: str, input_json: str | None) -> None:
+        method = self.definition.signals.get(name)
+        workflow = getattr(self, "workflow_object", None)
+        if method is None or workflow is None:
+            log.warning("workflow %s got signal %r and has no handler for it", self.context.workflow_exec_id, name)
+            return
+        self.loop.call_soon(_call_handler, getattr(workflow, method), input_json)
+
+    # ------------------------------------------------------------ what workflow code calls
+
+    def schedule_activity(self, definition: ActivityDefinition, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> asyncio.Future[Any]:
+        self._counters["activity"] += 1
+        activity_id = str(self._counters["activity"])
+        options = definition.options
+        bound = definition.signature.bind(*args, **kwargs)
+        self._issue(m.ScheduleActivityTask(
+            activity_id=activity_id, activity_name=definition.name,
+            task_queue=options.task_queue or self.context.task_queue,
+            input_json=to_json(dict(bound.arguments)),
+            retry_policy=options.retry_policy.to_record() if options.retry_policy else None,
+            schedule_to_close_timeout_ms=millis(options.schedule_to_close_timeout),
+            start_to_close_timeout_ms=millis(options.start_to_close_timeout),
+            heartbeat_timeout_ms=millis(options.heartbeat_timeout)), activity_id)
+        future = self.loop.create_future()
+        self._activities[activity_id] = _Activity(definition, definition.name, future)
+        future.add_done_callback(lambda f: self._activity_done(activity_id, f))
+        return future
+
+    def _activity_done(self, activity_id: str, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() and activity_id in self._activities:
+            del self._activities[activity_id]
+            self._issue(m.RequestCancelActivityTask(activity_id=activity_id), activity_id)
+
+    async def start_child(self, workflow: WorkflowDefinition | str, params: Any, *, execution_id: str | None,
+                          execution_timeout: timedelta | None, task_queue: str | None,
+                          parent_close_policy: ParentClosePolicy, retry_policy: RetryPolicy | None) -> ChildHandle:
+        name = workflow if isinstance(workflow, str) else workflow.name
+        child_id = execution_id or f"{self.context.workflow_exec_id}.{self.uuid4().hex[:12]}"
+        timeout = execution_timeout or (None if isinstance(workflow, str) else workflow.execution_timeout)
+        queue = task_queue or (None if isinstance(workflow, str) else workflow.task_queue) or self.context.task_queue
+        self._issue(m.StartChildWorkflowExecution(
+            child_workflow_exec_id=child_id, child_workflow_name=name, task_queue=queue,
+            input_json=None if params is None else to_json(params), parent_close_policy=parent_close_policy,
+            execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None),
+            child_id)
+        child = _Child(name, Any if isinstance(workflow, str) else workflow.return_type,
+                       self.loop.create_future(), self.loop.create_future())
+        self._children[child_id] = child
+        child.result.add_done_callback(lambda f: self._child_done(child_id, f))
+        await child.started
+        return ChildHandle(self, child_id, name, child.result)
+
+    def _child_done(self, child_id: str, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() and child_id in self._children:
+            self.request_cancel_child(child_id)
+
+    def request_cancel_child(self, child_id: str) -> None:
+        child = self._children.get(child_id)
+        if child is not None and not child.cancel_requested:
+            child.cancel_requested = True
+            self._issue(m.RequestCancelChildWorkflowExecution(child_workflow_exec_id=child_id), child_id)
+
+    def start_timer(self, delay: float, callback: Callable[..., Any], args: tuple[Any, ...],
+                    context: contextvars.Context | None) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(self.loop.time() + max(delay, 0), callback, args, self.loop, context)
+        if delay <= 0:
+            self.loop.ready.append(handle)
+            return handle
+        self._counters["timer"] += 1
+        timer_id = str(self._counters["timer"])
+        self._timers[timer_id] = handle
+        self._timer_ids[id(handle)] = timer_id
+        self._issue(m.StartTimer(timer_id=timer_id, duration_ms=max(1, round(delay * 1000))), timer_id)
+        return handle
+
+    def cancel_timer(self, handle: asyncio.TimerHandle) -> None:
+        timer_id = self._timer_ids.pop(id(handle), None)
+        if timer_id is not None and self._timers.pop(timer_id, None) is not None:
+            self._issue(m.CancelTimer(timer_id=timer_id), timer_id)
+
+    def uuid4(self) -> uuid.UUID:
+        return uuid.UUID(int=self.random.getrandbits(128), version=4)
+
+
+def _settle(future: asyncio.Future[Any], value: Callable[[], Any]) -> None:
+    try:
+        future.set_result(value())
+    except Exception as exc:
+        future.set_exception(exc)
+
+
+def _call_handler(handler: Callable[..., Any], input_json: str | None) -> None:
+    import inspect
+    import typing
+
+    params = [p for p in inspect.signature(handler).parameters.values()]
+    hints = typing.get_type_hints(handler)
+    args = [from_json(input_json, hints.get(params[0].name, Any))] if params else []
+    result = handler(*args)
+    if asyncio.iscoroutine(result):
+        asyncio.get_running_loop().create_task(result)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["ChildHandle", "WorkflowInstance", "WorkflowLoop", "current_instance", "DEFAULT_TASK_QUEUE"]

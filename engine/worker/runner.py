@@ -1,0 +1,167 @@
+"""Run one task: replay workflow code or run an activity attempt, and report the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from treeflow.schemas import Command, Event, EventType, Failure, WorkflowContext
+from treeflow.schemas import models as m
+
+from ..activities import ActivityContext, ActivityInfo, _context
+from ..definitions import ActivityDefinition, WorkflowDefinition
+from ..errors import NonDeterminismError, failure_from_exception
+from ..payloads import to_json, validate
+from .instance import WorkflowInstance
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Command], Awaitable[None]]
+#: A started report is sent for an activity still running after this long.
+STARTED_REPORT_AFTER = 0.05
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def command(context: WorkflowContext, payload: Any, timestamp: datetime | None = None) -> Command:
+    """A command about `context`'s execution, keyed by its root."""
+    return Command(command_id=str(uuid.uuid4()), timestamp=timestamp or utc_now(),
+                   root_workflow_exec_id=context.root_workflow_exec_id,
+                   workflow_exec_id=context.workflow_exec_id, payload=payload)
+
+
+class TaskRunner:
+    """Runs tasks for the workflows and activities it was given.
+
+    Keeps up to `cache_size` workflow instances in memory (sticky execution): a task
+    for a cached run only feeds it the new events instead of replaying everything.
+    """
+
+    def __init__(self, workflows: dict[str, WorkflowDefinition], activities: dict[str, ActivityDefinition],
+                 cache_size: int = 1000, clock: Callable[[], datetime] = utc_now) -> None:
+        self.workflows = workflows
+        self.clock = clock
+        self.activities = activities
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], WorkflowInstance] = OrderedDict()
+        self.replays = 0
+
+    # ------------------------------------------------------------ workflow tasks
+
+    def run_workflow_task(self, context: WorkflowContext, task_id: str, history: list[Event]) -> Command:
+        """Feed the history to the run's instance; a CompleteWorkflowTask or FailWorkflowTask command."""
+        key = (context.workflow_exec_id, context.workflow_run_id)
+        history_length = history[-1].sequence if history else 0
+        definition = self.workflows.get(context.workflow_name)
+        if definition is None:
+            return self._command(context, m.FailWorkflowTask(
+                task_id=task_id, workflow_run_id=context.workflow_run_id, cause="UNKNOWN_WORKFLOW",
+                failure=Failure(type="WorkflowNotRegistered", message=(
+                    f"no workflow named {context.workflow_name!r} is registered on this worker; it has "
+                    f"{sorted(self.workflows) or 'none'}"))))
+        instance = self._cache.pop(key, None)
+        if instance is not None and not _continues(instance, history):
+            instance = None
+        if instance is None:
+            instance = WorkflowInstance(definition, context)
+            self.replays += 1
+        try:
+            decisions = instance.activate(history)
+        except NonDeterminismError as exc:
+            log.error("workflow %s: %s", context.workflow_exec_id, exc)
+            return self._command(context, m.FailWorkflowTask(
+                task_id=task_id, workflow_run_id=context.workflow_run_id, cause="NON_DETERMINISTIC",
+                failure=failure_from_exception(exc)))
+        instance.last_task_id = task_id
+        if not instance.closed:
+            self._cache[key] = instance
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return self._command(context, m.CompleteWorkflowTask(
+            task_id=task_id, workflow_run_id=context.workflow_run_id, history_length=history_length,
+            decisions=decisions))
+
+    def _command(self, context: WorkflowContext, payload: Any, timestamp: datetime | None = None) -> Command:
+        return command(context, payload, timestamp or self.clock())
+
+    def forget(self, exec_id: str, run_id: str) -> None:
+        self._cache.pop((exec_id, run_id), None)
+
+    # ------------------------------------------------------------ activity tasks
+
+    async def run_activity_task(self, context: WorkflowContext, task: m.ActivityTask, send: Send) -> Command:
+        """Run one attempt; a CompleteActivityTask or FailActivityTask command.
+
+        Reports the start when the attempt is still running after a moment, and
+        sends heartbeats and custom task events through `send` as the code makes them.
+        """
+        started_at = self.clock()
+        ids = {"activity_id": task.activity_id, "workflow_run_id": context.workflow_run_id, "attempt": task.attempt}
+        definition = self.activities.get(task.activity_name)
+        if definition is None:
+            return self._command(context, m.FailActivityTask(**ids, failure=Failure(
+                type="ActivityNotRegistered",
+                message=f"no activity named {task.activity_name!r} is registered on this worker; it has "
+                        f"{sorted(self.activities) or 'none'}")))
+        info = ActivityInfo(task.activity_id, task.activity_name, task.attempt, context.workflow_exec_id,
+                            context.workflow_run_id, context.root_workflow_exec_id, context.task_queue)
+
+        async def send_payload(payload: Any) -> None:
+            await send(self._command(context, payload))
+
+        token = _context.set(ActivityContext(info, send_payload))
+        try:
+            work = asyncio.ensure_future(_call(definition, task.input_json))
+        finally:
+            _context.reset(token)
+        try:
+            done, _ = await asyncio.wait({work}, timeout=STARTED_REPORT_AFTER)
+            if not done:
+                await send(self._command(context, m.ReportActivityTaskStarted(**ids), started_at))
+            timeout = task.start_to_close_timeout_ms / 1000 if task.start_to_close_timeout_ms else None
+            result = await asyncio.wait_for(work, timeout)
+        except asyncio.TimeoutError:
+            return self._command(context, m.FailActivityTask(**ids, failure=Failure(
+                type="ActivityTimeoutError", message=f"attempt {task.attempt} ran out of its start-to-close time")))
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        except Exception as exc:
+            return self._command(context, m.FailActivityTask(**ids, failure=failure_from_exception(exc)))
+        try:
+            result_json = to_json(result)
+        except (TypeError, ValueError) as exc:
+            return self._command(context, m.FailActivityTask(**ids, failure=Failure(
+                type="PayloadError", message=f"the result of {task.activity_name} is not JSON-able: {exc}",
+                non_retryable=True)))
+        return self._command(context, m.CompleteActivityTask(**ids, result_json=result_json))
+
+
+async def _call(definition: ActivityDefinition, input_json: str | None) -> Any:
+    arguments = json.loads(input_json) if input_json else {}
+    if isinstance(arguments, list):  # positional, as other SDKs send them
+        arguments = dict(zip(definition.signature.parameters, arguments))
+    kwargs = {name: validate(value, definition.param_types.get(name, Any)) for name, value in arguments.items()}
+    if inspect.iscoroutinefunction(definition.fn):
+        return await definition.fn(**kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: definition.fn(**kwargs))
+
+
+def _continues(instance: WorkflowInstance, history: list[Event]) -> bool:
+    """True when `history` goes on from where the cached instance stopped: its last task
+    was accepted (its WORKFLOW_TASK_COMPLETED is in the new events)."""
+    if instance.last_task_id is None:
+        return False
+    for event in history:
+        if event.sequence > instance.applied_sequence and event.event_type is EventType.WORKFLOW_TASK_COMPLETED:
+            return event.payload.task_id == instance.last_task_id  # type: ignore[union-attr]
+    return False
