@@ -34,6 +34,10 @@ class TopicNames:
     def events(self) -> str:
         return f"{self.prefix}.events"
 
+    @property
+    def replies(self) -> str:
+        return f"{self.prefix}.replies"
+
     def tasks(self, task_queue: str) -> str:
         return f"{self.prefix}.tasks.{task_queue}"
 

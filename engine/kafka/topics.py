@@ -13,7 +13,10 @@ from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
-WEEK_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+WEEK_MS = 7 * DAY_MS
+#: Workflow tasks carry their run's history: allow records well above Kafka's 1 MiB default.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_TASK_QUEUES = ("default",)
 
 
@@ -42,12 +45,15 @@ def topic_specs(settings: KafkaSettings, replication_factor: int, task_queues: I
     """The topics treeflow needs, with the configs a production cluster needs.
 
     The events topic is the source of truth: it is never deleted by retention.
-    Commands and tasks are transient requests, kept a week for diagnosis.
+    Commands and tasks are transient requests, kept a week for diagnosis; replies
+    only matter to a waiting client, kept a day.
     """
     min_isr = str(min(2, replication_factor))
     keep_forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1",
                     "min.insync.replicas": min_isr}
     keep_a_week = {"cleanup.policy": "delete", "retention.ms": str(WEEK_MS), "min.insync.replicas": min_isr}
+    keep_a_day = {"cleanup.policy": "delete", "retention.ms": str(DAY_MS), "min.insync.replicas": min_isr}
+    tasks = {**keep_a_week, "max.message.bytes": str(MAX_MESSAGE_BYTES)}
     names = settings.topics
 
     def spec(name: str, configs: dict[str, str]) -> TopicSpec:
@@ -56,7 +62,8 @@ def topic_specs(settings: KafkaSettings, replication_factor: int, task_queues: I
     return [
         spec(names.commands, keep_a_week),
         spec(names.events, keep_forever),
-        *(spec(names.tasks(queue), keep_a_week) for queue in dict.fromkeys(task_queues)),
+        spec(names.replies, keep_a_day),
+        *(spec(names.tasks(queue), tasks) for queue in dict.fromkeys(task_queues)),
     ]
 
 

@@ -18,7 +18,7 @@ async def test_round_trip_on_apache_kafka() -> None:
     with KafkaContainer() as container:
         settings = KafkaSettings(container.get_bootstrap_server(), topic_prefix="tc", partitions=6, profile=KAFKA)
         report = await ensure_topics(settings)
-        assert len(report.created) == 3
+        assert len(report.created) == 4
         events = tree("root-tc")
         await write_events(settings, events)
         consumed = [item async for item in EventReader(settings)]

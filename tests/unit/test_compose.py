@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from treeflow.kafka import KAFKA, KafkaSettings
+from treeflow.kafka.topics import topic_specs
+
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
 
 KAFKA_IMAGE = "apache/kafka:3.8.1"
@@ -404,35 +407,31 @@ def test_topics_init_uses_create_if_not_exists(compose):
     script = interpolate(topics_init_script(compose), {}, allowed_prefix="TREEFLOW_")
     statements = script.replace("\\\n", " ").splitlines()
     creates = [s for s in statements if KAFKA_TOPICS in s and "--create" in s]
-    assert len(creates) == 3, creates
+    assert len(creates) == 4, creates
     for statement in creates:
         assert "--if-not-exists" in shlex.split(statement), statement
 
 
-def test_topics_init_creates_the_three_topics_with_their_configs(compose, tmp_path):
+def test_topics_init_creates_what_ensure_topics_creates(compose, tmp_path):
+    """The compose script and `treeflow topics create` must not drift apart."""
     run = run_topics_init(compose, tmp_path)
     assert run.returncode == 0, run.stderr
     creates = run.creates()
-    assert set(creates) == {"treeflow.commands", "treeflow.events", "treeflow.tasks.default"}
-
+    settings = KafkaSettings("unused:9092", topic_prefix="treeflow", partitions=12, profile=KAFKA)
+    specs = {spec.name: spec for spec in topic_specs(settings, 3, ["default"])}
+    assert set(creates) == set(specs)
     for topic, spec in creates.items():
         assert spec["partitions"] == "12", topic
         assert spec["replication_factor"] == "3", topic
-        assert spec["configs"].get("min.insync.replicas") == "2", topic
         assert "--if-not-exists" in spec["args"], topic
-
-    commands = creates["treeflow.commands"]["configs"]
-    assert commands.get("retention.ms") == SEVEN_DAYS_MS
-    assert commands.get("cleanup.policy") == "delete"
+        assert spec["configs"] == specs[topic].configs, topic
 
     # The event log is the source of truth: never deleted, never compacted.
     events = creates["treeflow.events"]["configs"]
     assert events.get("retention.ms") == "-1"
     assert events.get("retention.bytes") == "-1"
     assert events.get("cleanup.policy") == "delete"
-
-    tasks = creates["treeflow.tasks.default"]["configs"]
-    assert tasks.get("retention.ms") == SEVEN_DAYS_MS
+    assert creates["treeflow.commands"]["configs"].get("retention.ms") == SEVEN_DAYS_MS
 
 
 def test_topics_init_honours_prefix_and_one_partition_count(compose, tmp_path):
@@ -443,7 +442,7 @@ def test_topics_init_honours_prefix_and_one_partition_count(compose, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     creates = run.creates()
-    assert set(creates) == {"acme.commands", "acme.events", "acme.tasks.default"}
+    assert set(creates) == {"acme.commands", "acme.events", "acme.replies", "acme.tasks.default"}
     # commands and events must be driven by the same partition setting.
     assert creates["acme.commands"]["partitions"] == "7"
     assert creates["acme.events"]["partitions"] == "7"

@@ -1,0 +1,293 @@
+"""The stream processor: a faust app around `PartitionEngine`.
+
+It consumes `<prefix>.commands` in batches, decides each command, appends the
+events to `<prefix>.events` (its single writer), answers clients on
+`<prefix>.replies`, and dispatches tasks to `<prefix>.tasks.<queue>` or, for the
+queues it hosts itself, to an in-process `TaskRunner`. It also owns time: a clock
+loop ticks the partitions whose timers, timeouts or backoffs are due.
+
+State is the fold of the events topic: when it is given a partition, the processor
+reads that partition of the events topic back and folds it before deciding anything
+there. (A faust Table changelog would be a second copy of the state, and without
+transactions, which Tansu lacks, it could disagree with the log.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+
+from treeflow.consumers import EventReader
+from treeflow.kafka import KafkaSettings, partition_for
+from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, RecordPosition
+
+from ..worker.runner import TaskRunner
+from .engine import Dispatch, Effects, PartitionEngine
+from .faust_transport import Transport
+
+log = logging.getLogger(__name__)
+
+#: How often the clock loop looks for due timers, timeouts and backoffs.
+CLOCK_INTERVAL = 0.01
+BATCH_SIZE = 1000
+
+
+@dataclass
+class ProcessorStats:
+    commands: int = 0
+    events: int = 0
+    undecodable: int = 0
+    misrouted: int = 0
+    local_tasks: int = 0
+    remote_tasks: int = 0
+    recovered_events: int = 0
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _App(faust.App):
+    treeflow_fetch_max_wait_ms: int = 500
+
+    def _new_transport(self) -> Any:
+        return Transport(self.conf.broker_consumer[0], self, loop=self.loop)
+
+
+class Processor:
+    """Runs the processor for `settings`; `runner` hosts `local_queues` in this process."""
+
+    def __init__(self, settings: KafkaSettings, *, runner: TaskRunner | None = None,
+                 local_queues: Iterable[str] = (), app_id: str | None = None) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.local_queues = frozenset(local_queues) if runner else frozenset()
+        self.stats = ProcessorStats()
+        self.engines: dict[int, PartitionEngine] = {}
+        self._ready: dict[int, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
+        self._local: asyncio.Queue[Command] = asyncio.Queue()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._producer: AIOKafkaProducer | None = None
+        self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
+        self.started = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _make_app(self, app_id: str) -> _App:
+        profile = self.settings.profile
+        app = _App(
+            app_id,
+            broker=[f"kafka://{server}" for server in self.settings.bootstrap_servers.split(",")],
+            store="memory://",
+            web_enabled=False,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=profile.session_timeout_ms / 1000,
+            broker_heartbeat_interval=profile.heartbeat_interval_ms / 1000,
+            broker_max_poll_records=BATCH_SIZE,
+            broker_commit_interval=1.0,
+            stream_buffer_maxsize=4 * BATCH_SIZE,
+        )
+        app.treeflow_fetch_max_wait_ms = profile.fetch_max_wait_ms
+        topic = app.topic(self.settings.topics.commands, key_serializer="raw", value_serializer="raw")
+
+        async def consume(stream: Any) -> None:
+            async for batch in stream.take_events(BATCH_SIZE, within=0.001):
+                await self._handle([(e.message.partition, e.message.offset, e.value) for e in batch])
+
+        app.agent(topic, name="treeflow-commands")(consume)
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        return app
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
+                                          max_request_size=16 * 1024 * 1024,
+                                          **self.settings.profile.producer_options())
+        await self._producer.start()
+        for coroutine in (self._clock(), self._local_loop()):
+            self._spawn(coroutine)
+        await self._app.start()
+
+    async def stop(self) -> None:
+        await self._app.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def wait_assigned(self, timeout: float = 60) -> None:
+        """Wait until this processor owns partitions and has recovered them."""
+        await asyncio.wait_for(self.started.wait(), timeout)
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ------------------------------------------------------------ partitions
+
+    async def _on_assigned(self, sender: Any, assigned: set[Any], **_: Any) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == self.settings.topics.commands}
+        async with self._lock:
+            for partition in set(self.engines) - mine:
+                self._forget(partition)
+            new = sorted(mine - set(self.engines))
+            for partition in new:
+                self._ready[partition] = asyncio.Event()
+            for partition in new:
+                engine = PartitionEngine(partition)
+                events = [item.event async for item in EventReader(self.settings, [partition])]
+                engine.replay(events)
+                self.stats.recovered_events += len(events)
+                self.engines[partition] = engine
+                self._ready[partition].set()
+                log.info("partition %d recovered from %d events, %d executions", partition, len(events),
+                         len(engine.states))
+                await self._dispatch(engine.redispatch_all(utc_now()))
+        if mine:
+            self.started.set()
+
+    async def _on_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
+        async with self._lock:
+            for tp in revoked:
+                if tp.topic == self.settings.topics.commands:
+                    self._forget(tp.partition)
+
+    def _forget(self, partition: int) -> None:
+        self.engines.pop(partition, None)
+        self._ready.pop(partition, None)
+
+    # ------------------------------------------------------------ commands
+
+    async def _handle(self, records: list[tuple[int, int, bytes]]) -> None:
+        topic = self.settings.topics.commands
+        commands = []
+        for partition, offset, value in records:
+            try:
+                command = COMMANDS.decode(value, RecordPosition(topic, partition, offset))
+            except DecodeError as error:
+                self.stats.undecodable += 1
+                log.error("skipping an undecodable command: %s", error)
+                continue
+            commands.append((partition, command))
+        await self._decide(commands)
+
+    async def _local_loop(self) -> None:
+        """Reports of the in-process runner: decided like commands, without the round trip."""
+        while True:
+            commands = [await self._local.get()]
+            while not self._local.empty() and len(commands) < BATCH_SIZE:
+                commands.append(self._local.get_nowait())
+            partitions = self.settings.partitions
+            await self._decide([(partition_for(c.root_workflow_exec_id, partitions), c) for c in commands])
+
+    async def _decide(self, commands: list[tuple[int, Command]]) -> None:
+        if not commands:
+            return
+        for partition in {p for p, _ in commands}:
+            ready = self._ready.get(partition)
+            if ready is not None:
+                await ready.wait()
+        async with self._lock:
+            now = utc_now()
+            results: list[tuple[int, Effects]] = []
+            for partition, command in commands:
+                engine = self.engines.get(partition)
+                if engine is None:
+                    log.warning("dropping a command for partition %d, which this processor no longer owns", partition)
+                    continue
+                if command.root_workflow_exec_id and partition_for(
+                        command.root_workflow_exec_id, self.settings.partitions) != partition:
+                    self.stats.misrouted += 1
+                    log.error("skipping command %s: keyed for another partition than %d (root %s)",
+                              command.command_id, partition, command.root_workflow_exec_id)
+                    continue
+                results.append((partition, engine.handle(command, now)))
+                self.stats.commands += 1
+            await self._publish(results)
+
+    async def _clock(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_INTERVAL)
+            now = utc_now()
+            due = [engine for engine in self.engines.values()
+                   if (wake := engine.next_wakeup()) is not None and wake <= now]
+            if not due:
+                continue
+            async with self._lock:
+                results = [(engine.partition, engine.tick(utc_now(), f"tick-{uuid.uuid4()}"))
+                           for engine in due if engine.partition in self.engines]
+                await self._publish(results)
+
+    # ------------------------------------------------------------ output
+
+    async def _publish(self, results: list[tuple[int, Effects]]) -> None:
+        """Append the events (awaiting the broker's acks), then send replies and tasks."""
+        assert self._producer is not None
+        topics = self.settings.topics
+        sends = []
+        for partition, effects in results:
+            for event in effects.events:
+                context = event.workflow_context
+                sends.append(await self._producer.send(
+                    topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
+                    partition=partition,
+                    headers=[("tf.type", event.event_type.value.encode()),
+                             ("tf.exec", context.workflow_exec_id.encode())]))
+        if sends:
+            await asyncio.gather(*sends)
+            self.stats.events += len(sends)
+        replies = []
+        for partition, effects in results:
+            for reply in effects.replies:
+                replies.append(await self._producer.send(
+                    topics.replies, REPLIES.encode(reply), key=reply.root_workflow_exec_id.encode(),
+                    partition=partition, headers=[("tf.command", reply.command_id.encode())]))
+        await self._dispatch([d for _, effects in results for d in effects.dispatches])
+        if replies:
+            await asyncio.gather(*replies)
+
+    async def _dispatch(self, dispatches: list[Dispatch]) -> None:
+        assert self._producer is not None
+        remote = []
+        for dispatch in dispatches:
+            if dispatch.item.task_queue in self.local_queues:
+                self.stats.local_tasks += 1
+                self._run_locally(dispatch)
+            else:
+                self.stats.remote_tasks += 1
+                remote.append(await self._producer.send(
+                    self.settings.topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
+                    key=dispatch.context.root_workflow_exec_id.encode()))
+        if remote:
+            await asyncio.gather(*remote)
+
+    def _run_locally(self, dispatch: Dispatch) -> None:
+        runner = self.runner
+        assert runner is not None
+        if dispatch.history is not None:
+            self._local.put_nowait(runner.run_workflow_task(dispatch.context, dispatch.task.task_id,
+                                                            dispatch.history))
+            return
+
+        async def run_activity() -> None:
+            result = await runner.run_activity_task(dispatch.context, dispatch.task.payload, self._send_local)
+            await self._local.put(result)
+
+        self._spawn(run_activity())
+
+    async def _send_local(self, command: Command) -> None:
+        await self._local.put(command)
