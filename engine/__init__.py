@@ -1,11 +1,46 @@
 """treeflow: a durable workflow engine for Python whose source of truth is a keyed Kafka topic.
 
+The user-facing surface mirrors the Mistral Workflows SDK (itself on Temporal):
+
+    import treeflow as workflows
+
+    @workflows.activity()
+    async def process_item(value: str) -> str: ...
+
+    @workflows.workflow.define(name="child_workflow")
+    class ChildWorkflow:
+        @workflows.workflow.entrypoint
+        async def run(self, params: ChildInput) -> str:
+            return await process_item(params.value)
+
+    result = await workflows.execute_workflow(ChildWorkflow, params=ChildInput(value="x"))
+
 Subpackages: `treeflow.schemas` (the event contract), `treeflow.kafka` (brokers,
-topics, partitioning), `treeflow.consumers` (the consumer library services embed).
+topics, partitioning), `treeflow.consumers` (the consumer library), `treeflow.core`
+(the pure decider), `treeflow.processor`, `treeflow.worker`, `treeflow.testing`.
 """
 
 from treeflow.schemas import ParentClosePolicy
 
+from . import workflow
+from .activities import activity
+from .client import Client, WorkflowHandle, connect
+from .errors import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    CommandRejectedError,
+    TreeflowError,
+    WorkflowAlreadyStartedError,
+    WorkflowFailureError,
+)
+from .options import RetryPolicy
+from .workflow import execute_workflow
+
 __version__ = "0.1.0"
 
-__all__ = ["ParentClosePolicy", "__version__"]
+__all__ = [
+    "ActivityError", "ApplicationError", "ChildWorkflowError", "Client", "CommandRejectedError",
+    "ParentClosePolicy", "RetryPolicy", "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowFailureError",
+    "WorkflowHandle", "__version__", "activity", "connect", "execute_workflow", "workflow",
+]

@@ -59,7 +59,7 @@ class _App(faust.App):
     treeflow_fetch_max_wait_ms: int = 500
 
     def _new_transport(self) -> Any:
-        return Transport(self.conf.broker_consumer[0], self, loop=self.loop)
+        return Transport(self.conf.broker_consumer, self)
 
 
 class Processor:

@@ -1,0 +1,99 @@
+"""A complete treeflow in one process, for users' tests and for `treeflow dev`.
+
+    async with Environment(workflows=[ParentWorkflow, ChildWorkflow], activities=[process_item]) as env:
+        result = await env.client.execute_workflow(ParentWorkflow, ParentInput(data="hello"))
+
+It uses the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`, or
+starts the embedded broker; creates the topics under its own prefix; and runs the
+processor with the given workflows and activities hosted in-process. While it runs,
+`TREEFLOW_*` variables point at it, so `treeflow.execute_workflow` and
+`treeflow.connect()` need no arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from types import ModuleType, TracebackType
+from typing import Any
+
+from treeflow.kafka import TANSU, EmbeddedBroker, KafkaSettings, ensure_topics
+from treeflow.kafka.profile import PROFILE_ENV
+from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+from .client import Client, close_default_clients
+from .definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, collect, workflow_definition
+from .processor.app import Processor
+from .worker.runner import TaskRunner
+
+
+class Environment:
+    def __init__(self, *, workflows: Iterable[type] = (), activities: Iterable[ActivityDefinition] = (),
+                 modules: Iterable[ModuleType] = (), bootstrap_servers: str | None = None,
+                 topic_prefix: str | None = None, partitions: int | None = None,
+                 task_queues: Iterable[str] | None = None) -> None:
+        found_workflows, found_activities = collect(modules)
+        self.workflows = {**found_workflows, **{d.name: d for d in map(workflow_definition, workflows)}}
+        self.activities = {**found_activities, **{a.name: a for a in activities}}
+        queues = {DEFAULT_TASK_QUEUE}
+        queues |= {d.task_queue for d in self.workflows.values() if d.task_queue}
+        queues |= {a.options.task_queue for a in self.activities.values() if a.options.task_queue}
+        self.task_queues = sorted(task_queues) if task_queues is not None else sorted(queues)
+        self._bootstrap = bootstrap_servers
+        self._prefix = topic_prefix
+        self._partitions = partitions
+        self._broker: EmbeddedBroker | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self.settings: KafkaSettings | None = None
+        self.processor: Processor | None = None
+        self.client: Client = None  # type: ignore[assignment]
+
+    async def __aenter__(self) -> Environment:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        bootstrap = self._bootstrap or os.environ.get(BOOTSTRAP_ENV)
+        profile = None
+        if not bootstrap:
+            self._broker = EmbeddedBroker().start()
+            bootstrap, profile = self._broker.bootstrap_servers, TANSU
+        self.settings = KafkaSettings.resolve(
+            bootstrap, topic_prefix=self._prefix or f"test-{uuid.uuid4().hex[:8]}",
+            partitions=self._partitions or 4, profile=profile)
+        self._export({BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: self.settings.topic_prefix,
+                      PARTITIONS_ENV: str(self.settings.partitions), PROFILE_ENV: self.settings.profile.name})
+        await ensure_topics(self.settings, self.task_queues)
+        runner = TaskRunner(self.workflows, self.activities)
+        self.processor = Processor(self.settings, runner=runner, local_queues=self.task_queues)
+        await self.processor.start()
+        await self.processor.wait_assigned()
+        self.client = Client(self.settings)
+        await self.client.start()
+
+    async def stop(self) -> None:
+        await close_default_clients()
+        if self.client is not None:
+            await self.client.close()
+        if self.processor is not None:
+            await self.processor.stop()
+        if self._broker is not None:
+            self._broker.stop()
+        for name, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    def _export(self, variables: dict[str, str]) -> None:
+        for name, value in variables.items():
+            self._saved_env.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+
+    async def execute_workflow(self, workflow: type | str, params: Any = None, **options: Any) -> Any:
+        return await self.client.execute_workflow(workflow, params, **options)

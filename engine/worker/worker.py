@@ -1,0 +1,183 @@
+"""A worker process: consumes task queues, runs the tasks, reports to the processor.
+
+Each task queue is one consumer group (`<prefix>.workers.<queue>`). Workflow tasks
+run inline (they are short and CPU-bound); activities run concurrently up to
+`max_concurrent_activities`. A record's offset is committed once it and every record
+before it in its partition are done, so a worker killed mid-task leaves the task to
+the next worker of the group (activities run at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from treeflow.kafka import KafkaSettings
+from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPosition, Task
+from treeflow.schemas import models as m
+
+from ..definitions import ActivityDefinition, WorkflowDefinition
+from .runner import TaskRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    workflow_tasks: int = 0
+    activity_tasks: int = 0
+    undecodable: int = 0
+
+
+class _Offsets:
+    """Commits each partition up to the first record not yet done."""
+
+    def __init__(self) -> None:
+        self.pending: dict[TopicPartition, dict[int, bool]] = {}
+
+    def begin(self, tp: TopicPartition, offset: int) -> None:
+        self.pending.setdefault(tp, {})[offset] = False
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self.pending and offset in self.pending[tp]:
+            self.pending[tp][offset] = True
+
+    def committable(self) -> dict[TopicPartition, int]:
+        result = {}
+        for tp, offsets in self.pending.items():
+            done_upto = None
+            for offset in sorted(offsets):
+                if not offsets[offset]:
+                    break
+                done_upto = offset
+                del offsets[offset]
+            if done_upto is not None:
+                result[tp] = done_upto + 1
+        return result
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self.pending.pop(tp, None)
+
+
+class Worker:
+    """Runs the given workflows and activities for `task_queues`."""
+
+    def __init__(self, settings: KafkaSettings, workflows: dict[str, WorkflowDefinition],
+                 activities: dict[str, ActivityDefinition], task_queues: Iterable[str] = ("default",), *,
+                 max_concurrent_activities: int = 100, runner: TaskRunner | None = None) -> None:
+        self.settings = settings
+        self.task_queues = list(dict.fromkeys(task_queues))
+        self.runner = runner or TaskRunner(workflows, activities)
+        self.stats = WorkerStats()
+        self._slots = asyncio.Semaphore(max_concurrent_activities)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumers: list[AIOKafkaConsumer] = []
+        self._loops: list[asyncio.Task[None]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
+                                          **self.settings.profile.producer_options())
+        await self._producer.start()
+        for queue in self.task_queues:
+            consumer = AIOKafkaConsumer(
+                self.settings.topics.tasks(queue), bootstrap_servers=self.settings.bootstrap_servers,
+                group_id=f"{self.settings.topic_prefix}.workers.{queue}",
+                max_partition_fetch_bytes=16 * 1024 * 1024, **self.settings.profile.consumer_options())
+            await consumer.start()
+            self._consumers.append(consumer)
+            self._loops.append(asyncio.ensure_future(self._consume(consumer)))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
+        self._stopping.set()
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=grace)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for task in self._in_flight:
+            task.cancel()
+        for consumer in self._consumers:
+            await consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing %d running task(s)", len(self._in_flight))
+        await self.stop()
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        offsets = _Offsets()
+        try:
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                for tp, records in batches.items():
+                    for record in records:
+                        offsets.begin(tp, record.offset)
+                        await self._take(tp, record, offsets)
+                await self._commit(consumer, offsets)
+        finally:
+            if self._in_flight:
+                await asyncio.wait(self._in_flight, timeout=0)
+            await self._commit(consumer, offsets)
+
+    async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets) -> None:
+        try:
+            task = TASKS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+        except DecodeError as error:
+            self.stats.undecodable += 1
+            log.error("skipping an undecodable task: %s", error)
+            offsets.finish(tp, record.offset)
+            return
+        if isinstance(task.payload, m.WorkflowTask):
+            self.stats.workflow_tasks += 1
+            await self._send(self.runner.run_workflow_task(task.workflow_context, task.task_id,
+                                                           task.payload.history))
+            offsets.finish(tp, record.offset)
+            return
+        await self._slots.acquire()
+        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets))
+        self._in_flight.add(job)
+        job.add_done_callback(self._in_flight.discard)
+
+    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets) -> None:
+        try:
+            self.stats.activity_tasks += 1
+            result = await self.runner.run_activity_task(task.workflow_context, task.payload, self._send)
+            await self._send(result)
+            offsets.finish(tp, offset)
+        finally:
+            self._slots.release()
+
+    async def _send(self, command: Command) -> None:
+        assert self._producer is not None
+        await self._producer.send(self.settings.topics.commands, COMMANDS.encode(command),
+                                  key=command.root_workflow_exec_id.encode())
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: _Offsets) -> None:
+        ready = offsets.committable()
+        if not ready:
+            return
+        assert self._producer is not None
+        await self._producer.flush()  # the reports go out before their tasks are marked done
+        try:
+            await consumer.commit(ready)
+        except Exception as exc:  # a rebalance took the partitions: the next owner redoes them
+            log.warning("commit failed (%s); the tasks will be redelivered", exc)
+            offsets.forget(ready)
