@@ -9,14 +9,7 @@ from typing import Any
 
 import click
 
-from treeflow.kafka import (
-    BrokerError,
-    EmbeddedBroker,
-    KafkaSettings,
-    SettingsError,
-    TopicConflictError,
-    kafka_or_embedded,
-)
+from treeflow.kafka import BrokerError, EmbeddedBroker, KafkaSettings, SettingsError, TopicConflictError
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV, REPLICATION_ENV
 
 bootstrap_option = click.option(
@@ -100,21 +93,155 @@ def broker(port: int | None) -> None:
 
 
 @main.command()
-@prefix_option
-@partitions_option
-def demo(prefix: str | None, partitions: int | None) -> None:
-    """Write sample trees of events and print them back, grouped by tree.
+def demo() -> None:
+    """Run the seed's parent -> child -> activity example and print its event history.
 
     Uses ${TREEFLOW_BOOTSTRAP_SERVERS} when set, else starts the embedded broker.
     """
-    from treeflow.demo import run_demo
+    from treeflow.dev import run_demo
 
-    options: dict[str, Any] = {"topic_prefix": prefix, "partitions": partitions}
     try:
-        with kafka_or_embedded(**options) as settings:
-            asyncio.run(run_demo(settings, click.echo))
+        asyncio.run(run_demo(click.echo))
     except (BrokerError, SettingsError, TopicConflictError) as error:
         fail_cleanly(error)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--serve", is_flag=True, help="Keep running after main() returns (until Ctrl-C).")
+def dev(file: str, serve: bool) -> None:
+    """Run FILE's workflows and activities on a local engine, then its `async def main()`.
+
+    Starts the embedded broker unless ${TREEFLOW_BOOTSTRAP_SERVERS} is set, creates
+    the topics, runs the processor hosting every workflow and activity defined in
+    FILE, and exports TREEFLOW_BOOTSTRAP_SERVERS so that `execute_workflow`,
+    clients and consumers in main() need no set-up.
+    """
+    from treeflow.dev import run_file
+    from treeflow.loading import load_module
+
+    module = load_module(file)
+    try:
+        asyncio.run(run_file(module, serve, click.echo))
+    except (BrokerError, SettingsError, TopicConflictError) as error:
+        fail_cleanly(error)
+
+
+@main.command()
+@bootstrap_option
+@click.option("--module", "-m", "modules", multiple=True, required=True, metavar="FILE_OR_MODULE",
+              help="A .py file or module whose workflows and activities this worker runs (repeatable).")
+@click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
+              help="Task queue to serve (repeatable). Default: 'default'.")
+@click.option("--max-concurrent-activities", type=click.IntRange(min=1), default=100, show_default=True)
+def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
+           max_concurrent_activities: int) -> None:
+    """Run workflow and activity tasks from task queues until SIGTERM (then finish or hand back)."""
+    from treeflow.definitions import collect
+    from treeflow.loading import load_module
+    from treeflow.worker.worker import Worker
+
+    workflows, activities = collect(load_module(target) for target in modules)
+    try:
+        settings = KafkaSettings.resolve(bootstrap_servers)
+    except SettingsError as error:
+        fail_cleanly(error)
+    running = Worker(settings, workflows, activities, task_queues or ("default",),
+                     max_concurrent_activities=max_concurrent_activities)
+    click.echo(f"worker: {len(workflows)} workflow(s), {len(activities)} activity(ies) on "
+               f"{list(task_queues or ('default',))} via {settings.bootstrap_servers}", err=True)
+    asyncio.run(running.run_until_signalled())
+
+
+@main.command()
+@bootstrap_option
+@click.option("--module", "-m", "modules", multiple=True, metavar="FILE_OR_MODULE",
+              help="Also run these workflows and activities inside the processor (repeatable).")
+@click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
+              help="Queues whose tasks run inside the processor (with --module). Default: 'default'.")
+def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...]) -> None:
+    """Run the stream processor until SIGTERM.
+
+    With --module, the processor also runs those workflows and activities itself for
+    the given queues: no task round trip through Kafka (the fastest set-up).
+    """
+    from treeflow.definitions import collect
+    from treeflow.loading import load_module
+    from treeflow.processor.app import Processor
+    from treeflow.worker.runner import TaskRunner
+
+    try:
+        settings = KafkaSettings.resolve(bootstrap_servers)
+    except SettingsError as error:
+        fail_cleanly(error)
+    runner = None
+    if modules:
+        workflows, activities = collect(load_module(target) for target in modules)
+        runner = TaskRunner(workflows, activities)
+
+    async def run() -> None:
+        from treeflow.kafka import ensure_topics
+
+        await ensure_topics(settings, task_queues or ("default",))
+        running = Processor(settings, runner=runner, local_queues=task_queues or ("default",))
+        await running.start()
+        click.echo(f"processor: consuming {settings.topics.commands} on {settings.bootstrap_servers}", err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await running.stop()
+
+    asyncio.run(run())
+
+
+@main.command()
+@bootstrap_option
+@click.argument("execution_id")
+@click.option("--root", metavar="ROOT_ID", help="The tree's root execution id (a top-level execution is its own).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+def history(bootstrap_servers: str | None, execution_id: str, root: str | None, as_json: bool) -> None:
+    """Print an execution's event history."""
+    from treeflow.dev import summarize
+
+    events = asyncio.run(_with_client(bootstrap_servers, lambda c: c.history(execution_id, root_execution_id=root)))
+    if not events:
+        fail_cleanly(LookupError(f"no events for {execution_id} in the tree of {root or execution_id}"))
+    for event in events:
+        if as_json:
+            click.echo(event.model_dump_json())
+        else:
+            click.echo(f"#{event.sequence:<4} {event.timestamp.isoformat()} {event.event_type.value}  "
+                       f"{summarize(event)}")
+
+
+@main.command()
+@bootstrap_option
+@click.argument("execution_id")
+@click.option("--root", metavar="ROOT_ID", help="The tree's root execution id (a top-level execution is its own).")
+def describe(bootstrap_servers: str | None, execution_id: str, root: str | None) -> None:
+    """Print an execution's status, run, parent, root and what it waits on."""
+    from treeflow.errors import CommandRejectedError
+
+    try:
+        found = asyncio.run(_with_client(bootstrap_servers,
+                                         lambda c: c.describe(execution_id, root_execution_id=root)))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
+    for name, value in vars(found).items():
+        if value not in (None, []):
+            click.echo(f"{name:20} {value.value if hasattr(value, 'value') else value}")
+
+
+async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:
+    from treeflow.client import Client
+
+    client = await Client.connect(bootstrap_servers)
+    try:
+        return await call(client)
+    finally:
+        await client.close()
 
 
 if __name__ == "__main__":

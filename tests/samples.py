@@ -8,7 +8,10 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from treeflow.schemas import EVENT_TYPES, PAYLOAD_MODELS, AvroModel, Event, EventType, WorkflowContext
+from aiokafka import AIOKafkaProducer
+
+from treeflow.kafka import KafkaSettings
+from treeflow.schemas import EVENTS, EVENT_TYPES, PAYLOAD_MODELS, AvroModel, Event, EventType, WorkflowContext
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -58,3 +61,16 @@ def event_of(event_type: EventType, ctx: WorkflowContext, sequence: int) -> Even
     return Event(event_id=f"{ctx.workflow_exec_id}:{sequence}", event_type=event_type, timestamp=EPOCH,
                  sequence=sequence, workflow_context=ctx, attempt=None,
                  payload=sample(PAYLOAD_MODELS[event_type]))
+
+
+async def write_events(settings: KafkaSettings, events: list[Event]) -> None:
+    """Produce events keyed by their root id, in order (as the processor would)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **settings.profile.producer_options())
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send(settings.topics.events, EVENTS.encode(event),
+                                key=event.workflow_context.root_workflow_exec_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import faust
 from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import EventReader
@@ -31,7 +30,7 @@ from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeEr
 
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
-from .faust_transport import Transport
+from .faust_app import ProcessorApp
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +54,6 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class _App(faust.App):
-    treeflow_fetch_max_wait_ms: int = 500
-
-    def _new_transport(self) -> Any:
-        return Transport(self.conf.broker_consumer, self)
-
-
 class Processor:
     """Runs the processor for `settings`; `runner` hosts `local_queues` in this process."""
 
@@ -82,9 +74,9 @@ class Processor:
 
     # ------------------------------------------------------------ lifecycle
 
-    def _make_app(self, app_id: str) -> _App:
+    def _make_app(self, app_id: str) -> ProcessorApp:
         profile = self.settings.profile
-        app = _App(
+        app = ProcessorApp(
             app_id,
             broker=[f"kafka://{server}" for server in self.settings.bootstrap_servers.split(",")],
             store="memory://",

@@ -7,10 +7,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import EventReader
-from treeflow.demo import write_events
 from treeflow.kafka import KafkaSettings, ensure_topics, partition_for
 from treeflow.schemas import EventType
-from tests.samples import context, event_of
+from tests.samples import context, event_of, write_events
 
 pytestmark = pytest.mark.integration
 

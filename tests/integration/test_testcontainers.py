@@ -3,9 +3,9 @@
 import pytest
 
 from treeflow.consumers import EventReader
-from treeflow.demo import write_events
 from treeflow.kafka import KAFKA, KafkaSettings, ensure_topics, partition_for
 from tests.conftest import docker_answers
+from tests.samples import write_events
 from tests.integration.test_event_stream import tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker,

@@ -1,0 +1,122 @@
+"""`treeflow dev FILE.py` and `treeflow demo`: the engine, in one process, around a user's file."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from types import ModuleType
+
+from treeflow.consumers import ConsumedEvent, EventReader
+from treeflow.kafka import KafkaSettings, partition_for
+from treeflow.kafka.settings import DEFAULT_PARTITIONS, DEFAULT_PREFIX, PARTITIONS_ENV, PREFIX_ENV
+from treeflow.schemas import CLOSING_STATUS, Event, WorkflowContext
+
+from .testing import Environment
+
+
+def dev_environment(modules: list[ModuleType]) -> Environment:
+    """An environment on the default topics (or those the `TREEFLOW_*` variables name)."""
+    return Environment(modules=modules, topic_prefix=os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX,
+                       partitions=int(os.environ.get(PARTITIONS_ENV) or DEFAULT_PARTITIONS))
+
+
+async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None]) -> None:
+    """Run the processor hosting `module`'s workflows and activities, then its `main()`."""
+    async with dev_environment([module]) as env:
+        settings = env.settings
+        assert settings is not None
+        echo(f"treeflow dev: broker {settings.bootstrap_servers}, topics {settings.topic_prefix}.*, "
+             f"{len(env.workflows)} workflow(s) {sorted(env.workflows)}, "
+             f"{len(env.activities)} activity(ies) {sorted(env.activities)} on {env.task_queues}")
+        main = getattr(module, "main", None)
+        if main is not None and inspect.iscoroutinefunction(main):
+            await main()
+        elif not serve:
+            echo("treeflow dev: the file has no `async def main()`; serving until interrupted (Ctrl-C)")
+            serve = True
+        if serve:
+            await _until_signalled()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_demo(echo: Callable[[str], None] = print) -> list[ConsumedEvent]:
+    """Run the seed's parent -> child -> activity example and print its event history."""
+    import treeflow as workflows
+    from treeflow.examples import child_workflows as example
+
+    async with dev_environment([example]) as env:
+        settings = env.settings
+        assert settings is not None
+        echo(f"broker {settings.bootstrap_servers} ({settings.profile.name} profile), topics "
+             f"{settings.topic_prefix}.* with {settings.partitions} partitions; running the seed example")
+        root = f"parent-{uuid.uuid4().hex[:6]}"
+        result = await workflows.execute_workflow(example.ParentWorkflow, params=example.ParentInput(data="hello"),
+                                                  execution_id=root)
+        echo(f"result: {result}\n")
+        consumed = await tree_events(settings, root)
+        echo(render_tree(root, consumed, settings.partitions))
+        return consumed
+
+
+async def tree_events(settings: KafkaSettings, root: str) -> list[ConsumedEvent]:
+    reader = EventReader(settings, [partition_for(root, settings.partitions)])
+    return [item async for item in reader if item.event.workflow_context.root_workflow_exec_id == root]
+
+
+def summarize(event: Event) -> str:
+    """The payload's set fields on one line, user data (`*_json`) shown decoded."""
+    fields = {}
+    for key, value in event.payload.model_dump(mode="json").items():
+        if value in (None, [], False):
+            continue
+        if key.endswith("_json"):
+            key, value = key.removesuffix("_json"), json.loads(value)
+        fields[key] = value
+    text = json.dumps(fields, separators=(",", ":"))
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def render_tree(root: str, consumed: list[ConsumedEvent], partitions: int) -> str:
+    """A tree's executions (indented by depth, with status) and then its events in log order."""
+    contexts: dict[str, WorkflowContext] = {}
+    status: dict[str, str] = {}
+    for item in consumed:
+        ctx = item.event.workflow_context
+        contexts.setdefault(ctx.workflow_exec_id, ctx)
+        if item.event.event_type in CLOSING_STATUS:
+            status[ctx.workflow_exec_id] = CLOSING_STATUS[item.event.event_type]
+    children: dict[str | None, list[str]] = defaultdict(list)
+    for exec_id, ctx in contexts.items():
+        children[ctx.parent_workflow_exec_id].append(exec_id)
+    depth: dict[str, int] = {}
+    lines = [f"tree {root}  (partition {partition_for(root, partitions)}, {len(consumed)} events)"]
+
+    def walk(exec_id: str, level: int) -> None:
+        depth[exec_id] = level
+        lines.append(f"  {'    ' * level}{exec_id}  [{contexts[exec_id].workflow_name}]  "
+                     f"{status.get(exec_id, 'RUNNING')}")
+        for child in children[exec_id]:
+            walk(child, level + 1)
+
+    if root in contexts:
+        walk(root, 0)
+    lines.append("  events, in log order:")
+    for item in consumed:
+        event = item.event
+        exec_id = event.workflow_context.workflow_exec_id
+        lines.append(f"    @{item.offset:<4} {'  ' * depth.get(exec_id, 0)}{exec_id} #{event.sequence} "
+                     f"{event.event_type.value}  {summarize(event)}")
+    return "\n".join(lines)

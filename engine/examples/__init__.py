@@ -1,0 +1,1 @@
+"""Runnable examples: `treeflow dev` accepts any of these files."""
