@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from types import ModuleType, TracebackType
 from typing import Any
 
-from treeflow.kafka import TANSU, EmbeddedBroker, KafkaSettings, ensure_topics
+from treeflow.kafka import TANSU, BrokerProfile, EmbeddedBroker, KafkaSettings, ensure_topics
 from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 
@@ -32,7 +32,7 @@ class Environment:
     def __init__(self, *, workflows: Iterable[type] = (), activities: Iterable[ActivityDefinition] = (),
                  modules: Iterable[ModuleType] = (), bootstrap_servers: str | None = None,
                  topic_prefix: str | None = None, partitions: int | None = None,
-                 task_queues: Iterable[str] | None = None) -> None:
+                 task_queues: Iterable[str] | None = None, profile: BrokerProfile | None = None) -> None:
         found_workflows, found_activities = collect(modules)
         self.workflows = {**found_workflows, **{d.name: d for d in map(workflow_definition, workflows)}}
         self.activities = {**found_activities, **{a.name: a for a in activities}}
@@ -43,6 +43,7 @@ class Environment:
         self._bootstrap = bootstrap_servers
         self._prefix = topic_prefix
         self._partitions = partitions
+        self._profile = profile
         self._broker: EmbeddedBroker | None = None
         self._saved_env: dict[str, str | None] = {}
         self.settings: KafkaSettings | None = None
@@ -59,7 +60,7 @@ class Environment:
 
     async def start(self) -> None:
         bootstrap = self._bootstrap or os.environ.get(BOOTSTRAP_ENV)
-        profile = None
+        profile = self._profile
         if not bootstrap:
             self._broker = EmbeddedBroker().start()
             bootstrap, profile = self._broker.bootstrap_servers, TANSU

@@ -351,7 +351,8 @@ class WorkflowInstance:
             else:
                 self._issue(m.FailWorkflowExecution(failure=failure_from_exception(
                     RuntimeError("the workflow was cancelled without a cancel request"))), None)
-        except BaseException as exc:  # a workflow that raises ends FAILED with that failure
+        except Exception as exc:  # a workflow that raises ends FAILED with that failure
+            # (GeneratorExit is not caught: an evicted instance's coroutine must just close.)
             self._issue(m.FailWorkflowExecution(failure=failure_from_exception(exc)), None)
         else:
             self._issue(m.CompleteWorkflowExecution(result_json=to_json(result)), None)
