@@ -69,6 +69,8 @@ class Processor:
         self._local: asyncio.Queue[Command] = asyncio.Queue()
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
+        self._last_publish: asyncio.Task[None] | None = None
+        self.failed: BaseException | None = None
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -112,6 +114,8 @@ class Processor:
         await self._app.start()
 
     async def stop(self) -> None:
+        if self._last_publish is not None:
+            await asyncio.gather(self._last_publish, return_exceptions=True)
         await self._app.stop()
         for task in list(self._background):
             task.cancel()
@@ -227,45 +231,65 @@ class Processor:
     # ------------------------------------------------------------ output
 
     async def _publish(self, results: list[tuple[int, Effects]]) -> None:
-        """Append the events (awaiting the broker's acks), then send replies and tasks."""
+        """Append the events; then, once the broker has them, send replies and remote tasks.
+
+        Tasks for queues hosted in this process run at once: their reports are decided
+        after these events in any case, and if the process dies before the events are
+        durable, the work dies with it and is dispatched again after recovery. Nothing
+        leaves the process (a reply, a task for another worker) before the events it
+        depends on are acknowledged. A failed append stops the processor: its state
+        would no longer be the fold of the log.
+        """
         assert self._producer is not None
         topics = self.settings.topics
-        sends = []
+        appended = []
         for partition, effects in results:
             for event in effects.events:
                 context = event.workflow_context
-                sends.append(await self._producer.send(
+                appended.append(await self._producer.send(
                     topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
                     partition=partition,
                     headers=[("tf.type", event.event_type.value.encode()),
                              ("tf.exec", context.workflow_exec_id.encode())]))
-        if sends:
-            await asyncio.gather(*sends)
-            self.stats.events += len(sends)
-        replies = []
+        self.stats.events += len(appended)
+        outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
-                replies.append(await self._producer.send(
-                    topics.replies, REPLIES.encode(reply), key=reply.root_workflow_exec_id.encode(),
-                    partition=partition, headers=[("tf.command", reply.command_id.encode())]))
-        await self._dispatch([d for _, effects in results for d in effects.dispatches])
-        if replies:
-            await asyncio.gather(*replies)
+                outgoing.append((topics.replies, REPLIES.encode(reply), reply.root_workflow_exec_id.encode(),
+                                 partition, [("tf.command", reply.command_id.encode())]))
+            for dispatch in effects.dispatches:
+                if dispatch.item.task_queue in self.local_queues:
+                    self.stats.local_tasks += 1
+                    self._run_locally(dispatch)
+                else:
+                    self.stats.remote_tasks += 1
+                    outgoing.append((topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
+                                     dispatch.context.root_workflow_exec_id.encode(), None, []))
+        if appended or outgoing:
+            previous = self._last_publish
+            self._last_publish = self._spawn(self._deliver(previous, appended, outgoing))
+
+    async def _deliver(self, previous: asyncio.Task[None] | None, appended: list[Any],
+                       outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]]) -> None:
+        assert self._producer is not None
+        try:
+            await asyncio.gather(*appended)
+            if previous is not None:
+                await previous  # replies and tasks leave in decision order
+            sent = [await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
+                    for topic, value, key, partition, headers in outgoing]
+            await asyncio.gather(*sent)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical("appending to the log failed (%r): stopping the processor; restart it to recover", exc)
+            self.failed = exc
+            self._spawn(self._app.stop())
+            raise
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
-        assert self._producer is not None
-        remote = []
-        for dispatch in dispatches:
-            if dispatch.item.task_queue in self.local_queues:
-                self.stats.local_tasks += 1
-                self._run_locally(dispatch)
-            else:
-                self.stats.remote_tasks += 1
-                remote.append(await self._producer.send(
-                    self.settings.topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
-                    key=dispatch.context.root_workflow_exec_id.encode()))
-        if remote:
-            await asyncio.gather(*remote)
+        """Dispatch work outside a decision (after a recovery)."""
+        await self._publish([(-1, Effects(dispatches=dispatches))])
 
     def _run_locally(self, dispatch: Dispatch) -> None:
         runner = self.runner
