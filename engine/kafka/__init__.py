@@ -1,6 +1,6 @@
 """Kafka plumbing shared by the engine and the consumer library (no faust here)."""
 
-from .embedded import BrokerError, EmbeddedBroker, kafka_or_embedded
+from .embedded import BrokerError, EmbeddedBroker
 from .offsets import end_offsets
 from .partitioner import murmur2, partition_for
 from .profile import KAFKA, TANSU, BrokerProfile, current_profile, profile_named
@@ -10,5 +10,5 @@ from .topics import TopicConflictError, TopicsReport, ensure_topics
 __all__ = [
     "KAFKA", "TANSU", "BrokerError", "BrokerProfile", "EmbeddedBroker", "KafkaSettings",
     "SettingsError", "TopicConflictError", "TopicNames", "TopicsReport", "current_profile",
-    "end_offsets", "ensure_topics", "kafka_or_embedded", "murmur2", "partition_for", "profile_named",
+    "end_offsets", "ensure_topics", "murmur2", "partition_for", "profile_named",
 ]

@@ -13,14 +13,11 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from .profile import PROFILE_ENV, TANSU
-from .settings import BOOTSTRAP_ENV, KafkaSettings
+from .settings import BOOTSTRAP_ENV
 
 HOST = "127.0.0.1"
 
@@ -162,23 +159,3 @@ class EmbeddedBroker:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-
-@contextmanager
-def kafka_or_embedded(**settings: Any) -> Iterator[KafkaSettings]:
-    """Settings for the Kafka named by `TREEFLOW_BOOTSTRAP_SERVERS`, or for an embedded
-    broker started for the duration (and exported in the environment meanwhile, so
-    that every client created inside finds it)."""
-    if os.environ.get(BOOTSTRAP_ENV):
-        yield KafkaSettings.resolve(**settings)
-        return
-    with EmbeddedBroker() as broker:
-        saved = {name: os.environ.get(name) for name in broker.environment()}
-        os.environ.update(broker.environment())
-        try:
-            yield KafkaSettings.resolve(**settings)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
