@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import socket
-import uuid
 from collections import OrderedDict
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from treeflow.schemas import models as m
 
 from .core import ExecutionState, Status, fold
 from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_definition
+from .ids import new_id
 from .errors import (
     CommandRejectedError,
     WorkflowAlreadyStartedError,
@@ -190,7 +190,7 @@ class Client:
             from .payloads import validate
 
             params = validate(params, definition.param_type)  # fail here, not in the worker
-        exec_id = execution_id or str(uuid.uuid4())
+        exec_id = execution_id or new_id()
         timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
         reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
@@ -250,7 +250,7 @@ class Client:
 
     async def _send(self, exec_id: str, root: str, payload: Any) -> Reply:
         assert self._producer is not None, "call start() (or use Client.connect()) first"
-        command = Command(command_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
+        command = Command(command_id=new_id(), timestamp=datetime.now(timezone.utc),
                           root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._replies[command.command_id] = answered

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,8 +25,9 @@ from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, partition_for
-from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, RecordPosition
+from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
+from ..ids import new_id
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
@@ -224,7 +224,7 @@ class Processor:
             if not due:
                 continue
             async with self._lock:
-                results = [(engine.partition, engine.tick(utc_now(), f"tick-{uuid.uuid4()}"))
+                results = [(engine.partition, engine.tick(utc_now(), f"tick-{new_id()}"))
                            for engine in due if engine.partition in self.engines]
                 await self._publish(results)
 
@@ -243,15 +243,12 @@ class Processor:
         assert self._producer is not None
         topics = self.settings.topics
         appended = []
+        by_partition: dict[int, list[Event]] = {}
         for partition, effects in results:
-            for event in effects.events:
-                context = event.workflow_context
-                appended.append(await self._producer.send(
-                    topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
-                    partition=partition,
-                    headers=[("tf.type", event.event_type.value.encode()),
-                             ("tf.exec", context.workflow_exec_id.encode())]))
-        self.stats.events += len(appended)
+            by_partition.setdefault(partition, []).extend(effects.events)
+        for partition, events in by_partition.items():
+            appended.extend(await self._append(partition, events))
+            self.stats.events += len(events)
         outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
@@ -268,6 +265,18 @@ class Processor:
         if appended or outgoing:
             previous = self._last_publish
             self._last_publish = self._spawn(self._deliver(previous, appended, outgoing))
+
+    async def _append(self, partition: int, events: list[Event]) -> list[Any]:
+        """Queue events for one partition; the producer coalesces them into batches."""
+        assert self._producer is not None
+        futures = []
+        for event in events:
+            context = event.workflow_context
+            futures.append(await self._producer.send(
+                self.settings.topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
+                partition=partition,
+                headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode())]))
+        return futures
 
     async def _deliver(self, previous: asyncio.Task[None] | None, appended: list[Any],
                        outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]]) -> None:

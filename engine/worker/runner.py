@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import json
 import logging
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from treeflow.schemas import models as m
 
 from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
+from ..ids import new_id
 from ..errors import NonDeterminismError, failure_from_exception
 from ..payloads import to_json, validate
 from .instance import WorkflowInstance
@@ -34,7 +34,7 @@ def utc_now() -> datetime:
 
 def command(context: WorkflowContext, payload: Any, timestamp: datetime | None = None) -> Command:
     """A command about `context`'s execution, keyed by its root."""
-    return Command(command_id=str(uuid.uuid4()), timestamp=timestamp or utc_now(),
+    return Command(command_id=new_id(), timestamp=timestamp or utc_now(),
                    root_workflow_exec_id=context.root_workflow_exec_id,
                    workflow_exec_id=context.workflow_exec_id, payload=payload)
 
