@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def _millisecond_utc(value: datetime) -> datetime:
+    # Avro timestamp-millis keeps milliseconds: truncate here so that a model
+    # equals its own decoded copy.
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware (use datetime.now(timezone.utc))")
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+#: An Avro timestamp-millis: timezone-aware, truncated to milliseconds.
+Timestamp = Annotated[datetime, AfterValidator(_millisecond_utc)]
 
 #: Every generated record model by its full Avro name; filled by `models.py`.
 MODELS_BY_AVRO_NAME: dict[str, type[AvroModel]] = {}
@@ -22,28 +34,25 @@ class AvroModel(BaseModel):
     #: fastavro needs to be told which branch such a value takes.
     __avro_record_unions__: ClassVar[frozenset[str]] = frozenset()
 
-    @field_validator("*", mode="after")
-    @classmethod
-    def _millisecond_utc(cls, value: Any) -> Any:
-        # Avro timestamp-millis keeps milliseconds: truncate here so that a model
-        # equals its own decoded copy.
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise ValueError("timestamps must be timezone-aware (use datetime.now(timezone.utc))")
-            return value.replace(microsecond=value.microsecond // 1000 * 1000)
-        return value
-
     def to_avro(self) -> dict[str, Any]:
         """This record as fastavro writes it (union branches named)."""
-        return {
-            name: _to_avro(getattr(self, name), name in self.__avro_record_unions__)
-            for name in type(self).model_fields
-        }
+        values = self.__dict__
+        return {name: _to_avro(values[name], union) for name, union in _fields_of(type(self))}
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> AvroModel:
         """Build the model from what fastavro read with `return_record_name=True`."""
         return cls.model_validate({key: _from_avro(value) for key, value in data.items()})
+
+
+_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {}
+
+
+def _fields_of(model: type[AvroModel]) -> tuple[tuple[str, bool], ...]:
+    fields = _FIELDS.get(model)
+    if fields is None:
+        fields = _FIELDS[model] = tuple((name, name in model.__avro_record_unions__) for name in model.model_fields)
+    return fields
 
 
 def _to_avro(value: Any, named_union: bool) -> Any:

@@ -8,7 +8,6 @@ yields the same events.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from treeflow.schemas import (
 from treeflow.schemas import models as m
 
 from .evolve import evolve
-from .state import ExecutionState, Status
+from .state import ExecutionState, Status, updated
 
 #: Namespace of the run ids derived from command ids.
 RUN_ID_NAMESPACE = uuid.UUID("6f6c0b8e-7a4c-4b0e-9a57-2f1f0c3d5e11")
@@ -91,7 +90,8 @@ class _Session:
     def emit(self, context: WorkflowContext, payload: AvroModel, attempt: int | None = None) -> ExecutionState:
         exec_id = context.workflow_exec_id
         previous = self.get(exec_id)
-        event = Event(
+        # Built without validation: every field comes from validated models or from here.
+        event = Event.model_construct(
             event_id=f"{self.command.command_id}:{len(self.outcome.events)}",
             event_type=EVENT_TYPES[type(payload)],
             timestamp=self.now,
@@ -320,7 +320,7 @@ def _heartbeat(s: _Session, p: m.RecordActivityHeartbeat) -> None:
         state, activity = found
         heartbeats = dict(state.heartbeats)
         heartbeats[activity.activity_id] = s.now
-        s.outcome.states[state.exec_id] = dataclasses.replace(state, heartbeats=heartbeats)
+        s.outcome.states[state.exec_id] = updated(state, heartbeats=heartbeats)
 
 
 def _custom_task_event(s: _Session, p: m.RecordCustomTaskEvent) -> None:

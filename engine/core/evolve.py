@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import MappingProxyType
@@ -19,6 +18,7 @@ from .state import (
     ExecutionState,
     Status,
     WorkflowTaskState,
+    updated,
 )
 
 T = EventType
@@ -61,7 +61,7 @@ def evolve(state: ExecutionState | None, event: Event) -> ExecutionState:
     recent = state.recent_commands
     if not recent or recent[-1] != command_id:
         recent = (*recent[-(RECENT_COMMANDS - 1):], command_id)
-    state = dataclasses.replace(state, last_sequence=event.sequence, recent_commands=recent)
+    state = updated(state, last_sequence=event.sequence, recent_commands=recent)
     handler = _HANDLERS.get(event.event_type)
     if handler is not None:
         state = handler(state, event, event.payload)
@@ -108,7 +108,7 @@ def _trigger(state: ExecutionState, event: Event) -> ExecutionState:
     if not state.open:
         return state
     task = state.workflow_task or WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp)
-    return dataclasses.replace(state, last_trigger_sequence=event.sequence, workflow_task=task)
+    return updated(state, last_trigger_sequence=event.sequence, workflow_task=task)
 
 
 def _with(mapping: Mapping[str, Any], key: str, value: Any = None, *, remove: bool = False) -> Mapping[str, Any]:
@@ -121,7 +121,7 @@ def _with(mapping: Mapping[str, Any], key: str, value: Any = None, *, remove: bo
 
 
 def _closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
-    return dataclasses.replace(
+    return updated(
         state,
         status=CLOSING[event.event_type],
         closed_at=event.timestamp,
@@ -141,7 +141,7 @@ def _workflow_task_completed(state: ExecutionState, event: Event, payload: m.Wor
     task = None
     if state.last_trigger_sequence > payload.history_length:
         task = WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp)
-    return dataclasses.replace(state, workflow_task=task)
+    return updated(state, workflow_task=task)
 
 
 def _workflow_task_retried(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
@@ -149,7 +149,7 @@ def _workflow_task_retried(state: ExecutionState, event: Event, payload: Any) ->
     ready = event.timestamp
     if event.event_type is T.WORKFLOW_TASK_FAILED:
         ready += workflow_task_backoff(attempt - 1)
-    return dataclasses.replace(state, workflow_task=WorkflowTaskState(_task_id(event), ready, attempt))
+    return updated(state, workflow_task=WorkflowTaskState(_task_id(event), ready, attempt))
 
 
 def _activity_scheduled(state: ExecutionState, event: Event, payload: m.ActivityTaskScheduled) -> ExecutionState:
@@ -160,7 +160,7 @@ def _activity_scheduled(state: ExecutionState, event: Event, payload: m.Activity
         start_to_close_timeout_ms=payload.start_to_close_timeout_ms,
         heartbeat_timeout_ms=payload.heartbeat_timeout_ms,
         scheduled_at=event.timestamp, ready_at=event.timestamp)
-    return dataclasses.replace(state, activities=_with(state.activities, payload.activity_id, activity))
+    return updated(state, activities=_with(state.activities, payload.activity_id, activity))
 
 
 def _activity_update(**changes: Any) -> Callable[[ExecutionState, Event, Any], ExecutionState]:
@@ -169,8 +169,8 @@ def _activity_update(**changes: Any) -> Callable[[ExecutionState, Event, Any], E
         if activity is None:
             return state
         values = {k: (event.timestamp if v is _NOW else v) for k, v in changes.items()}
-        updated = dataclasses.replace(activity, **values)
-        return dataclasses.replace(state, activities=_with(state.activities, payload.activity_id, updated))
+        changed = updated(activity, **values)
+        return updated(state, activities=_with(state.activities, payload.activity_id, changed))
     return handler
 
 
@@ -180,48 +180,48 @@ _NOW = object()
 def _activity_closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
     if getattr(payload, "will_retry", False):
         return state  # a RETRYING event follows and starts the next attempt
-    return dataclasses.replace(state, activities=_with(state.activities, payload.activity_id, remove=True),
-                               heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
+    return updated(state, activities=_with(state.activities, payload.activity_id, remove=True),
+                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
 
 
 def _activity_retrying(state: ExecutionState, event: Event, payload: m.ActivityTaskRetrying) -> ExecutionState:
     activity = state.activities.get(payload.activity_id)
     if activity is None:
         return state
-    updated = dataclasses.replace(activity, attempt=payload.next_attempt, started_at=None,
-                                  ready_at=event.timestamp + timedelta(milliseconds=payload.backoff_ms))
-    return dataclasses.replace(state, activities=_with(state.activities, payload.activity_id, updated),
-                               heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
+    changed = updated(activity, attempt=payload.next_attempt, started_at=None,
+                      ready_at=event.timestamp + timedelta(milliseconds=payload.backoff_ms))
+    return updated(state, activities=_with(state.activities, payload.activity_id, changed),
+                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
 
 
 def _timer_started(state: ExecutionState, event: Event, payload: m.TimerStarted) -> ExecutionState:
-    return dataclasses.replace(state, timers=_with(state.timers, payload.timer_id, payload.fire_at))
+    return updated(state, timers=_with(state.timers, payload.timer_id, payload.fire_at))
 
 
 def _timer_closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
-    return dataclasses.replace(state, timers=_with(state.timers, payload.timer_id, remove=True))
+    return updated(state, timers=_with(state.timers, payload.timer_id, remove=True))
 
 
 def _child_initiated(state: ExecutionState, event: Event,
                      payload: m.StartChildWorkflowExecutionInitiated) -> ExecutionState:
     ref = ChildRef(payload.child_workflow_name, payload.parent_close_policy)
-    return dataclasses.replace(state, children=_with(state.children, payload.child_workflow_exec_id, ref))
+    return updated(state, children=_with(state.children, payload.child_workflow_exec_id, ref))
 
 
 def _child_started(state: ExecutionState, event: Event, payload: m.ChildWorkflowExecutionStarted) -> ExecutionState:
     ref = state.children.get(payload.child_workflow_exec_id)
     if ref is None:
         return state
-    return dataclasses.replace(state, children=_with(state.children, payload.child_workflow_exec_id,
-                                                     dataclasses.replace(ref, started=True)))
+    return updated(state, children=_with(state.children, payload.child_workflow_exec_id,
+                                         updated(ref, started=True)))
 
 
 def _child_closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
-    return dataclasses.replace(state, children=_with(state.children, payload.child_workflow_exec_id, remove=True))
+    return updated(state, children=_with(state.children, payload.child_workflow_exec_id, remove=True))
 
 
 def _cancel_requested(state: ExecutionState, event: Event, payload: Any) -> ExecutionState:
-    return dataclasses.replace(state, cancel_requested=True)
+    return updated(state, cancel_requested=True)
 
 
 _HANDLERS: dict[EventType, Callable[[ExecutionState, Event, Any], ExecutionState]] = {

@@ -7,10 +7,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 from treeflow.schemas import Failure, ParentClosePolicy, RetryPolicy, WorkflowContext
 
 EMPTY: Mapping = MappingProxyType({})
+
+S = TypeVar("S")
+
+
+def updated(state: S, **changes: Any) -> S:
+    """A copy of a frozen dataclass with `changes`: `dataclasses.replace` without running
+    `__init__` (which costs a tenth of the processor's time otherwise)."""
+    copy = object.__new__(type(state))
+    copy.__dict__.update(state.__dict__)
+    copy.__dict__.update(changes)
+    return copy
 
 #: How long a worker may take over a workflow task before it is given to another.
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=10)
