@@ -74,6 +74,19 @@ async def durable_echo(value: str) -> str:
     return f"echo:{value}"
 
 
+@workflows.activity(heartbeat_timeout=timedelta(seconds=60))
+async def durable_heartbeater(workdir: str, tag: str) -> str:
+    """Heartbeats, then runs until the file `<workdir>/release-<tag>` appears."""
+    await asyncio.sleep(0.2)  # long enough for the runner to report the start
+    for beat in range(3):
+        await workflows.activity.heartbeat({"beat": beat})
+    release = Path(workdir) / f"release-{tag}"
+    while not release.exists():
+        await asyncio.sleep(0.02)
+    trace(workdir, "heartbeater", tag)
+    return f"hb({tag})"
+
+
 # ---------------------------------------------------------------- workflows
 
 
@@ -129,7 +142,7 @@ class ParentWorkflow:
         return f"Parent got: {child}"
 
 
-class FlakyInput(BaseModel):
+class TaggedInput(BaseModel):
     workdir: str
     tag: str
 
@@ -139,8 +152,17 @@ class FlakyWorkflow:
     """An activity that is retried once."""
 
     @workflows.workflow.entrypoint
-    async def run(self, params: FlakyInput) -> str:
+    async def run(self, params: TaggedInput) -> str:
         return await durable_flaky(params.workdir, params.tag)
+
+
+@workflows.workflow.define(name="durable_heartbeat_workflow")
+class HeartbeatWorkflow:
+    """An activity that heartbeats and stays running until the test releases it."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, params: TaggedInput) -> str:
+        return await durable_heartbeater(params.workdir, params.tag)
 
 
 @workflows.workflow.define(name="durable_sleeper")

@@ -1,0 +1,480 @@
+"""Fault and durability tests: kill -9 a worker and a processor mid-flight, rebuild
+state from the events topic, and feed the processor garbage (DESIGN.md §3, §5, §6).
+
+The kill tests run `treeflow processor` and `treeflow worker` as subprocesses (each
+in its own session, so SIGKILL reaches the whole process group) against the test's
+broker and topic prefix; the others run the processor in this process so its live
+state can be inspected. The workflows are in `durable_app.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+import treeflow
+from treeflow.client import Client
+from treeflow.consumers import EventReader
+from treeflow.core import fold
+from treeflow.definitions import collect
+from treeflow.kafka import KafkaSettings, end_offsets, ensure_topics, partition_for
+from treeflow.kafka.profile import PROFILE_ENV
+from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+from treeflow.processor.app import Processor
+from treeflow.schemas import CLOSING_STATUS, COMMANDS, Command, Event, EventType
+from treeflow.schemas import models as m
+from treeflow.worker.runner import TaskRunner
+
+from . import durable_app as app
+from .durable_app import ChainInput, ChainWorkflow, TaggedInput, FlakyWorkflow, ParentInput, ParentWorkflow, traces
+
+pytestmark = pytest.mark.integration
+
+APP_FILE = Path(__file__).with_name("durable_app.py")
+REPO = Path(__file__).resolve().parents[2]
+QUEUES = ("default",)
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+class Processes:
+    """`treeflow` subprocesses pointed at one test's topics; all killed at teardown."""
+
+    def __init__(self, settings: KafkaSettings, logdir: Path) -> None:
+        self.settings = settings
+        self.logdir = logdir
+        self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("TREEFLOW_")}
+        self.env.update({BOOTSTRAP_ENV: settings.bootstrap_servers, PREFIX_ENV: settings.topic_prefix,
+                         PARTITIONS_ENV: str(settings.partitions), PROFILE_ENV: settings.profile.name,
+                         "PYTHONUNBUFFERED": "1"})
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log_path = self.logdir / f"{name}-{len(self.running)}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "treeflow.cli", *args], cwd=REPO, env=self.env,
+                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        self.running.append((name, process, log_path))
+        return process
+
+    def processor(self, *args: str) -> subprocess.Popen[bytes]:
+        return self.start("processor", "processor", *args)
+
+    def worker(self) -> subprocess.Popen[bytes]:
+        return self.start("worker", "worker", "--module", str(APP_FILE), "-q", "default")
+
+    @staticmethod
+    def kill(process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the process's whole group and reap it."""
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(timeout=10)
+
+    def logs(self, tail: int = 4000) -> str:
+        parts = []
+        for name, process, path in self.running:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {path.name} (pid {process.pid}, exit {process.poll()}) ---\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        for _, process, _ in self.running:
+            try:
+                self.kill(process)
+            except Exception:  # keep killing the others
+                pass
+
+
+@pytest.fixture
+def processes(settings: KafkaSettings, tmp_path: Path) -> Iterator[Processes]:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    running = Processes(settings, logdir)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """Where the activities of durable_app.py leave their traces."""
+    path = tmp_path / "traces"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+async def client(settings: KafkaSettings) -> AsyncIterator[Client]:
+    await ensure_topics(settings, QUEUES)  # before any client touches the topics
+    connected = await treeflow.connect(settings.bootstrap_servers, topic_prefix=settings.topic_prefix,
+                                       partitions=settings.partitions, profile=settings.profile)
+    try:
+        yield connected
+    finally:
+        await asyncio.wait_for(connected.close(), 10)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+                     diagnostics: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{diagnostics()}")
+        await asyncio.sleep(0.02)
+
+
+async def read_events(settings: KafkaSettings, partitions: list[int] | None = None) -> list[tuple[int, int, Event]]:
+    """(partition, offset, event) of every event of the topic (or of `partitions`), in log order."""
+    reader = EventReader(settings, partitions)
+    found = [(item.partition, item.offset, item.event) async for item in reader]
+    assert reader.stats.undecodable == 0, "the events topic holds a record that does not decode"
+    return found
+
+
+async def settle(settings: KafkaSettings, quiet: float = 1.0, timeout: float = 20.0) -> None:
+    """Wait until the events topic has not grown for `quiet` seconds."""
+    partitions = [TopicPartition(settings.topics.events, p) for p in range(settings.partitions)]
+    deadline = time.monotonic() + timeout
+    last = await end_offsets(settings, partitions)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet)
+        now = await end_offsets(settings, partitions)
+        if now == last:
+            return
+        last = now
+    raise AssertionError("the events topic kept growing")
+
+
+def check_log(events: list[tuple[int, int, Event]], settings: KafkaSettings,
+              closed: bool = True) -> dict[str, list[Event]]:
+    """The log-wide invariants of DESIGN §3: every execution's sequences are exactly
+    1..n in log order, event ids are unique, each execution is started once and closed
+    exactly once (by its last event; at most once when not `closed`), and every event
+    sits in its root's partition. Returns each execution's events in log order."""
+    ids = Counter(event.event_id for _, _, event in events)
+    duplicates = {event_id: n for event_id, n in ids.items() if n > 1}
+    assert not duplicates, f"duplicate event ids: {duplicates}"
+    by_exec: dict[str, list[Event]] = defaultdict(list)
+    for partition, offset, event in events:
+        context = event.workflow_context
+        assert partition == partition_for(context.root_workflow_exec_id, settings.partitions), \
+            f"event @{offset} of {context.workflow_exec_id} is in partition {partition}, not its root's"
+        by_exec[context.workflow_exec_id].append(event)
+    for exec_id, history in by_exec.items():
+        sequences = [event.sequence for event in history]
+        assert sequences == list(range(1, len(history) + 1)), \
+            f"{exec_id}: sequences in log order are {sequences}, not 1..{len(history)}: " \
+            f"{[(e.sequence, e.event_type.value) for e in history]}"
+        kinds = [event.event_type for event in history]
+        assert kinds.count(EventType.WORKFLOW_EXECUTION_STARTED) == 1, f"{exec_id}: {kinds}"
+        closes = [kind for kind in kinds if kind in CLOSING_STATUS]
+        if not closed and not closes:
+            continue
+        assert len(closes) == 1 and kinds[-1] in CLOSING_STATUS, \
+            f"{exec_id} closed {len(closes)} times or not by its last event: {[k.value for k in kinds]}"
+    return dict(by_exec)
+
+
+def activity_counts(history: list[Event], event_type: EventType) -> Counter[str]:
+    return Counter(event.payload.activity_name for event in history if event.event_type is event_type)
+
+
+# ---------------------------------------------------------------- 1. worker killed mid-activity
+
+
+async def test_worker_killed_mid_activity_resumes_from_history(
+        settings: KafkaSettings, client: Client, processes: Processes, workdir: Path) -> None:
+    """kill -9 the worker while B runs: a new worker finishes the workflow; A (completed
+    before the kill) never runs again, B runs again, each activity completes once in history."""
+    processes.processor()  # no --module: every task goes through <prefix>.tasks.default
+    first_worker = processes.worker()
+    tag = f"kill-worker-{uuid.uuid4().hex[:6]}"
+    handle = await asyncio.wait_for(
+        client.start_workflow(ChainWorkflow, ChainInput(workdir=str(workdir), tag=tag, b_seconds=2.0)), 60)
+
+    await wait_until(lambda: traces(workdir, "B-started"), 40, "activity B to start", processes.logs)
+    processes.kill(first_worker)
+    assert traces(workdir, "A") == [tag]
+    assert traces(workdir, "B") == [], "B finished before the kill: the test did not kill it mid-activity"
+
+    processes.worker()
+    try:
+        result = await asyncio.wait_for(handle.result(), 60)
+    except TimeoutError:
+        raise AssertionError(f"the workflow did not finish after the worker was replaced\n{processes.logs()}")
+    assert result == app.chain_result(tag)
+
+    history = await client.history(handle.execution_id)
+    assert [e.sequence for e in history] == list(range(1, len(history) + 1))
+    names = ["durable_step_a", "durable_step_b", "durable_step_c"]
+    assert activity_counts(history, EventType.ACTIVITY_TASK_COMPLETED) == Counter(names), \
+        [(e.sequence, e.event_type.value) for e in history]
+    assert activity_counts(history, EventType.ACTIVITY_TASK_SCHEDULED) == Counter(names)
+    assert history[-1].event_type is EventType.WORKFLOW_EXECUTION_COMPLETED
+    # A completed before the kill: the new worker replayed it from history, never re-ran it.
+    assert traces(workdir, "A") == [tag]
+    # B was cut off and ran again on the new worker; only the second run finished.
+    assert len(traces(workdir, "B-started")) >= 2
+    assert traces(workdir, "B") == [tag]
+    assert traces(workdir, "C") == [tag]
+
+
+# ---------------------------------------------------------------- 2. processor killed mid-stream
+
+
+@pytest.mark.parametrize("hosted", [False, True], ids=["remote-worker", "hosted-activities"])
+async def test_processor_killed_mid_stream_loses_and_duplicates_nothing(
+        settings: KafkaSettings, client: Client, processes: Processes, workdir: Path, hosted: bool) -> None:
+    """kill -9 the processor while 30 trees are in flight, start another: every
+    execution completes with the right result, and the events topic holds each
+    execution's history exactly once (sequences 1..n, unique ids, one close)."""
+    module_args = ("--module", str(APP_FILE), "-q", "default") if hosted else ()
+    first_processor = processes.processor(*module_args)
+    if not hosted:
+        processes.worker()
+    # 20 chains (A, B sleeping 1 s, C) and 10 parent -> child trees, started 50 ms apart
+    # so that the kill finds them at every stage, and some starts wait for the new processor.
+    specs = []
+    for i in range(30):
+        if i % 3 == 2:
+            data = f"tree-{i}"
+            specs.append((ParentWorkflow, ParentInput(data=data), data, app.parent_result(data)))
+        else:
+            tag = f"chain-{i}"
+            specs.append((ChainWorkflow, ChainInput(workdir=str(workdir), tag=tag, b_seconds=1.0), tag,
+                          app.chain_result(tag)))
+
+    async def start(i: int, workflow: type, params: Any, name: str) -> Any:
+        await asyncio.sleep(0.05 * i)
+        handle = await client.start_workflow(workflow, params, execution_id=f"{name}-{uuid.uuid4().hex[:6]}")
+        return handle, await handle.result()
+
+    running = asyncio.gather(*(start(i, *spec[:3]) for i, spec in enumerate(specs)))
+    try:
+        await wait_until(lambda: len(traces(workdir, "A")) >= 10, 60, "half the chains to run A",
+                         processes.logs)
+        processes.kill(first_processor)
+        assert len(traces(workdir, "C")) < 20, "every chain finished before the kill"
+
+        processes.processor(*module_args)
+        outcomes = await asyncio.wait_for(asyncio.shield(running), 90)
+    except BaseException as error:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        if isinstance(error, TimeoutError):
+            raise AssertionError(f"not every execution finished after the processor restart\n{processes.logs()}")
+        raise
+    assert [result for _, result in outcomes] == [spec[3] for spec in specs]
+    handles = [handle for handle, _ in outcomes]
+    chains = [h.execution_id for h in handles if h.execution_id.startswith("chain-")]
+    assert len(chains) == 20
+
+    await settle(settings)
+    by_exec = check_log(await read_events(settings), settings)
+    roots = {h.execution_id for h in handles}
+    children = {exec_id for exec_id, history in by_exec.items()
+                if history[0].workflow_context.parent_workflow_exec_id is not None}
+    assert set(by_exec) == roots | children
+    assert len(children) == 10
+    for exec_id, history in by_exec.items():
+        assert history[-1].event_type is EventType.WORKFLOW_EXECUTION_COMPLETED, exec_id
+        completed = activity_counts(history, EventType.ACTIVITY_TASK_COMPLETED)
+        scheduled = activity_counts(history, EventType.ACTIVITY_TASK_SCHEDULED)
+        assert completed == scheduled and set(completed.values()) <= {1}, f"{exec_id}: {completed} / {scheduled}"
+        assert len(completed) == (3 if exec_id.startswith("chain-") else 1 if exec_id in children else 0), exec_id
+
+
+# ---------------------------------------------------------------- in-process processor (3, 4)
+
+
+@pytest.fixture
+async def processor(settings: KafkaSettings, client: Client) -> AsyncIterator[Processor]:
+    workflows, activities = collect([app])
+    running = Processor(settings, runner=TaskRunner(workflows, activities), local_queues=QUEUES)
+    await running.start()
+    try:
+        await running.wait_assigned(60)
+        await wait_until(lambda: len(running.engines) == settings.partitions, 30, "every partition")
+        yield running
+    finally:
+        await asyncio.wait_for(running.stop(), 30)
+
+
+async def quiesce(processor: Processor, quiet: float = 0.5, timeout: float = 20.0) -> None:
+    """Wait until the processor has appended nothing for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last = processor.stats.events
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet:
+        if time.monotonic() > deadline:
+            raise AssertionError("the processor never went quiet")
+        await asyncio.sleep(0.05)
+        if processor.stats.events != last:
+            last, quiet_since = processor.stats.events, time.monotonic()
+
+
+def state_diff(live: dict[str, Any], folded: dict[str, Any]) -> str:
+    lines = []
+    for exec_id in sorted(set(live) | set(folded)):
+        a, b = live.get(exec_id), folded.get(exec_id)
+        if a == b:
+            continue
+        if a is None or b is None:
+            lines.append(f"{exec_id}: live={a!r} folded={b!r}")
+            continue
+        for name in a.__dataclass_fields__:
+            if getattr(a, name) != getattr(b, name) and a.__dataclass_fields__[name].compare:
+                lines.append(f"{exec_id}.{name}: live={getattr(a, name)!r} folded={getattr(b, name)!r}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- 3. state == fold(events)
+
+
+async def compare_with_fold(settings: KafkaSettings, processor: Processor) -> tuple[int, int]:
+    """Assert that each partition's live state is the fold of that partition of the
+    events topic; returns how many executions are (open, closed)."""
+    await quiesce(processor)
+    appended = processor.stats.events
+    events = await read_events(settings)
+    assert len(events) == appended == processor.stats.events, \
+        f"the topic holds {len(events)} events, the processor appended {appended}, now {processor.stats.events}"
+    check_log(events, settings, closed=False)
+    open_count = closed_count = 0
+    for partition in range(settings.partitions):
+        live = dict(processor.engines[partition].states)
+        folded = fold([event for p, _, event in events if p == partition])
+        assert folded == live, f"partition {partition}: live state != fold(events)\n{state_diff(live, folded)}"
+        open_count += sum(1 for s in live.values() if s.open)
+        closed_count += sum(1 for s in live.values() if not s.open)
+    return open_count, closed_count
+
+
+async def test_live_state_equals_fold_of_events_topic(
+        settings: KafkaSettings, client: Client, processor: Processor, workdir: Path) -> None:
+    """DESIGN §5 invariant 1: for every partition, folding that partition of the events
+    topic alone gives exactly the live processor's state: with closed executions, open
+    ones waiting on timers and on children, and one whose activity is running and has
+    heartbeated (state changed without an event); and again once that one finished."""
+    wd = str(workdir)
+    finishing = [client.start_workflow(ChainWorkflow, ChainInput(workdir=wd, tag=f"c{i}")) for i in range(6)]
+    finishing += [client.start_workflow(ParentWorkflow, ParentInput(data=f"p{i}")) for i in range(4)]
+    finishing += [client.start_workflow(FlakyWorkflow, TaggedInput(workdir=wd, tag=f"f{i}")) for i in range(2)]
+    finishing += [client.start_workflow(app.SleeperWorkflow, 0.2)]
+    staying = [client.start_workflow(app.SleeperWorkflow, 3600.0) for _ in range(3)]
+    staying += [client.start_workflow(app.SleepyParentWorkflow, 3600.0) for _ in range(2)]
+    done = await asyncio.wait_for(asyncio.gather(*finishing), 30)
+    await asyncio.wait_for(asyncio.gather(*staying), 30)
+    beating = await asyncio.wait_for(client.start_workflow(app.HeartbeatWorkflow, TaggedInput(workdir=wd, tag="hb")),
+                                     30)
+    results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in done)), 30)
+    assert len(results) == 13
+    assert len(traces(workdir, "flaky-failed")) == 2  # the retry path ran
+
+    def live_states() -> list[Any]:
+        return [s for engine in processor.engines.values() for s in engine.states.values()]
+
+    def settled() -> bool:
+        on_timer = sum(1 for s in live_states() if s.open and s.timers)
+        beat = [s for s in live_states() if s.exec_id == beating.execution_id and s.heartbeats
+                and all(a.started_at for a in s.activities.values())]
+        return on_timer == 5 and bool(beat)
+
+    await wait_until(settled, 20, "every open execution to wait on its timer and the heartbeats to arrive")
+    # 13 finished roots + 4 children closed; 3 sleepers, 2 sleepy parents with their
+    # 2 children, and the heartbeating one open.
+    assert await compare_with_fold(settings, processor) == (8, 17)
+
+    (workdir / "release-hb").touch()
+    assert await asyncio.wait_for(beating.result(), 30) == "hb(hb)"
+    assert await compare_with_fold(settings, processor) == (7, 18)
+
+
+# ---------------------------------------------------------------- 4. garbage on the commands topic
+
+
+async def test_undecodable_command_is_skipped_and_logged(
+        settings: KafkaSettings, client: Client, processor: Processor, caplog: pytest.LogCaptureFixture) -> None:
+    """Garbage records on <prefix>.commands are logged with their offsets, counted and
+    skipped; a workflow started after them (same key, same partition) completes."""
+    caplog.set_level(logging.ERROR, logger="treeflow.processor.app")
+    root = f"after-garbage-{uuid.uuid4().hex[:8]}"
+    partition = partition_for(root, settings.partitions)
+    valid = COMMANDS.encode(Command(command_id="x", timestamp=datetime.now(timezone.utc), root_workflow_exec_id=root,
+                                    workflow_exec_id=root, payload=m.SignalWorkflowExecution(signal_name="s")))
+    garbage = [
+        b"\x00\x01 this is not avro \xff\xfe",          # no magic
+        b"",                                            # empty
+        valid[:2] + b"\x00" * 8 + valid[10:],           # magic, unknown schema fingerprint
+        valid[:-5],                                     # valid header, body cut short
+        valid + b"\x00\x00",                            # trailing bytes
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
+                                **settings.profile.producer_options())
+    await producer.start()
+    try:
+        offsets = []
+        for value in garbage:
+            metadata = await producer.send_and_wait(settings.topics.commands, value, key=root.encode())
+            assert metadata.partition == partition
+            offsets.append(metadata.offset)
+    finally:
+        await producer.stop()
+
+    handle = await asyncio.wait_for(client.start_workflow(ParentWorkflow, ParentInput(data="after"),
+                                                          execution_id=root), 30)
+    assert await asyncio.wait_for(handle.result(), 30) == app.parent_result("after")
+    assert processor.stats.undecodable == len(garbage)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    for offset in offsets:
+        position = f"{settings.topics.commands}[{partition}]@{offset}"
+        assert any("undecodable" in msg and position in msg for msg in messages), (position, messages)
+    check_log(await read_events(settings), settings)
+
+
+async def test_tombstone_command_is_skipped(
+        settings: KafkaSettings, client: Client, processor: Processor, caplog: pytest.LogCaptureFixture) -> None:
+    """A record with no value at all (a tombstone) is skipped like any undecodable one."""
+    caplog.set_level(logging.ERROR, logger="treeflow.processor.app")
+    root = f"after-tombstone-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
+                                **settings.profile.producer_options())
+    await producer.start()
+    try:
+        metadata = await producer.send_and_wait(settings.topics.commands, None, key=root.encode())
+    finally:
+        await producer.stop()
+    handle = await asyncio.wait_for(client.start_workflow(ParentWorkflow, ParentInput(data="t"),
+                                                          execution_id=root), 30)
+    assert await asyncio.wait_for(handle.result(), 30) == app.parent_result("t")
+    assert processor.stats.undecodable == 1
+    position = f"{settings.topics.commands}[{metadata.partition}]@{metadata.offset}"
+    assert any(position in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
