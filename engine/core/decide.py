@@ -1,15 +1,16 @@
 """decide(view, command) -> events: what the processor appends for one command.
 
-`view` maps execution ids to their states (the executions of the command's tree, or
-for a tick the executions with something due). Ids derive from the command id and
-timestamps come from the command, so the same command on the same state always
-yields the same events.
+`view` maps execution ids to their states (at least the executions of the command's
+tree). A tick examines the executions named in `due` (all of `view` by default) and
+may reach any other in `view` (a parent to notify, a child to close). Ids derive from
+the command id and timestamps come from the command, so the same command on the same
+state always yields the same events.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -48,14 +49,14 @@ class Outcome:
     states: dict[str, ExecutionState] = field(default_factory=dict)
 
 
-def decide(view: Mapping[str, ExecutionState], command: Command) -> list[Event]:
+def decide(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None) -> list[Event]:
     """The events `command` appends, given the executions in `view`."""
-    return process(view, command).events
+    return process(view, command, due).events
 
 
-def process(view: Mapping[str, ExecutionState], command: Command) -> Outcome:
+def process(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None) -> Outcome:
     """`decide`, plus the replies and the evolved states (so callers need not fold twice)."""
-    session = _Session(view, command)
+    session = _Session(view, command, due)
     target = view.get(command.workflow_exec_id)
     if target is not None and command.command_id in target.recent_commands:
         # Delivered again (a crash before the offset commit, or a client retry):
@@ -74,8 +75,9 @@ def run_id_for(*parts: str) -> str:
 class _Session:
     """Emits events for one command, evolving an overlay of the view as it goes."""
 
-    def __init__(self, view: Mapping[str, ExecutionState], command: Command) -> None:
+    def __init__(self, view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None) -> None:
         self.view = view
+        self.due = sorted(view if due is None else due)
         self.command = command
         self.now: datetime = command.timestamp
         self.outcome = Outcome()
@@ -276,8 +278,9 @@ def _complete_workflow_task(s: _Session, p: m.CompleteWorkflowTask) -> None:
         return  # a stale task: superseded, timed out, or the run closed
     s.emit(state.context, m.WorkflowTaskCompleted(task_id=p.task_id, history_length=p.history_length))
     for decision in p.decisions:
-        if s.running(state.exec_id) is None:
-            break  # nothing after a closing decision
+        current = s.running(state.exec_id)
+        if current is None or current.context.workflow_run_id != p.workflow_run_id:
+            break  # nothing after a closing decision (a continue-as-new starts another run)
         _DECISIONS[type(decision)](s, state.exec_id, decision)
 
 
@@ -337,8 +340,8 @@ def _custom_task_event(s: _Session, p: m.RecordCustomTaskEvent) -> None:
 
 
 def _tick(s: _Session, p: m.Tick) -> None:
-    """Fire what is due at `now` among the executions in the view."""
-    for exec_id in sorted(s.view):
+    """Fire what is due at `now` among the executions named due."""
+    for exec_id in s.due:
         state = s.running(exec_id)
         if state is None:
             continue

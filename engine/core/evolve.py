@@ -65,9 +65,14 @@ def evolve(state: ExecutionState | None, event: Event) -> ExecutionState:
     handler = _HANDLERS.get(event.event_type)
     if handler is not None:
         state = handler(state, event, event.payload)
-    if event.event_type in TRIGGERS:
+    if event.event_type in TRIGGERS or _final_timeout(event):
         state = _trigger(state, event)
     return state
+
+
+def _final_timeout(event: Event) -> bool:
+    """An activity's last timeout is its end: the workflow must learn of it."""
+    return event.event_type is T.ACTIVITY_TASK_TIMED_OUT and not event.payload.will_retry  # type: ignore[union-attr]
 
 
 def fold(events: Iterable[Event], states: Mapping[str, ExecutionState] | None = None) -> dict[str, ExecutionState]:
@@ -96,7 +101,10 @@ def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
         parent_close_policy=payload.parent_close_policy,
         workflow_task=WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp),
         last_trigger_sequence=event.sequence,
-        recent_commands=(command_id_of(event),),
+        # Kept across runs: a command re-delivered after a continue-as-new or a restart
+        # of the same id must still be recognised.
+        recent_commands=(*(previous.recent_commands[-(RECENT_COMMANDS - 1):] if previous else ()),
+                         command_id_of(event)),
     )
 
 

@@ -146,7 +146,7 @@ class Processor:
             for partition in new:
                 engine = PartitionEngine(partition)
                 events = [item.event async for item in EventReader(self.settings, [partition])]
-                engine.replay(events)
+                engine.replay(events, utc_now())
                 self.stats.recovered_events += len(events)
                 self.engines[partition] = engine
                 self._ready[partition].set()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
 from ..core import ExecutionState, WorkItem, evolve, next_due, pending_work, process
+from ..core.state import updated
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,21 @@ class PartitionEngine:
 
     # ------------------------------------------------------------ recovery
 
-    def replay(self, events: list[Event]) -> None:
-        """Fold events read back from the events topic (nothing is dispatched)."""
+    def replay(self, events: list[Event], now: datetime) -> None:
+        """Fold events read back from the events topic (nothing is dispatched).
+
+        Heartbeats are not events, so the fold cannot know when a running activity last
+        heartbeated: its heartbeat timeout counts again from `now`, the recovery. (It
+        may have heartbeated to the processor that went away a moment ago.)
+        """
         for event in events:
             self._append(event)
-        for state in self.states.values():
-            self._schedule(state)
+        for exec_id, state in self.states.items():
+            beating = {a.activity_id: now for a in state.activities.values()
+                       if a.started_at is not None and a.heartbeat_timeout_ms is not None}
+            if beating:
+                self.states[exec_id] = updated(state, heartbeats=MappingProxyType(beating))
+            self._schedule(self.states[exec_id])
 
     # ------------------------------------------------------------ commands
 
@@ -80,10 +91,9 @@ class PartitionEngine:
         effects = Effects()
         if not due:
             return effects
-        view = {exec_id: self.states[exec_id] for exec_id in due if exec_id in self.states}
         tick = Command(command_id=command_id, timestamp=now, root_workflow_exec_id="", workflow_exec_id="",
                        payload=m.Tick(now=now))
-        outcome = process(view, tick)
+        outcome = process(self.states, tick, [exec_id for exec_id in due if exec_id in self.states])
         for event in outcome.events:
             self._append(event)
         for exec_id, state in outcome.states.items():

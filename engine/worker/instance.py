@@ -26,6 +26,7 @@ from treeflow.schemas import models as m
 
 from ..definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, WorkflowDefinition
 from ..errors import (
+    ApplicationError,
     ActivityError,
     ChildWorkflowError,
     NonDeterminismError,
@@ -41,8 +42,8 @@ T = EventType
 #: Events that answer something the workflow code waits for.
 RESOLVING = {
     T.WORKFLOW_EXECUTION_STARTED, T.WORKFLOW_EXECUTION_SIGNALED, T.WORKFLOW_EXECUTION_CANCEL_REQUESTED,
-    T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED, T.TIMER_FIRED,
-    T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
+    T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED, T.ACTIVITY_TASK_TIMED_OUT,
+    T.TIMER_FIRED, T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
     T.CHILD_WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_CANCELED,
     T.CHILD_WORKFLOW_EXECUTION_TERMINATED, T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
 }
@@ -283,6 +284,9 @@ class WorkflowInstance:
                 self.loop.ready.append(handle)
         elif t in (T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED):
             self._resolve_activity(event)
+        elif t is T.ACTIVITY_TASK_TIMED_OUT:
+            if not p.will_retry:  # type: ignore[union-attr]
+                self._resolve_activity(event)
         else:
             self._resolve_child(event)
 
@@ -297,6 +301,11 @@ class WorkflowInstance:
         elif event.event_type is T.ACTIVITY_TASK_FAILED:
             activity.future.set_exception(ActivityError(activity.name, p.activity_id,  # type: ignore[union-attr]
                                                         exception_from_failure(p.failure)))  # type: ignore[union-attr]
+        elif event.event_type is T.ACTIVITY_TASK_TIMED_OUT:
+            timeout = ApplicationError(f"activity timed out ({p.timeout_type})",  # type: ignore[union-attr]
+                                       type="ActivityTimeoutError", non_retryable=True)
+            activity.future.set_exception(ActivityError(activity.name, p.activity_id, timeout,  # type: ignore[union-attr]
+                                                        reason="timed out"))
         else:
             activity.future.cancel()
 

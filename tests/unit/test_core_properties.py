@@ -19,8 +19,10 @@ own machine (so each is its own test and its own shrunk counterexample):
 5. stale reports (superseded attempt, timed out, closed run, not-pending task) emit
    nothing.
 
-Example tests follow for edge cases, then `xfail(strict=True)` tests that pin down
-engine bugs found while writing these (see their reasons).
+Example tests follow for edge cases, then regression tests of the engine bugs these
+found (a decision after continue-as-new, a final activity timeout that woke nobody,
+re-delivery after a new run, ticks that could not reach an idle parent or child, and
+a recovered processor timing out a heartbeating activity).
 """
 
 from __future__ import annotations
@@ -489,7 +491,7 @@ class StateIsFoldOfEvents(TreeMachine):
     @invariant()
     def partition_engine_replay_equals_live(self):
         engine = PartitionEngine(0)
-        engine.replay(self.topic)
+        engine.replay(self.topic, at(self.now))
         assert_same_states(engine.states, self.states, "PartitionEngine.replay(events)")
 
 
@@ -803,13 +805,8 @@ def test_stale_reports_emit_nothing():
     assert tree.send(ROOT, m.CompleteActivityTask(activity_id="a", workflow_run_id=run, attempt=2), ms=1000) == []
 
 
-# ------------------------------------------------------------------ engine bugs (xfail, strict)
+# ------------------------------------------------------------------ bugs these tests found, fixed
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: decisions after ContinueAsNewWorkflowExecution are applied to the new run "
-    "(_complete_workflow_task only stops when the execution is no longer running, and after "
-    "continue-as-new it is running again); [ContinueAsNew, ContinueAsNew] starts two runs "
-    "with the same run id"))
 def test_decisions_after_continue_as_new_are_ignored():
     tree = Tree()
     tree.start()
@@ -821,10 +818,6 @@ def test_decisions_after_continue_as_new_are_ignored():
     assert tree.states[ROOT].context.workflow_run_id != first_run
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: ACTIVITY_TASK_TIMED_OUT with will_retry=False (out of attempts, or "
-    "SCHEDULE_TO_CLOSE) is not in evolve.TRIGGERS, so no workflow task is scheduled and "
-    "the workflow never learns its activity failed: the execution hangs"))
 @pytest.mark.parametrize("timeouts", [{"start_to_close_timeout_ms": 1000},
                                       {"schedule_to_close_timeout_ms": 1000}])
 def test_final_activity_timeout_wakes_the_workflow(timeouts):
@@ -837,11 +830,6 @@ def test_final_activity_timeout_wakes_the_workflow(timeouts):
     assert tree.states[ROOT].workflow_task is not None, "the workflow is never told its activity timed out"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: an execution's recent_commands restart empty with each new run "
-    "(evolve._started), so a command re-delivered after a continue-as-new or a restart "
-    "of the same id is applied again to the new run: a second signal, or the new run "
-    "terminated"))
 @pytest.mark.parametrize("new_run", ["continue-as-new", "restart"])
 def test_redelivery_after_a_new_run_appends_nothing(new_run):
     tree = Tree()
@@ -883,11 +871,6 @@ def _engine_tree(parent_timeout: int | None, child_timeout: int | None) -> tuple
     return engine, log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: PartitionEngine.tick decides on a view of the due executions only (as "
-    "decide's docstring prescribes), so when a child times out its idle parent is not in "
-    "the view: no CHILD_WORKFLOW_EXECUTION_TIMED_OUT, the parent keeps the child in its "
-    "children and hangs"))
 def test_engine_tick_notifies_an_idle_parent_of_its_childs_timeout():
     engine, log = _engine_tree(parent_timeout=None, child_timeout=30_000)
     events = engine.tick(at(31_000), "tick-1").events
@@ -896,10 +879,6 @@ def test_engine_tick_notifies_an_idle_parent_of_its_childs_timeout():
     assert types(events) == ["WORKFLOW_EXECUTION_TIMED_OUT", "CHILD_WORKFLOW_EXECUTION_TIMED_OUT"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: PartitionEngine.tick decides on a view of the due executions only, so a "
-    "parent timing out records PARENT_CLOSE_POLICY_APPLIED(TERMINATE) for its idle child "
-    "but the child is not in the view and stays RUNNING (invariant 4)"))
 def test_engine_tick_applies_close_policies_to_idle_children():
     engine, log = _engine_tree(parent_timeout=30_000, child_timeout=None)
     events = engine.tick(at(31_000), "tick-1").events
@@ -909,12 +888,10 @@ def test_engine_tick_applies_close_policies_to_idle_children():
     assert engine.states["c1"].status is Status.TERMINATED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (invariant 1): heartbeats are volatile (ExecutionState.heartbeats, not "
-    "folded from events, excluded from ==), so a processor rebuilt from the events topic "
-    "times out an activity that has been heartbeating: it decides a HEARTBEAT timeout the "
-    "live processor does not"))
-def test_rebuilt_state_decides_like_the_live_one_after_heartbeats():
+def test_recovery_gives_heartbeating_activities_a_fresh_heartbeat():
+    """Heartbeats are not events: the fold does not know the last one, so a recovered
+    processor counts the heartbeat timeout from the recovery instead of timing out an
+    activity that was heartbeating to the processor that went away."""
     tree = Tree()
     tree.start()
     tree.task(ROOT, [m.ScheduleActivityTask(activity_id="a", activity_name="act", task_queue="q",
@@ -926,5 +903,9 @@ def test_rebuilt_state_decides_like_the_live_one_after_heartbeats():
                    payload=m.Tick(now=at(1500)))
     live = process(tree.states, tick).events
     assert live == []
-    rebuilt = process(fold(tree.log), tick).events
-    assert rebuilt == live, summary(rebuilt)
+    folded = process(fold(tree.log), tick).events
+    assert types(folded) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"], "the fold alone would time it out"
+    recovered = PartitionEngine(0)
+    recovered.replay(tree.log, at(1200))
+    assert recovered.tick(at(1500), "tick-a").events == live
+    assert types(recovered.tick(at(2200), "tick-b").events) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"]

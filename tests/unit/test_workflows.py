@@ -259,3 +259,31 @@ async def test_a_late_activity_result_appends_nothing() -> None:
     await mem.release()  # attempt 1 reports after its timeout: stale
     late = mem.events[before:]
     assert all(e.attempt != 1 for e in late)
+
+
+@workflows.activity(start_to_close_timeout=timedelta(seconds=2),
+                    retry_policy=workflows.RetryPolicy(maximum_attempts=1))
+async def never_answers(key: str) -> str:
+    return key  # held by the test: it never reports
+
+
+@workflow.define(name="awaits_a_timeout")
+class AwaitsATimeout:
+    @workflow.entrypoint
+    async def run(self) -> str:
+        try:
+            return await never_answers("k")
+        except workflows.ActivityError as error:
+            return f"{type(error).__name__}: {error} / cause {error.cause.type}"
+
+
+async def test_an_activity_that_times_out_for_good_raises_in_the_workflow() -> None:
+    mem = InMemory([AwaitsATimeout], [never_answers])
+    mem.hold_activities = True
+    await mem.start(AwaitsATimeout)
+    await mem.advance(3)
+    assert mem.types("root")[-3:] == ["ACTIVITY_TASK_TIMED_OUT", "WORKFLOW_TASK_COMPLETED",
+                                      "WORKFLOW_EXECUTION_COMPLETED"]
+    assert mem.state("root").result_json == (
+        '"ActivityError: activity never_answers (1) timed out: ActivityTimeoutError: activity timed out '
+        '(START_TO_CLOSE) / cause ActivityTimeoutError"')
