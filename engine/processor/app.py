@@ -70,6 +70,7 @@ class Processor:
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
         self._last_publish: asyncio.Task[None] | None = None
+        self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
@@ -263,8 +264,9 @@ class Processor:
                     outgoing.append((topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
                                      dispatch.context.root_workflow_exec_id.encode(), None, []))
         if appended or outgoing:
-            previous = self._last_publish
-            self._last_publish = self._spawn(self._deliver(previous, appended, outgoing))
+            previous = self._last_queued
+            self._last_queued = asyncio.get_running_loop().create_future()
+            self._last_publish = self._spawn(self._deliver(previous, self._last_queued, appended, outgoing))
 
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
         """Queue events for one partition; the producer coalesces them into batches."""
@@ -278,15 +280,18 @@ class Processor:
                 headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode())]))
         return futures
 
-    async def _deliver(self, previous: asyncio.Task[None] | None, appended: list[Any],
+    async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
                        outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]]) -> None:
+        """Once `appended` are acknowledged, queue `outgoing` after the previous decision's
+        (`previous` resolves when those are queued; the producer keeps that order)."""
         assert self._producer is not None
         try:
             await asyncio.gather(*appended)
             if previous is not None:
-                await previous  # replies and tasks leave in decision order
+                await previous
             sent = [await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
                     for topic, value, key, partition, headers in outgoing]
+            queued.set_result(None)
             await asyncio.gather(*sent)
         except asyncio.CancelledError:
             raise
