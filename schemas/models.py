@@ -95,7 +95,7 @@ class Command(AvroModel):
     timestamp: Timestamp = Field(description='When the sender wrote it; the timestamp of the events it causes.')
     root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
     workflow_exec_id: str = Field(description='The execution the command is about.')
-    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick = Field(description='The typed request or report.')
+    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask = Field(description='The typed request or report.')
 
 
 class CompleteActivityTask(AvroModel):
@@ -160,6 +160,16 @@ class FailWorkflowTask(AvroModel):
     failure: Failure = Field(description='What went wrong.')
 
 
+class QueryWorkflow(AvroModel):
+    """Client: ask a running execution's query handler. Appends no event: the processor hands a query task to the execution's task queue and the answer comes back as a reply."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.QueryWorkflow"
+    query_name: str = Field(description='Query name.')
+    input_json: None | str = Field(default=None, description="The query's argument, as JSON text.")
+    deadline: None | Timestamp = Field(default=None, description='When the client stops waiting; a worker that takes the task later answers without running it.')
+    identity: None | str = Field(default=None, description="The sender's identity.")
+
+
 class RecordActivityHeartbeat(AvroModel):
     """Worker: an activity attempt is alive."""
 
@@ -213,6 +223,15 @@ class RequestCancelWorkflowExecution(AvroModel):
     __avro_name__: ClassVar[str] = "treeflow.commands.RequestCancelWorkflowExecution"
     reason: str = Field(description='Why.')
     identity: None | str = Field(default=None, description='Who asks.')
+
+
+class RespondQueryTask(AvroModel):
+    """Worker: the answer to a query task. Appends no event: the processor passes it on as the query's reply."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.RespondQueryTask"
+    query_id: str = Field(description='The QueryWorkflow command answered.')
+    result_json: None | str = Field(default=None, description="The handler's result, as JSON text.")
+    failure: None | Failure = Field(default=None, description='Why there is no result (QueryNotFound, QueryFailed, NonDeterministic, ...).')
 
 
 class ScheduleActivityTask(AvroModel):
@@ -696,7 +715,7 @@ class WorkflowTaskTimedOut(AvroModel):
 
 
 class Reply(AvroModel):
-    """One entry of the replies topic: the processor's answer to a client's request (start, signal, cancel, terminate)."""
+    """One entry of the replies topic: the processor's answer to a client's request (start, signal, cancel, terminate, query)."""
 
     __avro_name__: ClassVar[str] = "treeflow.replies.Reply"
     command_id: str = Field(description='The command answered.')
@@ -706,6 +725,7 @@ class Reply(AvroModel):
     accepted: bool = Field(description='True when the command took effect (or had already taken effect).')
     workflow_run_id: None | str = Field(default=None, description="The execution's current run, when it exists.")
     error: None | Failure = Field(default=None, description='Why the command was rejected.')
+    result_json: None | str = Field(default=None, description="A query's answer, as JSON text.")
 
 
 class ActivityTask(AvroModel):
@@ -721,6 +741,18 @@ class ActivityTask(AvroModel):
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
 
 
+class QueryTask(AvroModel):
+    """Run a query handler on the workflow's current state and report the answer (RespondQueryTask)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.tasks.QueryTask"
+    query_id: str = Field(description='The QueryWorkflow command being answered.')
+    query_name: str = Field(description='Query name.')
+    input_json: None | str = Field(default=None, description="The query's argument, as JSON text.")
+    deadline: None | Timestamp = Field(default=None, description='When the client stops waiting; after it the worker answers QueryExpired without running anything.')
+    history: list[Event] = Field(description="The current run's events from `first_sequence` on: replayed when the worker has no up-to-date instance of the run.")
+    first_sequence: int = Field(default=1, description='Sequence of the first event in `history`.')
+
+
 class Task(AvroModel):
     """One entry of a tasks topic: work for the workers of one task queue."""
 
@@ -729,7 +761,7 @@ class Task(AvroModel):
     task_id: str = Field(description='Unique id of the task.')
     timestamp: Timestamp = Field(description='When the processor dispatched it.')
     workflow_context: WorkflowContext = Field(description='The execution the task belongs to.')
-    payload: WorkflowTask | ActivityTask = Field(description='The work to do.')
+    payload: WorkflowTask | ActivityTask | QueryTask = Field(description='The work to do.')
 
 
 class WorkflowTask(AvroModel):
@@ -751,12 +783,14 @@ for _model in (
     FailActivityTask,
     FailWorkflowExecution,
     FailWorkflowTask,
+    QueryWorkflow,
     RecordActivityHeartbeat,
     RecordCustomTaskEvent,
     ReportActivityTaskStarted,
     RequestCancelActivityTask,
     RequestCancelChildWorkflowExecution,
     RequestCancelWorkflowExecution,
+    RespondQueryTask,
     ScheduleActivityTask,
     SignalWorkflowExecution,
     StartChildWorkflowExecution,
@@ -810,6 +844,7 @@ for _model in (
     WorkflowTaskTimedOut,
     Reply,
     ActivityTask,
+    QueryTask,
     Task,
     WorkflowTask,
 ):

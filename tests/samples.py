@@ -18,6 +18,8 @@ EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 def sample_value(annotation: Any, label: str, depth: int = 0) -> Any:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # Timestamp
+        return sample_value(typing.get_args(annotation)[0], label, depth)
     if origin in (typing.Union, types.UnionType):
         branches = [a for a in typing.get_args(annotation) if a is not type(None)]
         if depth > 1 and len(branches) < len(typing.get_args(annotation)):
