@@ -87,6 +87,45 @@ class NonDeterminismError(TreeflowError):
     """Workflow code did not do on replay what its history says it did."""
 
 
+class WorkflowQueryError(TreeflowError):
+    """A query got no answer. `type` says why:
+
+    - `QueryNotFound`: the workflow has no query handler of that name;
+    - `QueryFailed`: the handler raised (`cause` holds its error);
+    - `WorkflowClosed` / `WorkflowNotFound`: only running executions answer queries;
+    - `WorkflowNotRegistered`, `NonDeterministic`: the worker could not rebuild the
+      workflow's state from its history;
+    - `QueryTimeout`: no answer within the timeout (raised as `QueryTimeoutError`).
+    """
+
+    def __init__(self, message: str, type: str, cause: ApplicationError | None = None) -> None:
+        super().__init__(message)
+        self.type = type
+        self.__cause__ = cause
+
+    @property
+    def cause(self) -> ApplicationError | None:
+        return self.__cause__  # type: ignore[return-value]
+
+
+class QueryTimeoutError(WorkflowQueryError, TimeoutError):
+    """No worker answered a query in time (none runs for the execution's task queue,
+    or all are busy)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "QueryTimeout")
+
+
+class ContinueAsNewError(BaseException):
+    """Raised by `workflow.continue_as_new()`: ends the run and starts a new run of the
+    same execution with `params`. A BaseException, so `except Exception` in workflow
+    code does not swallow it."""
+
+    def __init__(self, params: object = None) -> None:
+        super().__init__("continue as new")
+        self.params = params
+
+
 def failure_from_exception(exc: BaseException) -> Failure:
     """A `Failure` record of `exc` and its cause chain (type, message, stack)."""
     cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)

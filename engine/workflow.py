@@ -2,7 +2,8 @@
 
 Workflow code is replayed from its history, so it must be deterministic: take time,
 randomness and ids from this module (`now()`, `random()`, `uuid4()`), sleep with
-`asyncio.sleep` or `sleep()` (durable timers), and do I/O only in activities.
+`asyncio.sleep` or `sleep()` (durable timers), wait with `wait_condition()`, and do
+I/O only in activities.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar, overload
 
 from treeflow.schemas import ParentClosePolicy
 
 from .definitions import WorkflowDefinition, workflow_definition
+from .errors import ContinueAsNewError
 from .options import RetryPolicy
 
 C = TypeVar("C", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: `should_continue_as_new()` turns true once the current run's history holds this many
+#: events. Every workflow task carries the run's history, so a long run makes each task
+#: (and each replay) costlier; continuing as new starts the next run with an empty one.
+CONTINUE_AS_NEW_SUGGESTED_AFTER = 4096
 
 
 def define(name: str | None = None, *, execution_timeout: timedelta | None = None,
@@ -47,10 +54,8 @@ def define(name: str | None = None, *, execution_timeout: timedelta | None = Non
         params = [p for p in inspect.signature(run).parameters.values() if p.name != "self"]
         if len(params) > 1:
             raise TypeError(f"{cls.__name__}.{entrypoints[0]} takes one params argument at most")
-        signals = {getattr(v, "__treeflow_signal__"): attr for attr, v in vars(cls).items()
-                   if getattr(v, "__treeflow_signal__", None)}
-        queries = {getattr(v, "__treeflow_query__"): attr for attr, v in vars(cls).items()
-                   if getattr(v, "__treeflow_query__", None)}
+        signals = _handlers(cls, "__treeflow_signal__", "signal")
+        queries = _handlers(cls, "__treeflow_query__", "query")
         cls.__treeflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
             name=name or cls.__name__, cls=cls, run_method=entrypoints[0],
             param_type=hints.get(params[0].name, Any) if params else None,
@@ -65,6 +70,73 @@ def entrypoint(method: F) -> F:
     """Marks the method that runs the workflow."""
     method.__treeflow_entrypoint__ = True  # type: ignore[attr-defined]
     return method
+
+
+@overload
+def signal(method: F, *, name: str | None = None) -> F: ...
+@overload
+def signal(method: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def signal(method: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Marks a method as the handler of signal `name` (default: the method's name).
+
+    `@workflow.signal` or `@workflow.signal(name="approve")`. The handler takes no
+    argument or one (the signal's payload, validated against its annotation: a
+    pydantic model, a dataclass, any JSON-able type) and may be `async def` (it may then
+    await activities, timers, children). Signals are durable: each is a
+    WORKFLOW_EXECUTION_SIGNALED event, delivered once, in the order they were
+    accepted, and again in that order on replay. Signals that arrive with the start
+    are handled before the entrypoint begins. A handler that raises fails the
+    workflow; a signal with no handler, or with a payload that does not fit, is
+    logged and dropped.
+    """
+    def mark(fn: F) -> F:
+        fn.__treeflow_signal__ = name or fn.__name__  # type: ignore[attr-defined]
+        return fn
+
+    return mark(method) if method is not None else mark
+
+
+@overload
+def query(method: F, *, name: str | None = None) -> F: ...
+@overload
+def query(method: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def query(method: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Marks a method as the handler of query `name` (default: the method's name).
+
+    `@workflow.query` or `@workflow.query(name="status")`. The handler is a plain
+    `def` (not async) taking no argument or one (the query's payload, validated like a
+    signal's) and returns a JSON-able value. It reads the workflow's state and must
+    not change it: a query appends nothing to the history, and a handler that starts
+    an activity, timer or child fails the query. It sees every event of the run
+    accepted before the query, signals included.
+    """
+    def mark(fn: F) -> F:
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(f"query handler {fn.__qualname__} must be a plain `def`: a query reads state, "
+                            "it does not wait")
+        fn.__treeflow_query__ = name or fn.__name__  # type: ignore[attr-defined]
+        return fn
+
+    return mark(method) if method is not None else mark
+
+
+def _handlers(cls: type, marker: str, kind: str) -> dict[str, str]:
+    """Handler names of `kind` defined on `cls` (and its bases), mapped to their methods."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        for attr, value in vars(klass).items():
+            handler_name = getattr(value, marker, None)
+            if not handler_name:
+                continue
+            params = [p for p in inspect.signature(value).parameters.values() if p.name != "self"]
+            if len(params) > 1:
+                raise TypeError(f"{kind} handler {cls.__name__}.{attr} takes one payload argument at most")
+            found[handler_name] = attr
+    return found
 
 
 @dataclass(frozen=True)
@@ -118,8 +190,50 @@ def uuid4() -> uuid.UUID:
 
 async def sleep(duration: timedelta | float) -> None:
     """A durable timer: the workflow resumes after `duration`, even across worker restarts."""
-    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(_seconds(duration))
+
+
+async def wait_condition(predicate: Callable[[], bool], *, timeout: timedelta | float | None = None) -> None:
+    """Wait until `predicate()` is true.
+
+    The predicate is evaluated now and again each time the workflow's code has run
+    (after a signal handler, an activity result, a timer...), in the same order on
+    replay, so it must only read workflow state. With `timeout`, a durable timer bounds
+    the wait: `asyncio.TimeoutError` is raised when it fires first (the timer is
+    canceled when the condition holds first).
+    """
+    if predicate():
+        return
+    future = _instance().wait_for(predicate)
+    if timeout is None:
+        await future
+    else:
+        await asyncio.wait_for(future, _seconds(timeout))
+
+
+def continue_as_new(params: Any = None) -> NoReturn:
+    """End this run and start a new run of the same execution with `params` as its input.
+
+    Raises `ContinueAsNewError`, which ends the run (let it propagate; it is a
+    BaseException, so `except Exception` does not catch it). The execution keeps its
+    id; the new run gets a new `workflow_run_id` and a fresh history, after a
+    WORKFLOW_EXECUTION_CONTINUED_AS_NEW event. The run's open children get their
+    parent close policy as at any close. A client waiting for the result gets the
+    result of the last run.
+    """
+    _instance()
+    raise ContinueAsNewError(params)
+
+
+def should_continue_as_new() -> bool:
+    """True once the current run's history holds `CONTINUE_AS_NEW_SUGGESTED_AFTER` (4,096)
+    events or more: a good moment to `continue_as_new()`. Deterministic (it counts the
+    events the code has seen)."""
+    return _instance().run_length >= CONTINUE_AS_NEW_SUGGESTED_AFTER
+
+
+def _seconds(duration: timedelta | float) -> float:
+    return duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
 
 
 async def execute_workflow(

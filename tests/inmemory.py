@@ -68,6 +68,8 @@ class InMemory:
             if dispatch.history is not None:
                 self.queue.append(self.runner.run_workflow_task(dispatch.context, dispatch.task.task_id,
                                                                 dispatch.history))
+            elif dispatch.item.kind == "query":
+                self.queue.append(self.runner.run_query_task(dispatch.context, dispatch.task.payload))
             elif self.hold_activities:
                 self.held.append(dispatch)
             else:

@@ -5,12 +5,12 @@ a decision comes from the command, so deciding the same command on the same stat
 always yields the same events.
 """
 
-from .decide import Outcome, decide, process
+from .decide import Outcome, Query, decide, process
 from .evolve import evolve, fold
 from .state import ActivityState, ChildRef, ExecutionState, Status, WorkflowTaskState
 from .work import WorkItem, next_due, pending_work
 
 __all__ = [
-    "ActivityState", "ChildRef", "ExecutionState", "Outcome", "Status", "WorkItem", "WorkflowTaskState",
+    "ActivityState", "ChildRef", "ExecutionState", "Outcome", "Query", "Status", "WorkItem", "WorkflowTaskState",
     "decide", "evolve", "fold", "next_due", "pending_work", "process",
 ]

@@ -40,13 +40,28 @@ CLIENT_COMMANDS = (m.StartWorkflowExecution, m.SignalWorkflowExecution, m.Reques
                    m.TerminateWorkflowExecution)
 
 
+@dataclass(frozen=True)
+class Query:
+    """A query to hand to a worker of the execution's task queue (no event: a query
+    changes nothing). `query_id` is the QueryWorkflow command's id; the answer is
+    the reply to it."""
+
+    exec_id: str
+    query_id: str
+    query_name: str
+    input_json: str | None
+    deadline: datetime | None
+
+
 @dataclass
 class Outcome:
-    """What one command did: events to append, replies to send, and the states after."""
+    """What one command did: events to append, replies to send, queries to hand to
+    workers, and the states after."""
 
     events: list[Event] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
     states: dict[str, ExecutionState] = field(default_factory=dict)
+    queries: list[Query] = field(default_factory=list)
 
 
 def decide(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None) -> list[Event]:
@@ -113,13 +128,18 @@ class _Session:
         return self.emit(state.context, payload, attempt)
 
     def reply(self, accepted: bool, error: str | None = None, error_type: str = "CommandRejected") -> None:
+        self.reply_to(self.command.command_id, accepted,
+                      Failure(type=error_type, message=error, non_retryable=True) if error else None)
+
+    def reply_to(self, command_id: str, accepted: bool, error: Failure | None = None,
+                 result_json: str | None = None) -> None:
         state = self.get(self.command.workflow_exec_id)
         self.outcome.replies.append(Reply(
-            command_id=self.command.command_id, timestamp=self.now,
+            command_id=command_id, timestamp=self.now,
             root_workflow_exec_id=self.command.root_workflow_exec_id,
             workflow_exec_id=self.command.workflow_exec_id, accepted=accepted,
             workflow_run_id=state.context.workflow_run_id if state else None,
-            error=Failure(type=error_type, message=error, non_retryable=True) if error else None))
+            error=error, result_json=result_json))
 
     def reject_unless_running(self) -> ExecutionState | None:
         state = self.get(self.command.workflow_exec_id)
@@ -269,7 +289,22 @@ def _terminate(s: _Session, p: m.TerminateWorkflowExecution) -> None:
         s.reply(True)
 
 
+def _query(s: _Session, p: m.QueryWorkflow) -> None:
+    """A running execution's query goes to a worker; a closed or unknown one is refused
+    at once (WorkflowClosed / WorkflowNotFound): queries are not answered by replaying
+    a closed run."""
+    state = s.reject_unless_running()
+    if state is not None:
+        s.outcome.queries.append(Query(exec_id=state.exec_id, query_id=s.command.command_id,
+                                       query_name=p.query_name, input_json=p.input_json, deadline=p.deadline))
+
+
 # --------------------------------------------------------------- worker reports
+
+def _respond_query(s: _Session, p: m.RespondQueryTask) -> None:
+    """A worker's answer to a query: passed on as the reply to the QueryWorkflow command."""
+    s.reply_to(p.query_id, p.failure is None, p.failure, p.result_json)
+
 
 def _complete_workflow_task(s: _Session, p: m.CompleteWorkflowTask) -> None:
     state = s.running(s.command.workflow_exec_id)
@@ -482,6 +517,8 @@ _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {
     m.SignalWorkflowExecution: _signal,
     m.RequestCancelWorkflowExecution: _request_cancel,
     m.TerminateWorkflowExecution: _terminate,
+    m.QueryWorkflow: _query,
+    m.RespondQueryTask: _respond_query,
     m.CompleteWorkflowTask: _complete_workflow_task,
     m.FailWorkflowTask: _fail_workflow_task,
     m.ReportActivityTaskStarted: _activity_started,

@@ -18,7 +18,7 @@ class WorkItem:
     """
 
     exec_id: str
-    kind: str  # "workflow" or "activity"
+    kind: str  # "workflow", "activity" or "query"
     key: str
     task_queue: str
     ready_at: datetime

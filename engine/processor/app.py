@@ -312,6 +312,9 @@ class Processor:
             self._local.put_nowait(runner.run_workflow_task(dispatch.context, dispatch.task.task_id,
                                                             dispatch.history))
             return
+        if dispatch.item.kind == "query":
+            self._local.put_nowait(runner.run_query_task(dispatch.context, dispatch.task.payload))
+            return
 
         async def run_activity() -> None:
             result = await runner.run_activity_task(dispatch.context, dispatch.task.payload, self._send_local)

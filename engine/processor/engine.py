@@ -17,13 +17,14 @@ from typing import Any
 from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
-from ..core import ExecutionState, WorkItem, evolve, next_due, pending_work, process
+from ..core import ExecutionState, Query, WorkItem, evolve, next_due, pending_work, process
 from ..core.state import updated
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """A task to hand to a worker: `history` is set for workflow tasks."""
+    """A task to hand to a worker (`item.kind`: workflow, activity or query): `history`
+    is set for workflow tasks."""
 
     item: WorkItem
     context: WorkflowContext
@@ -80,6 +81,7 @@ class PartitionEngine:
         moment = max(now, command.timestamp)
         for exec_id in outcome.states:
             effects.dispatches.extend(self._ready_work(exec_id, moment))
+        effects.dispatches.extend(self._query_task(query, moment) for query in outcome.queries)
         return effects
 
     def tick(self, now: datetime, command_id: str) -> Effects:
@@ -154,6 +156,20 @@ class PartitionEngine:
         times = [t for t in (next_due(state), *(extra or [])) if t is not None]
         if times:
             heapq.heappush(self._due, (min(times), state.exec_id))
+
+    def _query_task(self, query: Query, now: datetime) -> Dispatch:
+        """A query task for the execution's queue, carrying the current run's history (a
+        worker without an up-to-date instance replays it). Not remembered: a query lost
+        with a processor is not dispatched again; its client times out."""
+        state = self.states[query.exec_id]
+        history = list(self.histories.get(query.exec_id, []))
+        item = WorkItem(query.exec_id, "query", f"{query.exec_id}|query|{query.query_id}", state.context.task_queue,
+                        now)
+        payload = m.QueryTask(query_id=query.query_id, query_name=query.query_name, input_json=query.input_json,
+                              deadline=query.deadline, history=history,
+                              first_sequence=history[0].sequence if history else 1)
+        return Dispatch(item, state.context, Task(task_id=query.query_id, timestamp=now,
+                                                  workflow_context=state.context, payload=payload))
 
     def _dispatch(self, state: ExecutionState, item: WorkItem, now: datetime) -> Dispatch:
         if item.kind == "workflow":

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import random
+import typing
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator
@@ -29,7 +31,9 @@ from ..errors import (
     ApplicationError,
     ActivityError,
     ChildWorkflowError,
+    ContinueAsNewError,
     NonDeterminismError,
+    WorkflowQueryError,
     exception_from_failure,
     failure_from_exception,
 )
@@ -125,13 +129,17 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self.call_exception_handler(context)
 
     def run_ready(self) -> None:
+        """Run callbacks until none is ready and no `wait_condition` predicate turned true."""
         outer = asyncio._get_running_loop()
         asyncio._set_running_loop(self)
         try:
-            while self.ready:
-                handle = self.ready.popleft()
-                if not handle._cancelled:
-                    handle._run()
+            while True:
+                while self.ready:
+                    handle = self.ready.popleft()
+                    if not handle._cancelled:
+                        handle._run()
+                if not self.instance.check_conditions():
+                    break
         finally:
             asyncio._set_running_loop(outer)
 
@@ -150,7 +158,12 @@ class _Activity:
 
 
 class ChildHandle:
-    """A started child workflow: `await handle` gives its result (or raises its failure)."""
+    """A started child workflow: `await handle` gives its result (or raises its failure).
+
+    When the task awaiting the child is cancelled (the workflow got a cancel request),
+    the child is asked to cancel and the await returns only once the child has closed,
+    then raises `asyncio.CancelledError` (Temporal's WAIT_CANCELLATION_COMPLETED).
+    """
 
     def __init__(self, instance: WorkflowInstance, execution_id: str, workflow_name: str,
                  result: asyncio.Future[Any]) -> None:
@@ -160,10 +173,10 @@ class ChildHandle:
         self._result = result
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._result.__await__()
+        return self._instance.child_result(self.execution_id, self._result).__await__()
 
     async def result(self) -> Any:
-        return await self._result
+        return await self
 
     def cancel(self) -> None:
         """Ask the child to cancel (a decision: it reaches the child as a cancel request)."""
@@ -190,10 +203,18 @@ class WorkflowInstance:
         self.random = random.Random(uuid.UUID(context.workflow_run_id).int
                                     if _is_uuid(context.workflow_run_id) else context.workflow_run_id)
         self.applied_sequence = 0
+        #: Sequence of the newest event the code has seen, and of the run's first event.
+        self.seen_sequence = 0
+        self.first_sequence = 0
         self.last_task_id: str | None = None
         self.closed = False
         self.cancel_requested = False
         self.main: asyncio.Task[Any] | None = None
+        self.workflow_object: Any = None
+        self._start: tuple[str | None] | None = None
+        self._start_error: Exception | None = None
+        self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._querying = False
         self._issued: deque[_Issued] = deque()
         self._buffer: list[Event] = []
         self._times: dict[int, datetime] = {}
@@ -235,13 +256,27 @@ class WorkflowInstance:
             else:
                 later.append(event)
         self._buffer = later
+        if self._start is not None:
+            # The entrypoint starts after the signals delivered with the start event, so
+            # their handlers have run (on the workflow object) when it begins.
+            self._start_main(self._start[0])
+            self._start = None
 
     def _run(self, seen: int) -> None:
         # The code sees the time of the newest event it has seen, on replay too.
         self.now = self._times.get(seen, self.now)
+        self.seen_sequence = seen
         self.loop.run_ready()
 
+    @property
+    def run_length(self) -> int:
+        """Events in the current run's history that the code has seen (same on replay)."""
+        return max(0, self.seen_sequence - self.first_sequence + 1) if self.first_sequence else 0
+
     def _issue(self, decision: Any, key: str | None) -> None:
+        if self._querying:
+            raise RuntimeError("a query handler only reads the workflow's state: it may not start activities, "
+                               "children or timers, nor end the workflow")
         if not self.closed:
             self._issued.append(_Issued(decision, key))
             if isinstance(decision, (m.CompleteWorkflowExecution, m.FailWorkflowExecution,
@@ -271,7 +306,12 @@ class WorkflowInstance:
     def _resolve(self, event: Event) -> None:
         t, p = event.event_type, event.payload
         if t is T.WORKFLOW_EXECUTION_STARTED:
-            self._start_main(p.input_json)  # type: ignore[union-attr]
+            self.first_sequence = event.sequence
+            self._start = (p.input_json,)  # type: ignore[union-attr]
+            try:
+                self.workflow_object = self.definition.cls()
+            except Exception as exc:  # reported by the entrypoint's task: the workflow fails
+                self._start_error = exc
         elif t is T.WORKFLOW_EXECUTION_CANCEL_REQUESTED:
             self.cancel_requested = True
             if self.main is not None and not self.main.done():
@@ -343,13 +383,15 @@ class WorkflowInstance:
 
     def _start_main(self, input_json: str | None) -> None:
         self.main = self.loop.create_task(self._main(input_json), name=f"workflow {self.context.workflow_exec_id}")
+        if self.cancel_requested:
+            self.main.cancel()  # requested before the code ever ran: it ends at its first step
 
     async def _main(self, input_json: str | None) -> None:
         definition = self.definition
         try:
-            workflow = definition.cls()
-            self.workflow_object = workflow
-            run = getattr(workflow, definition.run_method)
+            if self._start_error is not None:
+                raise self._start_error
+            run = getattr(self.workflow_object, definition.run_method)
             if definition.param_type is None:
                 result = await run()
             else:
@@ -360,6 +402,9 @@ class WorkflowInstance:
             else:
                 self._issue(m.FailWorkflowExecution(failure=failure_from_exception(
                     RuntimeError("the workflow was cancelled without a cancel request"))), None)
+        except ContinueAsNewError as request:
+            self._issue(m.ContinueAsNewWorkflowExecution(
+                input_json=None if request.params is None else to_json(request.params)), None)
         except Exception as exc:  # a workflow that raises ends FAILED with that failure
             # (GeneratorExit is not caught: an evicted instance's coroutine must just close.)
             self._issue(m.FailWorkflowExecution(failure=failure_from_exception(exc)), None)
@@ -367,12 +412,91 @@ class WorkflowInstance:
             self._issue(m.CompleteWorkflowExecution(result_json=to_json(result)), None)
 
     def _deliver_signal(self, name: str, input_json: str | None) -> None:
+        """Run the signal's handler as a task of the workflow (signals run in history order).
+
+        A signal with no handler, or whose payload does not fit the handler, is logged
+        and dropped (the same on replay); a handler that raises fails the workflow.
+        """
         method = self.definition.signals.get(name)
-        workflow = getattr(self, "workflow_object", None)
-        if method is None or workflow is None:
-            log.warning("workflow %s got signal %r and has no handler for it", self.context.workflow_exec_id, name)
+        if method is None or self.workflow_object is None:
+            log.warning("workflow %s (%s) got signal %r and has no handler for it; it has %s",
+                        self.context.workflow_exec_id, self.definition.name, name, sorted(self.definition.signals))
             return
-        self.loop.call_soon(_call_handler, getattr(workflow, method), input_json)
+        handler = getattr(self.workflow_object, method)
+        try:
+            args = _handler_args(handler, input_json)
+        except Exception as exc:
+            log.warning("workflow %s: dropped signal %r: %s", self.context.workflow_exec_id, name, exc)
+            return
+        self.loop.create_task(self._signal(name, handler, args), name=f"signal {name}")
+
+    async def _signal(self, name: str, handler: Callable[..., Any], args: list[Any]) -> None:
+        try:
+            result = handler(*args)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = ApplicationError(f"signal handler {name!r} raised {type(exc).__name__}: {exc}",
+                                     type="SignalHandlerError")
+            error.__cause__ = exc
+            self._issue(m.FailWorkflowExecution(failure=failure_from_exception(error)), None)
+
+    # ------------------------------------------------------------ conditions and queries
+
+    def wait_for(self, predicate: Callable[[], bool]) -> asyncio.Future[None]:
+        """A future done once `predicate()` is true (checked whenever the code has run)."""
+        future: asyncio.Future[None] = self.loop.create_future()
+        self._conditions.append((predicate, future))
+        return future
+
+    def check_conditions(self) -> bool:
+        """Settle the conditions that hold now; True when any did (their waiters are ready)."""
+        settled = False
+        waiting = []
+        for predicate, future in self._conditions:
+            if future.done():
+                continue
+            try:
+                holds = predicate()
+            except Exception as exc:
+                future.set_exception(exc)
+                settled = True
+                continue
+            if holds:
+                future.set_result(None)
+                settled = True
+            else:
+                waiting.append((predicate, future))
+        self._conditions = waiting
+        return settled
+
+    def query(self, name: str, input_json: str | None) -> Any:
+        """Run query handler `name` on the workflow object as it is now; changes nothing.
+
+        Raises `WorkflowQueryError` (QueryNotFound) for an unknown name; whatever the
+        handler raises propagates.
+        """
+        method = self.definition.queries.get(name)
+        if method is None:
+            raise WorkflowQueryError(f"workflow {self.definition.name} has no query named {name!r}; it has "
+                                     f"{sorted(self.definition.queries) or 'none'}", "QueryNotFound")
+        if self.workflow_object is None:
+            raise WorkflowQueryError(f"workflow {self.context.workflow_exec_id} has not started", "QueryFailed")
+        handler = getattr(self.workflow_object, method)
+        args = _handler_args(handler, input_json)
+        random_state, counters = self.random.getstate(), dict(self._counters)
+        outer = asyncio._get_running_loop()
+        asyncio._set_running_loop(self.loop)
+        self._querying = True
+        try:
+            return handler(*args)
+        finally:
+            self._querying = False
+            asyncio._set_running_loop(outer)
+            self.random.setstate(random_state)  # workflow.random() in a handler must not shift the run's
+            self._counters = counters
 
     # ------------------------------------------------------------ what workflow code calls
 
@@ -415,13 +539,29 @@ class WorkflowInstance:
         child = _Child(name, Any if isinstance(workflow, str) else workflow.return_type,
                        self.loop.create_future(), self.loop.create_future())
         self._children[child_id] = child
-        child.result.add_done_callback(lambda f: self._child_done(child_id, f))
-        await child.started
+        try:
+            await asyncio.shield(child.started)
+        except asyncio.CancelledError:
+            await self._cancel_child_and_wait(child_id, child.result)
+            raise
         return ChildHandle(self, child_id, name, child.result)
 
-    def _child_done(self, child_id: str, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() and child_id in self._children:
-            self.request_cancel_child(child_id)
+    async def child_result(self, child_id: str, result: asyncio.Future[Any]) -> Any:
+        """The child's result; a cancel of the awaiting task is passed on to the child."""
+        try:
+            return await asyncio.shield(result)
+        except asyncio.CancelledError:
+            await self._cancel_child_and_wait(child_id, result)
+            raise
+
+    async def _cancel_child_and_wait(self, child_id: str, result: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        self.request_cancel_child(child_id)
+        try:
+            await asyncio.shield(result)
+        except (Exception, asyncio.CancelledError):
+            pass  # how the child ended does not matter: the awaiting task was cancelled
 
     def request_cancel_child(self, child_id: str) -> None:
         child = self._children.get(child_id)
@@ -458,16 +598,14 @@ def _settle(future: asyncio.Future[Any], value: Callable[[], Any]) -> None:
         future.set_exception(exc)
 
 
-def _call_handler(handler: Callable[..., Any], input_json: str | None) -> None:
-    import inspect
-    import typing
-
-    params = [p for p in inspect.signature(handler).parameters.values()]
+def _handler_args(handler: Callable[..., Any], input_json: str | None) -> list[Any]:
+    """The arguments of a (bound) signal or query handler: none, or its payload
+    validated against the annotation of its one parameter."""
+    params = list(inspect.signature(handler).parameters.values())
+    if not params:
+        return []
     hints = typing.get_type_hints(handler)
-    args = [from_json(input_json, hints.get(params[0].name, Any))] if params else []
-    result = handler(*args)
-    if asyncio.iscoroutine(result):
-        asyncio.get_running_loop().create_task(result)
+    return [from_json(input_json, hints.get(params[0].name, Any))]
 
 
 def _is_uuid(value: str) -> bool:

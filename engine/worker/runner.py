@@ -17,9 +17,9 @@ from treeflow.schemas import models as m
 from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
-from ..errors import NonDeterminismError, failure_from_exception
+from ..errors import NonDeterminismError, WorkflowQueryError, failure_from_exception
 from ..payloads import to_json, validate
-from .instance import WorkflowInstance
+from .instance import RESOLVING, WorkflowInstance
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ class TaskRunner:
 
     Keeps up to `cache_size` workflow instances in memory (sticky execution): a task
     for a cached run only feeds it the new events instead of replaying everything.
+    A query task is answered from the cached instance when it has seen every event
+    of the task's history that the code reacts to, else from a fresh replay of that
+    history (which is then dropped: the cache only holds instances driven by
+    workflow tasks).
     """
 
     def __init__(self, workflows: dict[str, WorkflowDefinition], activities: dict[str, ActivityDefinition],
@@ -54,6 +58,7 @@ class TaskRunner:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], WorkflowInstance] = OrderedDict()
         self.replays = 0
+        self.query_replays = 0
 
     # ------------------------------------------------------------ workflow tasks
 
@@ -89,6 +94,40 @@ class TaskRunner:
         return self._command(context, m.CompleteWorkflowTask(
             task_id=task_id, workflow_run_id=context.workflow_run_id, history_length=history_length,
             decisions=decisions))
+
+    # ------------------------------------------------------------ query tasks
+
+    def run_query_task(self, context: WorkflowContext, task: m.QueryTask) -> Command:
+        """Run the query's handler on the run's current state; a RespondQueryTask command."""
+        return self._command(context, self._answer(context, task))
+
+    def _answer(self, context: WorkflowContext, task: m.QueryTask) -> m.RespondQueryTask:
+        def refuse(error_type: str, message: str, cause: Failure | None = None) -> m.RespondQueryTask:
+            return m.RespondQueryTask(query_id=task.query_id, failure=Failure(
+                type=error_type, message=message, non_retryable=True, cause=cause))
+
+        if task.deadline is not None and self.clock() > task.deadline:
+            return refuse("QueryExpired", f"query {task.query_name!r} reached this worker after its deadline")
+        definition = self.workflows.get(context.workflow_name)
+        if definition is None:
+            return refuse("WorkflowNotRegistered", f"no workflow named {context.workflow_name!r} is registered on "
+                                                   f"the worker of task queue {context.task_queue!r}")
+        instance = self._cache.get((context.workflow_exec_id, context.workflow_run_id))
+        if instance is None or not _up_to_date(instance, task.history):
+            instance = WorkflowInstance(definition, context)
+            self.query_replays += 1
+            try:
+                instance.activate(task.history)
+            except NonDeterminismError as exc:
+                return refuse("NonDeterministic", f"cannot rebuild the workflow's state: {exc}")
+        try:
+            result = instance.query(task.query_name, task.input_json)
+            return m.RespondQueryTask(query_id=task.query_id, result_json=to_json(result))
+        except WorkflowQueryError as exc:
+            return refuse(exc.type, str(exc))
+        except Exception as exc:
+            return refuse("QueryFailed", f"query {task.query_name!r} of {context.workflow_exec_id} raised "
+                                         f"{type(exc).__name__}: {exc}", failure_from_exception(exc))
 
     def _command(self, context: WorkflowContext, payload: Any, timestamp: datetime | None = None) -> Command:
         return command(context, payload, timestamp or self.clock())
@@ -154,6 +193,21 @@ async def _call(definition: ActivityDefinition, input_json: str | None) -> Any:
     if inspect.iscoroutinefunction(definition.fn):
         return await definition.fn(**kwargs)
     return await asyncio.get_running_loop().run_in_executor(None, lambda: definition.fn(**kwargs))
+
+
+def _up_to_date(instance: WorkflowInstance, history: list[Event]) -> bool:
+    """True when the events of `history` the instance has not applied change nothing its
+    code sees: only the events of its own decisions, its accepted task, activity
+    starts... (no signal, result, timer or cancel request waits for it)."""
+    for event in history:
+        if event.sequence <= instance.applied_sequence:
+            continue
+        if event.event_type in RESOLVING:
+            return False
+        if (event.event_type is EventType.WORKFLOW_TASK_COMPLETED
+                and event.payload.task_id != instance.last_task_id):  # type: ignore[union-attr]
+            return False
+    return True
 
 
 def _continues(instance: WorkflowInstance, history: list[Event]) -> bool:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class WorkerStats:
     workflow_tasks: int = 0
     activity_tasks: int = 0
+    query_tasks: int = 0
     undecodable: int = 0
 
 
@@ -149,6 +150,11 @@ class Worker:
             self.stats.workflow_tasks += 1
             await self._send(self.runner.run_workflow_task(task.workflow_context, task.task_id,
                                                            task.payload.history))
+            offsets.finish(tp, record.offset)
+            return
+        if isinstance(task.payload, m.QueryTask):
+            self.stats.query_tasks += 1
+            await self._send(self.runner.run_query_task(task.workflow_context, task.payload))
             offsets.finish(tp, record.offset)
             return
         await self._slots.acquire()
