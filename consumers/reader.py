@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -25,25 +25,49 @@ class ConsumedEvent:
 
 @dataclass
 class ReaderStats:
+    """What a reader fetched and what it made of it."""
+
     decoded: int = 0
     #: Records skipped because they could not be decoded (each is logged with its offset).
     undecodable: int = 0
+    #: Records received from the broker, whatever their key.
+    fetched_records: int = 0
+    #: Key and value bytes of the records received from the broker.
+    fetched_bytes: int = 0
+    #: Records left undecoded because their key is not the one asked for.
+    other_keys: int = 0
 
 
 class EventReader:
-    """Reads the events topic from the beginning, without a consumer group.
+    """Reads the events topic without a consumer group.
 
-    With `follow=False` it stops at the end the partitions had when it started;
-    with `follow=True` it goes on with new events. A record that cannot be decoded
-    is logged with its topic, partition and offset, counted in `stats`, and
-    skipped: it never ends the iteration.
+    - `partitions`: which partitions to read (all of the topic's when None);
+      no other partition is fetched.
+    - `start_offsets`: the first offset to read of each partition (the
+      beginning where none is given).
+    - `follow=False` stops at `stop_offsets` (exclusive), or at the end the
+      partitions had when the reader started; `follow=True` goes on with new events.
+    - `key`: yield only records with this key (a tree's root id): other
+      records are skipped before they are decoded, which makes reading one tree's
+      partition cheap. Records with no key are decoded and yielded.
+
+    A record that cannot be decoded is logged with its topic, partition and
+    offset, counted in `stats`, and skipped: it never ends the iteration.
+    Memory stays bounded by the client's fetch buffers, whatever the topic's size.
     """
 
     def __init__(self, settings: KafkaSettings, partitions: Iterable[int] | None = None,
-                 *, follow: bool = False) -> None:
+                 *, follow: bool = False, key: str | None = None,
+                 start_offsets: Mapping[int, int] | None = None,
+                 stop_offsets: Mapping[int, int] | None = None) -> None:
+        if follow and stop_offsets is not None:
+            raise ValueError("a following reader has no stop offsets")
         self.settings = settings
         self.partitions = None if partitions is None else sorted(set(partitions))
         self.follow = follow
+        self.key = None if key is None else key.encode()
+        self.start_offsets = dict(start_offsets or {})
+        self.stop_offsets = None if stop_offsets is None else dict(stop_offsets)
         self.stats = ReaderStats()
 
     async def __aiter__(self) -> AsyncIterator[ConsumedEvent]:
@@ -58,18 +82,30 @@ class EventReader:
         try:
             numbers = self.partitions
             if numbers is None:
-                numbers = sorted(await _partitions(consumer, topic))
+                numbers = sorted(await topic_partitions(consumer, topic))
             assigned = [TopicPartition(topic, number) for number in numbers]
             consumer.assign(assigned)
-            await consumer.seek_to_beginning(*assigned)
-            ends = None if self.follow else await end_offsets(self.settings, assigned)
-            remaining = {tp for tp in assigned if ends is None or ends[tp] > 0}
+            for tp in assigned:
+                consumer.seek(tp, self.start_offsets.get(tp.partition, 0))
+            ends: dict[TopicPartition, int] | None = None
+            if self.stop_offsets is not None:
+                ends = {tp: self.stop_offsets.get(tp.partition, 0) for tp in assigned}
+            elif not self.follow:
+                ends = await end_offsets(self.settings, assigned)
+            remaining = {tp for tp in assigned
+                         if ends is None or ends[tp] > self.start_offsets.get(tp.partition, 0)}
             while remaining:
                 batches = await consumer.getmany(*remaining, timeout_ms=200)
                 for tp, records in batches.items():
                     for record in records:
                         if ends is not None and record.offset >= ends[tp]:
                             break
+                        self.stats.fetched_records += 1
+                        self.stats.fetched_bytes += max(record.serialized_key_size, 0) + max(
+                            record.serialized_value_size, 0)
+                        if self.key is not None and record.key is not None and record.key != self.key:
+                            self.stats.other_keys += 1
+                            continue
                         position = RecordPosition(topic, tp.partition, record.offset)
                         try:
                             event = EVENTS.decode(record.value, position)
@@ -85,9 +121,45 @@ class EventReader:
             await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partitions of `topic`; `LookupError` when it does not exist.
+
+    Lists every topic rather than asking for this one: a Metadata request naming a
+    missing topic creates it on brokers that auto-create topics.
+    """
     await consumer.topics()  # refreshes metadata: the topic may be new to this client
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
         raise LookupError(f"topic {topic} does not exist; create it with `treeflow topics create`")
     return partitions
+
+
+_PARTITION_COUNTS: dict[tuple[str, str], int] = {}
+
+
+async def partition_count(settings: KafkaSettings) -> int:
+    """How many partitions the events topic has, as the broker says (cached per process).
+
+    The count is fixed when the topic is created (changing it is a migration to new
+    topics, DESIGN.md §3), so asking once is enough; the configured
+    `settings.partitions` is not trusted for routing.
+    """
+    key = (settings.bootstrap_servers, settings.topics.events)
+    count = _PARTITION_COUNTS.get(key)
+    if count is None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            count = _PARTITION_COUNTS[key] = len(await topic_partitions(consumer, settings.topics.events))
+        finally:
+            await consumer.stop()
+    return count
+
+
+def resolve_settings(bootstrap_servers: str | None = None, settings: KafkaSettings | None = None) -> KafkaSettings:
+    """`settings` when given (with `bootstrap_servers` replacing its address), else `TREEFLOW_*` and defaults."""
+    if settings is None:
+        return KafkaSettings.resolve(bootstrap_servers)
+    if bootstrap_servers and bootstrap_servers != settings.bootstrap_servers:
+        return replace(settings, bootstrap_servers=bootstrap_servers)
+    return settings
