@@ -299,7 +299,7 @@ class WorkflowInstance:
         name = getattr(event.payload, "activity_name", None) or getattr(event.payload, "child_workflow_name", None)
         expected = (getattr(issued.decision, "activity_name", None)
                     or getattr(issued.decision, "child_workflow_name", None))
-        if name != expected:
+        if expected is not None and name != expected:  # (a cancel request names only the id)
             raise NonDeterminismError(f"history event #{event.sequence} {event.event_type.value} ({key}) is for "
                                       f"{name}, the workflow code asked for {expected}")
 
@@ -383,8 +383,8 @@ class WorkflowInstance:
 
     def _start_main(self, input_json: str | None) -> None:
         self.main = self.loop.create_task(self._main(input_json), name=f"workflow {self.context.workflow_exec_id}")
-        if self.cancel_requested:
-            self.main.cancel()  # requested before the code ever ran: it ends at its first step
+        if self.cancel_requested:  # requested before the code ever ran: it gets it at its first await
+            self.loop.call_soon(self.main.cancel)
 
     async def _main(self, input_json: str | None) -> None:
         definition = self.definition
