@@ -24,15 +24,18 @@ from treeflow.schemas import ParentClosePolicy
 
 from . import workflow
 from .activities import activity
-from .client import Client, WorkflowHandle, connect
+from .client import Client, ExecutionDescription, WorkflowHandle, connect
 from .errors import (
     ActivityError,
     ApplicationError,
     ChildWorkflowError,
     CommandRejectedError,
+    ContinueAsNewError,
+    QueryTimeoutError,
     TreeflowError,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
+    WorkflowQueryError,
 )
 from .options import RetryPolicy
 from .workflow import execute_workflow
@@ -41,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivityError", "ApplicationError", "ChildWorkflowError", "Client", "CommandRejectedError",
-    "ParentClosePolicy", "RetryPolicy", "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowFailureError",
-    "WorkflowHandle", "__version__", "activity", "connect", "execute_workflow", "workflow",
+    "ContinueAsNewError", "ExecutionDescription", "ParentClosePolicy", "QueryTimeoutError", "RetryPolicy",
+    "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowFailureError", "WorkflowHandle", "WorkflowQueryError",
+    "__version__", "activity", "connect", "execute_workflow", "workflow",
 ]

@@ -21,6 +21,10 @@ partitions_option = click.option(
     "--partitions", type=click.IntRange(min=1),
     help=f"Partitions of every treeflow topic. Default: ${PARTITIONS_ENV} or 12.")
 
+root_option = click.option(
+    "--root", metavar="ROOT_ID",
+    help="The tree's root execution id (a top-level execution is its own). Default: looked up in the events topic.")
+
 
 def fail_cleanly(error: Exception) -> None:
     raise click.ClickException(str(error))
@@ -199,13 +203,18 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
 @main.command()
 @bootstrap_option
 @click.argument("execution_id")
-@click.option("--root", metavar="ROOT_ID", help="The tree's root execution id (a top-level execution is its own).")
+@root_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 def history(bootstrap_servers: str | None, execution_id: str, root: str | None, as_json: bool) -> None:
     """Print an execution's event history."""
     from treeflow.dev import summarize
+    from treeflow.errors import CommandRejectedError
 
-    events = asyncio.run(_with_client(bootstrap_servers, lambda c: c.history(execution_id, root_execution_id=root)))
+    try:
+        events = asyncio.run(_with_client(bootstrap_servers,
+                                          lambda c: c.history(execution_id, root_execution_id=root)))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
     if not events:
         fail_cleanly(LookupError(f"no events for {execution_id} in the tree of {root or execution_id}"))
     for event in events:
@@ -219,19 +228,162 @@ def history(bootstrap_servers: str | None, execution_id: str, root: str | None, 
 @main.command()
 @bootstrap_option
 @click.argument("execution_id")
-@click.option("--root", metavar="ROOT_ID", help="The tree's root execution id (a top-level execution is its own).")
-def describe(bootstrap_servers: str | None, execution_id: str, root: str | None) -> None:
-    """Print an execution's status, run, parent, root and what it waits on."""
+@root_option
+@click.option("--tree", is_flag=True,
+              help="Print the whole tree that holds EXECUTION_ID (usually its root), indented, with statuses.")
+def describe(bootstrap_servers: str | None, execution_id: str, root: str | None, tree: bool) -> None:
+    """Print an execution's status, run, parent, root and what it waits on.
+
+    With --tree, print every execution of its tree instead, one per line, each
+    child indented under its parent: id, workflow name, status.
+    """
     from treeflow.errors import CommandRejectedError
 
+    async def call(client: Any) -> Any:
+        if tree:
+            return await client.describe_tree(execution_id, root_execution_id=root)
+        return await client.describe(execution_id, root_execution_id=root)
+
     try:
-        found = asyncio.run(_with_client(bootstrap_servers,
-                                         lambda c: c.describe(execution_id, root_execution_id=root)))
+        found = asyncio.run(_with_client(bootstrap_servers, call))
     except CommandRejectedError as error:
         fail_cleanly(error)
+    if tree:
+        for line in tree_lines(found):
+            click.echo(line)
+        return
     for name, value in vars(found).items():
         if value not in (None, []):
             click.echo(f"{name:20} {value.value if hasattr(value, 'value') else value}")
+
+
+def tree_lines(executions: list[Any]) -> list[str]:
+    """One line per execution, children indented (two spaces a level) under their parent."""
+    children: dict[str | None, list[Any]] = {}
+    ids = {e.execution_id for e in executions}
+    for execution in executions:
+        parent = execution.parent_execution_id if execution.parent_execution_id in ids else None
+        children.setdefault(parent, []).append(execution)
+    lines: list[str] = []
+
+    def add(parent: str | None, depth: int) -> None:
+        for execution in children.get(parent, []):
+            lines.append(f"{'  ' * depth}{execution.execution_id}  {execution.workflow_name}  "
+                         f"{execution.status.value}")
+            add(execution.execution_id, depth + 1)
+
+    add(None, 0)
+    return lines
+
+
+input_option = click.option("--input", "input_json", metavar="JSON",
+                            help="The payload, as JSON text (e.g. '{\"name\": \"x\"}' or '3').")
+
+
+def parse_input(input_json: str | None) -> Any:
+    import json
+
+    if input_json is None:
+        return None
+    try:
+        return json.loads(input_json)
+    except ValueError as error:
+        raise click.BadParameter(f"not JSON: {error}", param_hint="--input") from None
+
+
+@main.command("signal")
+@bootstrap_option
+@click.argument("execution_id")
+@click.argument("name")
+@input_option
+@root_option
+def signal_command(bootstrap_servers: str | None, execution_id: str, name: str, input_json: str | None,
+                   root: str | None) -> None:
+    """Send signal NAME to any execution (root, child, grandchild).
+
+    Returns once the signal is in the execution's history; fails if it is closed.
+    """
+    from treeflow.errors import CommandRejectedError
+
+    payload = parse_input(input_json)
+    try:
+        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
+            execution_id, root_execution_id=root).signal(name, payload)))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
+    click.echo(f"signal {name} sent to {execution_id}")
+
+
+@main.command("query")
+@bootstrap_option
+@click.argument("execution_id")
+@click.argument("name")
+@input_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for a worker's answer.")
+@root_option
+def query_command(bootstrap_servers: str | None, execution_id: str, name: str, input_json: str | None,
+                  timeout: float, root: str | None) -> None:
+    """Ask query NAME of a running execution and print the answer as JSON.
+
+    Fails, saying why, when the workflow has no such query, the handler raised, the
+    execution is closed or unknown, or no worker answered within --timeout.
+    """
+    import json
+
+    from treeflow.errors import CommandRejectedError, WorkflowQueryError
+
+    payload = parse_input(input_json)
+    try:
+        answer = asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
+            execution_id, root_execution_id=root).query(name, payload, timeout=timeout)))
+    except WorkflowQueryError as error:
+        fail_cleanly(RuntimeError(f"{error.type}: {error}"))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
+    click.echo(json.dumps(answer))
+
+
+@main.command("cancel")
+@bootstrap_option
+@click.argument("execution_id")
+@click.option("--reason", default="canceled from the command line", show_default=True)
+@root_option
+def cancel_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None) -> None:
+    """Request the cancellation of any execution.
+
+    Its code gets asyncio.CancelledError at its current await, may clean up, and ends
+    CANCELED; the cancel reaches the activities and children it awaits.
+    """
+    from treeflow.errors import CommandRejectedError
+
+    try:
+        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
+            execution_id, root_execution_id=root).cancel(reason)))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
+    click.echo(f"cancel requested for {execution_id}")
+
+
+@main.command("terminate")
+@bootstrap_option
+@click.argument("execution_id")
+@click.option("--reason", default="terminated from the command line", show_default=True)
+@root_option
+def terminate_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None) -> None:
+    """Terminate any execution at once.
+
+    It ends TERMINATED with --reason and no workflow code runs; its open children get
+    their parent close policy.
+    """
+    from treeflow.errors import CommandRejectedError
+
+    try:
+        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
+            execution_id, root_execution_id=root).terminate(reason)))
+    except CommandRejectedError as error:
+        fail_cleanly(error)
+    click.echo(f"terminated {execution_id}")
 
 
 async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:

@@ -3,6 +3,10 @@
 A client writes commands keyed by the root id and follows the events and replies
 topics from the moment it connected (one consumer over all partitions, no group):
 a start is answered on the replies topic, a result is the execution's closing event.
+
+Any execution of a tree (root, child, grandchild) is reached by its execution id:
+commands about it must be keyed by its tree's root id, which `Client.find_root`
+looks up when the caller does not give it (see there for the cost).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import asyncio
 import logging
 import os
 import socket
+import typing
 from collections import OrderedDict
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -29,8 +34,10 @@ from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_defini
 from .ids import new_id
 from .errors import (
     CommandRejectedError,
+    QueryTimeoutError,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
+    WorkflowQueryError,
     exception_from_failure,
 )
 from .options import RetryPolicy, millis
@@ -40,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: Closing events kept for results asked for after they arrived.
 RECENT_CLOSES = 100_000
+#: Root ids remembered per execution id (started here or looked up).
+KNOWN_ROOTS = 100_000
+#: How long a query waits for its answer unless told otherwise (seconds).
+DEFAULT_QUERY_TIMEOUT = 10.0
 FINAL = {EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
          EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
          EventType.WORKFLOW_EXECUTION_TIMED_OUT}
@@ -75,9 +86,15 @@ class ExecutionDescription:
 
 
 class WorkflowHandle:
-    """An execution: `await handle` (or `await handle.result()`) gives its result."""
+    """Any execution (root, child, grandchild), by its id: `await handle` (or
+    `await handle.result()`) gives its result; describe, history, signal, query,
+    cancel and terminate reach it from outside.
 
-    def __init__(self, client: Client, execution_id: str, root_execution_id: str,
+    `root_execution_id` is None until known: the first call that needs it looks it up
+    (`Client.find_root`) and keeps it.
+    """
+
+    def __init__(self, client: Client, execution_id: str, root_execution_id: str | None,
                  return_type: Any = Any, run_id: str | None = None) -> None:
         self.client = client
         self.execution_id = execution_id
@@ -87,6 +104,12 @@ class WorkflowHandle:
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self.result().__await__()
+
+    async def root(self) -> str:
+        """The id of the root of this execution's tree (looked up once when not given)."""
+        if self.root_execution_id is None:
+            self.root_execution_id = await self.client.find_root(self.execution_id)
+        return self.root_execution_id
 
     async def result(self, timeout: float | None = None) -> Any:
         """The result; raises `WorkflowFailureError` when the execution did not complete."""
@@ -102,23 +125,88 @@ class WorkflowHandle:
         raise WorkflowFailureError(self.execution_id, status, cause)
 
     async def describe(self) -> ExecutionDescription:
-        return await self.client.describe(self.execution_id, root_execution_id=self.root_execution_id)
+        """The execution's status, current run, parent, root and what it waits on."""
+        return await self.client.describe(self.execution_id, root_execution_id=await self.root())
 
     async def history(self) -> list[Event]:
-        return await self.client.history(self.execution_id, root_execution_id=self.root_execution_id)
+        """Every event of the execution (all its runs), in order."""
+        return await self.client.history(self.execution_id, root_execution_id=await self.root())
 
-    async def signal(self, name: str, payload: Any = None) -> None:
-        await self.client._request(self.execution_id, self.root_execution_id, m.SignalWorkflowExecution(
-            signal_name=name, input_json=None if payload is None else to_json(payload),
-            identity=self.client.identity))
+    async def signal(self, signal: str | Callable[..., Any], payload: Any = None) -> None:
+        """Send signal `signal` (a name, or the workflow's `@workflow.signal` method) with
+        `payload` (a pydantic model or JSON-able value).
+
+        Returns once the signal is in the execution's history (a WORKFLOW_EXECUTION_SIGNALED
+        event): it is then delivered to the handler exactly once, after every signal
+        accepted before it. Raises `CommandRejectedError` when the execution is closed or
+        unknown.
+        """
+        await self.client._request(self.execution_id, await self.root(), m.SignalWorkflowExecution(
+            signal_name=_handler_name(signal, "__treeflow_signal__"),
+            input_json=None if payload is None else to_json(payload), identity=self.client.identity))
+
+    async def query(self, query: str | Callable[..., Any], payload: Any = None, *,
+                    timeout: float = DEFAULT_QUERY_TIMEOUT, result_type: Any = None) -> Any:
+        """Ask the running execution's query handler `query` (a name, or the workflow's
+        `@workflow.query` method) and return its answer, validated as `result_type`
+        (default: the method's return annotation, else plain JSON values).
+
+        The answer reflects every event accepted before the query (signals sent before
+        it included) and appends nothing to the history. Raises `WorkflowQueryError`
+        whose `type` says why there is no answer: QueryNotFound (no such handler),
+        QueryFailed (the handler raised), WorkflowClosed / WorkflowNotFound (only running
+        executions answer: read a closed one's result or history instead), or
+        `QueryTimeoutError` when no worker answered within `timeout` seconds.
+        """
+        name = _handler_name(query, "__treeflow_query__")
+        if result_type is None:
+            result_type = typing.get_type_hints(query).get("return", Any) if callable(query) else Any
+        root = await self.root()
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=timeout)
+        request = m.QueryWorkflow(query_name=name, input_json=None if payload is None else to_json(payload),
+                                  deadline=deadline, identity=self.client.identity)
+        try:
+            reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request), timeout)
+        except asyncio.TimeoutError:
+            raise QueryTimeoutError(await self._no_answer(name, timeout)) from None
+        if not reply.accepted:
+            error = reply.error
+            cause = exception_from_failure(error.cause) if error and error.cause else None
+            raise WorkflowQueryError(error.message if error else "query rejected",
+                                     error.type if error else "QueryFailed", cause)
+        return from_json(reply.result_json, result_type)
+
+    async def _no_answer(self, name: str, timeout: float) -> str:
+        message = f"no answer to query {name!r} of {self.execution_id} within {timeout:g}s"
+        try:
+            found = await asyncio.wait_for(self.describe(), 10)
+        except Exception:  # the explanation is best effort; the timeout is the error
+            return message
+        return (f"{message}: no worker of task queue {found.task_queue!r} answered (is one running?); "
+                f"the execution is {found.status.value}")
 
     async def cancel(self, reason: str = "cancel requested") -> None:
-        await self.client._request(self.execution_id, self.root_execution_id, m.RequestCancelWorkflowExecution(
+        """Ask the execution to cancel: it gets `asyncio.CancelledError` at its current
+        await, may clean up, and ends CANCELED (or keeps running if it ignores it).
+        Returns once the request is in its history."""
+        await self.client._request(self.execution_id, await self.root(), m.RequestCancelWorkflowExecution(
             reason=reason, identity=self.client.identity))
 
     async def terminate(self, reason: str = "terminated") -> None:
-        await self.client._request(self.execution_id, self.root_execution_id, m.TerminateWorkflowExecution(
+        """End the execution at once (TERMINATED, with `reason`); no workflow code runs.
+        Its open children get their parent close policy."""
+        await self.client._request(self.execution_id, await self.root(), m.TerminateWorkflowExecution(
             reason=reason, identity=self.client.identity))
+
+
+def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
+    if isinstance(handler, str):
+        return handler
+    name = getattr(handler, marker, None)
+    if not name:
+        kind = "signal" if "signal" in marker else "query"
+        raise TypeError(f"{handler!r} is not a @workflow.{kind} method; pass its name or the decorated method")
+    return name
 
 
 class Client:
@@ -134,6 +222,7 @@ class Client:
         self._waiters: dict[str, list[asyncio.Future[Event]]] = {}
         self._closed: OrderedDict[str, Event] = OrderedDict()
         self._started_here: set[str] = set()
+        self._roots: OrderedDict[str, str] = OrderedDict()
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -203,6 +292,7 @@ class Client:
                 raise WorkflowAlreadyStartedError(error.message)
             raise CommandRejectedError(error.message if error else "rejected")
         self._started_here.add(exec_id)
+        self._remember_root(exec_id, exec_id)
         return WorkflowHandle(self, exec_id, exec_id, definition.return_type if definition else Any,
                               reply.workflow_run_id)
 
@@ -214,31 +304,104 @@ class Client:
 
     def get_handle(self, execution_id: str, *, root_execution_id: str | None = None,
                    workflow: type | None = None) -> WorkflowHandle:
-        """A handle on any execution. A child needs its root id (a top-level one is its own root)."""
+        """A handle on any execution of any tree (root, child, grandchild) by its id.
+
+        Pass `root_execution_id` when known (a top-level execution is its own root);
+        otherwise the handle looks it up on first use (`find_root`). `workflow`, the
+        workflow class, types the result.
+        """
         return_type = workflow_definition(workflow).return_type if workflow else Any
-        return WorkflowHandle(self, execution_id, root_execution_id or execution_id, return_type)
+        return WorkflowHandle(self, execution_id, root_execution_id or self._roots.get(execution_id), return_type)
 
     # ------------------------------------------------------------ reading
 
+    async def find_root(self, execution_id: str) -> str:
+        """The root id of the tree that holds `execution_id`.
+
+        Known at once for executions this client started or already looked up. Otherwise
+        read from the events topic, whose records are keyed by root id: the partitions of
+        the candidate roots first (the id itself and each dot-prefix of it: a child's
+        default id is `<parent id>.<suffix>`, so these hold children and grandchildren
+        with default ids), then the others. Only record headers are looked at (nothing
+        is decoded), and the scan stops at the execution's first event. Cost: the
+        records before that event in its partition; for an id that names none of its
+        ancestors, up to one pass over the whole events topic. Raises
+        `CommandRejectedError` when no event names the execution.
+        """
+        known = self._roots.get(execution_id)
+        if known is not None:
+            return known
+        count = self.settings.partitions
+        parts = execution_id.split(".")
+        candidates = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        first = list(dict.fromkeys(partition_for(c, count) for c in candidates))
+        for group in (first, [p for p in range(count) if p not in first]):
+            root = await self._scan_for_root(execution_id, group) if group else None
+            if root is not None:
+                self._remember_root(execution_id, root)
+                return root
+        raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
+                                   f"{self.settings.topics.events}")
+
+    async def _scan_for_root(self, execution_id: str, partitions: list[int]) -> str | None:
+        topic = self.settings.topics.events
+        wanted = execution_id.encode()
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        ends = await end_offsets(self.settings, assigned)
+        remaining = {tp for tp in assigned if ends[tp] > 0}
+        if not remaining:
+            return None
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
+                                    auto_offset_reset="earliest",
+                                    fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms)
+        await consumer.start()
+        try:
+            consumer.assign(list(remaining))
+            for tp in remaining:
+                consumer.seek(tp, 0)
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=200)
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.offset >= ends[tp]:
+                            break
+                        if dict(record.headers or ()).get("tf.exec") == wanted and record.key:
+                            return record.key.decode()
+                remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+        finally:
+            await consumer.stop()
+        return None
+
+    def _remember_root(self, execution_id: str, root: str) -> None:
+        self._roots[execution_id] = root
+        self._roots.move_to_end(execution_id)
+        while len(self._roots) > KNOWN_ROOTS:
+            self._roots.popitem(last=False)
+
     async def history(self, execution_id: str, *, root_execution_id: str | None = None) -> list[Event]:
-        """Every event of the execution (all its runs), in order."""
-        root = root_execution_id or execution_id
+        """Every event of the execution (all its runs), in order; `root_execution_id` saves
+        a `find_root` lookup."""
+        root = root_execution_id or await self.find_root(execution_id)
         return [e for e in await self._tree_events(root) if e.workflow_context.workflow_exec_id == execution_id]
 
     async def describe(self, execution_id: str, *, root_execution_id: str | None = None) -> ExecutionDescription:
-        root = root_execution_id or execution_id
+        """The execution as folded from its events; `root_execution_id` saves a `find_root` lookup."""
+        root = root_execution_id or await self.find_root(execution_id)
         states = fold(await self._tree_events(root))
         if execution_id not in states:
             raise CommandRejectedError(f"workflow execution {execution_id} not found in the tree of {root}")
         return ExecutionDescription.of(states[execution_id])
 
-    async def describe_tree(self, root_execution_id: str) -> list[ExecutionDescription]:
-        """Every execution of the tree, parents before their children."""
-        states = fold(await self._tree_events(root_execution_id))
+    async def describe_tree(self, execution_id: str, *, root_execution_id: str | None = None
+                            ) -> list[ExecutionDescription]:
+        """Every execution of the tree that holds `execution_id` (usually its root id),
+        parents before their children. Reads the root's partition of the events topic."""
+        root = root_execution_id or await self.find_root(execution_id)
+        states = fold(await self._tree_events(root))
         return [ExecutionDescription.of(state) for state in states.values()]
 
     async def _tree_events(self, root: str) -> list[Event]:
-        reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)])
+        reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)], key=root)
         return [item.event async for item in reader if item.event.workflow_context.root_workflow_exec_id == root]
 
     # ------------------------------------------------------------ internals
@@ -270,7 +433,7 @@ class Client:
         try:
             if exec_id not in self._started_here:
                 # It may have closed before this client connected: look in its history.
-                for event in reversed(await self.history(exec_id, root_execution_id=handle.root_execution_id)):
+                for event in reversed(await self.history(exec_id, root_execution_id=await handle.root())):
                     if event.event_type in FINAL:
                         return event
                     if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
