@@ -21,6 +21,7 @@ from treeflow.core import Status
 from treeflow.kafka import ensure_topics, partition_for
 from treeflow.schemas import EventType
 from treeflow.testing import Environment
+from treeflow.worker.worker import Worker
 
 pytestmark = pytest.mark.integration
 T = EventType
@@ -267,6 +268,24 @@ async def test_a_query_says_why_it_has_no_answer(env: Environment) -> None:
     assert f"no worker of task queue {NO_WORKER_QUEUE!r} answered" in str(timed_out.value)
     assert "the execution is RUNNING" in str(timed_out.value)
     await orphan.terminate("test over")
+
+
+async def test_a_worker_of_another_deployment_answers_queries_from_its_cached_instance(env: Environment) -> None:
+    queue = "remote-workers"
+    await ensure_topics(env.settings, [queue])
+    worker = Worker(env.settings, {"control_collector": Collector.__treeflow_workflow__}, {}, [queue])
+    await worker.start()
+    try:
+        handle = await env.client.start_workflow(Collector, execution_id="remote-1", task_queue=queue)
+        await handle.signal(Collector.add, Item(name="plum", quantity=4))
+        assert await handle.query(Collector.current_items, timeout=20) == ["plumx4"]
+        await handle.signal(Collector.finish)
+        assert await handle.result(timeout=15) == ["plumx4"]
+    finally:
+        await worker.stop(grace=1)
+    assert worker.stats.query_tasks == 1 and worker.stats.workflow_tasks >= 2
+    assert (worker.runner.replays, worker.runner.query_replays) == (1, 0)  # one instance, kept across tasks
+    assert env.processor.stats.remote_tasks >= 3
 
 
 async def test_wait_condition_with_and_without_a_timeout(env: Environment) -> None:
