@@ -66,7 +66,7 @@ KAFKA = BrokerProfile(
 
 TANSU = BrokerProfile(
     name="tansu",
-    fetch_max_wait_ms=5,
+    fetch_max_wait_ms=2,
     session_timeout_ms=3_000,
     heartbeat_interval_ms=1_000,
     idempotent_producer=False,

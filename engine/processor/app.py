@@ -15,8 +15,9 @@ transactions, which Tansu lacks, it could disagree with the log.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -48,6 +49,12 @@ class ProcessorStats:
     local_tasks: int = 0
     remote_tasks: int = 0
     recovered_events: int = 0
+
+
+def _release(messages: list[Any], consumer: Any) -> None:
+    """Let faust commit these commands' offsets."""
+    for message in messages:
+        message.ack(consumer)
 
 
 def utc_now() -> datetime:
@@ -98,7 +105,14 @@ class Processor:
 
         async def consume(stream: Any) -> None:
             async for batch in stream.take_events(BATCH_SIZE, within=0.001):
-                await self._handle([(e.message.partition, e.message.offset, e.value) for e in batch])
+                # A command's offset may be committed only once its events are in the
+                # log: hold one reference to each message (take_events drops its own
+                # after this body) and release it when the events are acknowledged.
+                messages = [event.message for event in batch]
+                for message in messages:
+                    message.incref()
+                await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
+                                   functools.partial(_release, messages, app.consumer))
 
         app.agent(topic, name="treeflow-commands")(consume)
         app.on_partitions_assigned.connect(self._on_assigned)
@@ -169,7 +183,7 @@ class Processor:
 
     # ------------------------------------------------------------ commands
 
-    async def _handle(self, records: list[tuple[int, int, bytes]]) -> None:
+    async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
         commands = []
         for partition, offset, value in records:
@@ -180,7 +194,7 @@ class Processor:
                 log.error("skipping an undecodable command: %s", error)
                 continue
             commands.append((partition, command))
-        await self._decide(commands)
+        await self._decide(commands, on_durable)
 
     async def _local_loop(self) -> None:
         """Reports of the in-process runner: decided like commands, without the round trip."""
@@ -191,8 +205,12 @@ class Processor:
             partitions = self.settings.partitions
             await self._decide([(partition_for(c.root_workflow_exec_id, partitions), c) for c in commands])
 
-    async def _decide(self, commands: list[tuple[int, Command]]) -> None:
+    async def _decide(self, commands: list[tuple[int, Command]],
+                      on_durable: Callable[[], None] | None = None) -> None:
+        """Decide `commands`; `on_durable` runs once the events they caused are in the log."""
         if not commands:
+            if on_durable is not None:
+                on_durable()
             return
         for partition in {p for p, _ in commands}:
             ready = self._ready.get(partition)
@@ -214,7 +232,7 @@ class Processor:
                     continue
                 results.append((partition, engine.handle(command, now)))
                 self.stats.commands += 1
-            await self._publish(results)
+            await self._publish(results, on_durable)
 
     async def _clock(self) -> None:
         while True:
@@ -231,7 +249,7 @@ class Processor:
 
     # ------------------------------------------------------------ output
 
-    async def _publish(self, results: list[tuple[int, Effects]]) -> None:
+    async def _publish(self, results: list[tuple[int, Effects]], on_durable: Callable[[], None] | None = None) -> None:
         """Append the events; then, once the broker has them, send replies and remote tasks.
 
         Tasks for queues hosted in this process run at once: their reports are decided
@@ -266,7 +284,10 @@ class Processor:
         if appended or outgoing:
             previous = self._last_queued
             self._last_queued = asyncio.get_running_loop().create_future()
-            self._last_publish = self._spawn(self._deliver(previous, self._last_queued, appended, outgoing))
+            self._last_publish = self._spawn(self._deliver(previous, self._last_queued, appended, outgoing,
+                                                           on_durable))
+        elif on_durable is not None:
+            on_durable()
 
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
         """Queue events for one partition; the producer coalesces them into batches."""
@@ -281,12 +302,15 @@ class Processor:
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
-                       outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]]) -> None:
+                       outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]],
+                       on_durable: Callable[[], None] | None) -> None:
         """Once `appended` are acknowledged, queue `outgoing` after the previous decision's
         (`previous` resolves when those are queued; the producer keeps that order)."""
         assert self._producer is not None
         try:
             await asyncio.gather(*appended)
+            if on_durable is not None:
+                on_durable()
             if previous is not None:
                 await previous
             sent = [await self._producer.send(topic, value, key=key, partition=partition, headers=headers)

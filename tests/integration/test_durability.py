@@ -478,3 +478,38 @@ async def test_tombstone_command_is_skipped(
     assert any(position in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+
+
+# ---------------------------------------------------------------- 5. command offsets
+
+
+async def test_command_offsets_are_committed_once_their_events_are_in_the_log(
+        settings: KafkaSettings, client: Client, processor: Processor) -> None:
+    """The processor holds each command's offset until the events it caused are
+    acknowledged, then lets faust commit it (every second): the group's committed
+    offsets reach the end of every commands partition, so nothing is held forever and
+    a restart re-reads nothing."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    handles = [await client.start_workflow(ParentWorkflow, ParentInput(data=f"o{i}")) for i in range(8)]
+    assert await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 30) == \
+        [app.parent_result(f"o{i}") for i in range(8)]
+    await quiesce(processor)
+    commands = [TopicPartition(settings.topics.commands, p) for p in range(settings.partitions)]
+    ends = await end_offsets(settings, commands)
+    assert sum(ends.values()) == 8  # the starts (the in-process runner's reports skip the topic)
+    expected = {tp.partition: ends[tp] for tp in commands if ends[tp]}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            committed = await admin.list_consumer_group_offsets(f"{settings.topic_prefix}-processor",
+                                                                partitions=commands)
+            offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.partition in expected}
+            if offsets == expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    assert offsets == expected
