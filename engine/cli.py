@@ -303,14 +303,8 @@ def signal_command(bootstrap_servers: str | None, execution_id: str, name: str, 
 
     Returns once the signal is in the execution's history; fails if it is closed.
     """
-    from treeflow.errors import CommandRejectedError
-
     payload = parse_input(input_json)
-    try:
-        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
-            execution_id, root_execution_id=root).signal(name, payload)))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.signal(name, payload))
     click.echo(f"signal {name} sent to {execution_id}")
 
 
@@ -331,16 +325,9 @@ def query_command(bootstrap_servers: str | None, execution_id: str, name: str, i
     """
     import json
 
-    from treeflow.errors import CommandRejectedError, WorkflowQueryError
-
     payload = parse_input(input_json)
-    try:
-        answer = asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
-            execution_id, root_execution_id=root).query(name, payload, timeout=timeout)))
-    except WorkflowQueryError as error:
-        fail_cleanly(RuntimeError(f"{error.type}: {error}"))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    answer = on_handle(bootstrap_servers, execution_id, root,
+                       lambda handle: handle.query(name, payload, timeout=timeout))
     click.echo(json.dumps(answer))
 
 
@@ -355,13 +342,7 @@ def cancel_command(bootstrap_servers: str | None, execution_id: str, reason: str
     Its code gets asyncio.CancelledError at its current await, may clean up, and ends
     CANCELED; the cancel reaches the activities and children it awaits.
     """
-    from treeflow.errors import CommandRejectedError
-
-    try:
-        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
-            execution_id, root_execution_id=root).cancel(reason)))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.cancel(reason))
     click.echo(f"cancel requested for {execution_id}")
 
 
@@ -376,14 +357,22 @@ def terminate_command(bootstrap_servers: str | None, execution_id: str, reason: 
     It ends TERMINATED with --reason and no workflow code runs; its open children get
     their parent close policy.
     """
-    from treeflow.errors import CommandRejectedError
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.terminate(reason))
+    click.echo(f"terminated {execution_id}")
+
+
+def on_handle(bootstrap_servers: str | None, execution_id: str, root: str | None, call: Any) -> Any:
+    """`await call(handle)` on a handle of the execution; a rejection or a query without
+    answer ends the command with its reason (exit code 1)."""
+    from treeflow.errors import CommandRejectedError, WorkflowQueryError
 
     try:
-        asyncio.run(_with_client(bootstrap_servers, lambda c: c.get_handle(
-            execution_id, root_execution_id=root).terminate(reason)))
+        return asyncio.run(_with_client(bootstrap_servers, lambda client: call(
+            client.get_handle(execution_id, root_execution_id=root))))
+    except WorkflowQueryError as error:
+        fail_cleanly(RuntimeError(f"{error.type}: {error}"))
     except CommandRejectedError as error:
         fail_cleanly(error)
-    click.echo(f"terminated {execution_id}")
 
 
 async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:

@@ -4,7 +4,6 @@ queries, wait_condition, continue-as-new, cancellation, and the CLI on a three-l
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -22,128 +21,25 @@ from treeflow.kafka import ensure_topics, partition_for
 from treeflow.schemas import EventType
 from treeflow.testing import Environment
 from treeflow.worker.worker import Worker
+from tests.control_workflows import (
+    CALLS,
+    AwaitsChild,
+    CleansUp,
+    Collector,
+    Counter,
+    IgnoresCancel,
+    Item,
+    SleepyChild,
+    Waiter,
+    long_step,
+    record,
+)
 
 pytestmark = pytest.mark.integration
 T = EventType
 X = TypeVar("X")
-CALLS: list[str] = []
 #: A task queue whose topic exists and that no worker serves.
 NO_WORKER_QUEUE = "nobody-home"
-
-
-@workflows.activity()
-async def record(value: str) -> str:
-    CALLS.append(value)
-    return value
-
-
-@workflows.activity()
-async def long_step(value: str) -> str:
-    await asyncio.sleep(30)  # canceled long before (the environment stops it)
-    return value
-
-
-class Item(BaseModel):
-    name: str
-    quantity: int
-
-
-@workflow.define(name="control_collector")
-class Collector:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-        self.done = False
-
-    @workflow.signal(name="add")
-    def add(self, item: Item) -> None:
-        self.items.append(f"{item.name}x{item.quantity}")
-
-    @workflow.signal
-    def finish(self) -> None:
-        self.done = True
-
-    @workflow.query(name="items")
-    def current_items(self) -> list[str]:
-        return list(self.items)
-
-    @workflow.query
-    def count_of(self, prefix: str) -> int:
-        return sum(item.startswith(prefix) for item in self.items)
-
-    @workflow.entrypoint
-    async def run(self) -> list[str]:
-        await workflow.wait_condition(lambda: self.done)
-        return self.items
-
-
-@workflow.define(name="control_waiter")
-class Waiter:
-    def __init__(self) -> None:
-        self.ready = False
-
-    @workflow.signal
-    def go(self) -> None:
-        self.ready = True
-
-    @workflow.entrypoint
-    async def run(self, timeout: float | None) -> str:
-        started = workflow.now()
-        try:
-            await workflow.wait_condition(lambda: self.ready, timeout=timeout)
-        except asyncio.TimeoutError:
-            return f"timed out after {(workflow.now() - started).total_seconds():.1f}s"
-        return "ready"
-
-
-@workflow.define(name="control_counter")
-class Counter:
-    @workflow.entrypoint
-    async def run(self, count: int) -> str:
-        if count < 3:
-            workflow.continue_as_new(count + 1)
-        return f"done at {count}"
-
-
-@workflow.define(name="control_cleans_up")
-class CleansUp:
-    @workflow.entrypoint
-    async def run(self, key: str) -> str:
-        try:
-            return await long_step(key)
-        except asyncio.CancelledError:
-            await record(f"cleanup {key}")
-            raise
-
-
-@workflow.define(name="control_ignores_cancel")
-class IgnoresCancel:
-    @workflow.entrypoint
-    async def run(self) -> str:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            pass
-        await asyncio.sleep(0.2)
-        return "kept running"
-
-
-@workflow.define(name="control_child")
-class SleepyChild:
-    @workflow.entrypoint
-    async def run(self, key: str) -> str:
-        try:
-            await long_step(key)
-        except asyncio.CancelledError:
-            await record(f"child cleanup {key}")
-            raise
-        return "child done"
-
-
-@workflow.define(name="control_parent")
-class AwaitsChild:
-    @workflow.entrypoint
-    async def run(self, key: str) -> str:
-        return await workflows.execute_workflow(SleepyChild, key, execution_id=f"{key}.kid")
 
 
 class Node(BaseModel):
@@ -232,7 +128,8 @@ async def test_signals_arrive_in_order_and_queries_read_the_current_state(env: E
     before = len(await handle.history())
     assert await handle.query("items") == ["applex1", "pearx2", "apricotx3"]
     await handle.signal(Collector.finish)
-    assert await handle.result(timeout=15) == ["applex1", "pearx2", "apricotx3"]
+    assert await handle.result(timeout=15) == ["|", "applex1", "pearx2", "apricotx3"]
+    assert CALLS == ["finishing"]
     history = await handle.history()
     signaled = [(e.payload.signal_name, e.payload.input_json) for e in history
                 if e.event_type is T.WORKFLOW_EXECUTION_SIGNALED]
@@ -273,17 +170,17 @@ async def test_a_query_says_why_it_has_no_answer(env: Environment) -> None:
 async def test_a_worker_of_another_deployment_answers_queries_from_its_cached_instance(env: Environment) -> None:
     queue = "remote-workers"
     await ensure_topics(env.settings, [queue])
-    worker = Worker(env.settings, {"control_collector": Collector.__treeflow_workflow__}, {}, [queue])
+    worker = Worker(env.settings, {"collector": Collector.__treeflow_workflow__}, {"record": record}, [queue])
     await worker.start()
     try:
         handle = await env.client.start_workflow(Collector, execution_id="remote-1", task_queue=queue)
         await handle.signal(Collector.add, Item(name="plum", quantity=4))
         assert await handle.query(Collector.current_items, timeout=20) == ["plumx4"]
         await handle.signal(Collector.finish)
-        assert await handle.result(timeout=15) == ["plumx4"]
+        assert await handle.result(timeout=15) == ["|", "plumx4"]
     finally:
         await worker.stop(grace=1)
-    assert worker.stats.query_tasks == 1 and worker.stats.workflow_tasks >= 2
+    assert worker.stats.query_tasks == 1 and worker.stats.workflow_tasks >= 2 and worker.stats.activity_tasks == 1
     assert (worker.runner.replays, worker.runner.query_replays) == (1, 0)  # one instance, kept across tasks
     assert env.processor.stats.remote_tasks >= 3
 
@@ -304,6 +201,7 @@ async def test_wait_condition_with_and_without_a_timeout(env: Environment) -> No
 async def test_continue_as_new_keeps_the_id_and_starts_new_runs(env: Environment) -> None:
     handle = await env.client.start_workflow(Counter, 1, execution_id="counter-1")
     assert await handle.result(timeout=15) == "done at 3"
+    assert CALLS == ["run 1", "run 2", "run 3"]
     history = await handle.history()
     runs = list(dict.fromkeys(e.workflow_context.workflow_run_id for e in history))
     assert len(runs) == 3 and runs[0] == handle.run_id
@@ -328,7 +226,7 @@ async def test_cancel_reaches_the_awaited_activity_the_workflow_cleans_up_and_en
     tail = types[types.index("WORKFLOW_EXECUTION_CANCEL_REQUESTED"):]
     assert tail.index("ACTIVITY_TASK_CANCEL_REQUESTED") < tail.index("ACTIVITY_TASK_CANCELED") < tail.index(
         "ACTIVITY_TASK_COMPLETED")
-    assert CALLS == ["cleanup c1"]
+    assert CALLS == ["cleanup c1"]  # long_step never finished
 
 
 async def test_a_workflow_that_ignores_the_cancel_keeps_running(env: Environment) -> None:

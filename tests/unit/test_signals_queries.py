@@ -4,101 +4,63 @@ behaviours run on Kafka in tests/integration/test_control.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
-
-import treeflow as workflows
 from treeflow import workflow
 from treeflow.core import Status
+from treeflow.payloads import to_json
 from treeflow.schemas import EventType, Reply
 from treeflow.schemas import models as m
 from treeflow.worker.runner import TaskRunner
+from tests import control_workflows as control
+from tests.control_workflows import (
+    CALLS,
+    AwaitsChild,
+    CleansUp,
+    Collector,
+    Counter,
+    IgnoresCancel,
+    Item,
+    SleepyChild,
+    Waiter,
+    long_step,
+    record,
+)
 from tests.inmemory import InMemory
 
 T = EventType
-CALLS: list[str] = []
 
 
 @pytest.fixture(autouse=True)
-def reset_calls() -> None:
+def reset_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     CALLS.clear()
+    monkeypatch.setattr(control, "LONG_STEP_SECONDS", 0)  # virtual time: held, not slept
 
 
-@workflows.activity()
-async def record(value: str) -> str:
-    CALLS.append(value)
-    return value
-
-
-class Item(BaseModel):
-    name: str
-    quantity: int
-
-
-@workflow.define(name="collector")
-class Collector:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-        self.done = False
-
-    @workflow.signal(name="add")
-    def add(self, item: Item) -> None:
-        self.items.append(f"{item.name}x{item.quantity}")
-
-    @workflow.signal
-    async def finish(self) -> None:
-        await record("finishing")  # an async handler may await activities
-        self.done = True
-
-    @workflow.query(name="items")
-    def current_items(self) -> list[str]:
-        return list(self.items)
-
-    @workflow.query
-    def count_of(self, prefix: str) -> int:
-        return sum(item.startswith(prefix) for item in self.items)
-
-    @workflow.query
-    def broken(self) -> int:
-        raise KeyError("nothing here")
-
-    @workflow.query
-    def sneaky(self) -> str:
-        record("from a query")  # a query may not start an activity
-        return "ran"
-
-    @workflow.entrypoint
-    async def run(self) -> list[str]:
-        seen_at_start = list(self.items)
-        await workflow.wait_condition(lambda: self.done)
-        return [*seen_at_start, "|", *self.items]
-
-
-def command(mem: InMemory, exec_id: str, payload: Any) -> m.Command:
-    return mem.command(exec_id, payload)
+async def send(mem: InMemory, exec_id: str, payload: Any) -> Reply:
+    """Send a client command, run everything it leads to, and return its reply."""
+    cmd = mem.command(exec_id, payload)
+    mem.queue.append(cmd)
+    await mem.drain()
+    [reply] = [r for r in mem.replies if r.command_id == cmd.command_id]
+    return reply
 
 
 async def signal(mem: InMemory, exec_id: str, name: str, payload: Any = None) -> Reply:
-    cmd = mem.command(exec_id, m.SignalWorkflowExecution(
-        signal_name=name, input_json=None if payload is None else workflows.payloads.to_json(payload)))
-    mem.queue.append(cmd)
-    await mem.drain()
-    [reply] = [r for r in mem.replies if r.command_id == cmd.command_id]
-    return reply
+    return await send(mem, exec_id, m.SignalWorkflowExecution(
+        signal_name=name, input_json=None if payload is None else to_json(payload)))
 
 
 async def query(mem: InMemory, exec_id: str, name: str, payload: Any = None, **fields: Any) -> Reply:
-    cmd = mem.command(exec_id, m.QueryWorkflow(query_name=name, input_json=None if payload is None
-                                               else json.dumps(payload), **fields))
-    mem.queue.append(cmd)
-    await mem.drain()
-    [reply] = [r for r in mem.replies if r.command_id == cmd.command_id]
-    return reply
+    return await send(mem, exec_id, m.QueryWorkflow(
+        query_name=name, input_json=None if payload is None else to_json(payload), **fields))
+
+
+async def cancel(mem: InMemory, exec_id: str) -> Reply:
+    return await send(mem, exec_id, m.RequestCancelWorkflowExecution(reason="test"))
 
 
 async def test_signals_are_events_delivered_in_order_and_replayed_the_same() -> None:
@@ -234,24 +196,6 @@ def test_handler_declarations_are_checked() -> None:
                                   "sneaky": "sneaky"}
 
 
-@workflow.define(name="waiter")
-class Waiter:
-    def __init__(self) -> None:
-        self.ready = False
-
-    @workflow.signal
-    def go(self) -> None:
-        self.ready = True
-
-    @workflow.entrypoint
-    async def run(self, timeout: float | None) -> str:
-        try:
-            await workflow.wait_condition(lambda: self.ready, timeout=timeout)
-        except asyncio.TimeoutError:
-            return f"timed out at {workflow.now().isoformat()}"
-        return "ready"
-
-
 async def test_wait_condition_without_timeout_waits_for_the_signal() -> None:
     mem = InMemory([Waiter], [])
     await mem.start(Waiter, None, exec_id="w")
@@ -270,7 +214,7 @@ async def test_wait_condition_with_a_timeout_uses_a_durable_timer() -> None:
     assert mem.state("late").open
     await mem.advance(1)
     assert mem.state("late").status is Status.COMPLETED
-    assert json.loads(mem.state("late").result_json) == "timed out at 2026-01-01T00:00:30+00:00"
+    assert mem.state("late").result_json == '"timed out after 30.0s"'
 
     await mem.start(Waiter, 30, exec_id="early")
     await mem.advance(5)
@@ -279,16 +223,6 @@ async def test_wait_condition_with_a_timeout_uses_a_durable_timer() -> None:
     types = mem.types("early")
     assert types.index("TIMER_CANCELED") < types.index("WORKFLOW_EXECUTION_COMPLETED")
     assert "TIMER_FIRED" not in types
-
-
-@workflow.define(name="counter")
-class Counter:
-    @workflow.entrypoint
-    async def run(self, count: int) -> str:
-        await record(f"run {count}")
-        if count < 3:
-            workflow.continue_as_new(count + 1)
-        return f"done at {count} in run {workflow.info().workflow_run_id[:8]}"
 
 
 async def test_continue_as_new_starts_a_new_run_of_the_same_execution() -> None:
@@ -306,7 +240,7 @@ async def test_continue_as_new_starts_a_new_run_of_the_same_execution() -> None:
     assert [e.sequence for e in history] == list(range(1, len(history) + 1))
     state = mem.state("cnt")
     assert state.status is Status.COMPLETED
-    assert state.result_json == f'"done at 3 in run {runs[2][:8]}"'
+    assert state.result_json == '"done at 3"'
     assert CALLS == ["run 1", "run 2", "run 3"]
 
 
@@ -336,48 +270,11 @@ async def test_should_continue_as_new_counts_the_runs_events(monkeypatch: pytest
     assert CALLS == ["step 0", "step 1", "step 2", "step 0", "step 1"]
 
 
-@workflows.activity()
-async def slow_step(value: str) -> str:
-    CALLS.append(value)
-    return value
-
-
-@workflow.define(name="cleans_up")
-class CleansUp:
-    @workflow.entrypoint
-    async def run(self) -> str:
-        try:
-            return await slow_step("work")
-        except asyncio.CancelledError:
-            await record("cleanup")
-            raise
-
-
-@workflow.define(name="ignores_cancel")
-class IgnoresCancel:
-    @workflow.entrypoint
-    async def run(self) -> str:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            pass
-        await asyncio.sleep(10)
-        return "kept running"
-
-
-async def cancel(mem: InMemory, exec_id: str) -> Reply:
-    cmd = mem.command(exec_id, m.RequestCancelWorkflowExecution(reason="test"))
-    mem.queue.append(cmd)
-    await mem.drain()
-    [reply] = [r for r in mem.replies if r.command_id == cmd.command_id]
-    return reply
-
-
 async def test_cancel_reaches_the_awaiting_code_which_cleans_up_then_ends_canceled() -> None:
-    mem = InMemory([CleansUp], [slow_step, record])
+    mem = InMemory([CleansUp], [long_step, record])
     mem.hold_activities = True
-    await mem.start(CleansUp, exec_id="cu")
-    assert [h.task.payload.activity_name for h in mem.held] == ["slow_step"]
+    await mem.start(CleansUp, "cu", exec_id="cu")
+    assert [h.task.payload.activity_name for h in mem.held] == ["long_step"]
     mem.hold_activities = False
     assert (await cancel(mem, "cu")).accepted
     types = mem.types("cu")
@@ -386,9 +283,10 @@ async def test_cancel_reaches_the_awaiting_code_which_cleans_up_then_ends_cancel
         "ACTIVITY_TASK_CANCEL_REQUESTED", "ACTIVITY_TASK_CANCELED", "ACTIVITY_TASK_SCHEDULED",  # the cleanup
         "WORKFLOW_TASK_COMPLETED", "ACTIVITY_TASK_STARTED", "ACTIVITY_TASK_COMPLETED", "WORKFLOW_TASK_COMPLETED",
         "WORKFLOW_EXECUTION_CANCELED"]
-    assert CALLS == ["cleanup"]
+    assert CALLS == ["cleanup cu"]
     assert mem.state("cu").status is Status.CANCELED
     await mem.release()  # the canceled attempt reports late: not an event
+    assert CALLS == ["cleanup cu", "cu"]
     assert mem.types("cu")[-1] == "WORKFLOW_EXECUTION_CANCELED"
 
 
@@ -402,44 +300,29 @@ async def test_a_workflow_that_ignores_the_cancel_keeps_running() -> None:
     assert (mem.state("ig").status, mem.state("ig").result_json) == (Status.COMPLETED, '"kept running"')
 
 
-@workflow.define(name="sleepy_child")
-class SleepyChild:
-    @workflow.entrypoint
-    async def run(self) -> str:
-        try:
-            await asyncio.sleep(600)
-        except asyncio.CancelledError:
-            await record("child cleanup")
-            raise
-        return "child done"
-
-
-@workflow.define(name="awaits_child")
-class AwaitsChild:
-    @workflow.entrypoint
-    async def run(self) -> str:
-        return await workflows.execute_workflow(SleepyChild, execution_id="kid")
-
-
 async def test_cancel_propagates_to_the_awaited_child_and_the_parent_waits_for_it() -> None:
-    mem = InMemory([AwaitsChild, SleepyChild], [record])
-    await mem.start(AwaitsChild, exec_id="mom")
-    assert mem.state("kid").open
+    mem = InMemory([AwaitsChild, SleepyChild], [long_step, record])
+    mem.hold_activities = True
+    await mem.start(AwaitsChild, "mom", exec_id="mom")
+    mem.hold_activities = False
+    assert mem.state("mom.kid").open
     await cancel(mem, "mom")
-    assert mem.state("kid").status is Status.CANCELED
+    assert mem.state("mom.kid").status is Status.CANCELED
     assert mem.state("mom").status is Status.CANCELED
-    assert CALLS == ["child cleanup"]
+    assert CALLS == ["child cleanup mom"]
     order = [(e.workflow_context.workflow_exec_id, e.event_type.value) for e in mem.events]
     assert order.index(("mom", "CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED")) < order.index(
-        ("kid", "WORKFLOW_EXECUTION_CANCEL_REQUESTED")) < order.index(
-        ("kid", "WORKFLOW_EXECUTION_CANCELED")) < order.index(
+        ("mom.kid", "WORKFLOW_EXECUTION_CANCEL_REQUESTED")) < order.index(
+        ("mom.kid", "ACTIVITY_TASK_CANCELED")) < order.index(
+        ("mom.kid", "WORKFLOW_EXECUTION_CANCELED")) < order.index(
         ("mom", "CHILD_WORKFLOW_EXECUTION_CANCELED")) < order.index(("mom", "WORKFLOW_EXECUTION_CANCELED"))
     assert "PARENT_CLOSE_POLICY_APPLIED" not in mem.types("mom")  # the child had closed first
 
 
 async def test_a_cancel_requested_before_the_code_ran_reaches_it_at_its_first_await() -> None:
-    mem = InMemory([CleansUp], [slow_step, record])
-    start = mem.command("pre", m.StartWorkflowExecution(workflow_name="cleans_up", task_queue="default"))
+    mem = InMemory([CleansUp], [long_step, record])
+    start = mem.command("pre", m.StartWorkflowExecution(workflow_name="cleans_up", task_queue="default",
+                                                        input_json='"pre"'))
     mem.engine.handle(start, mem.now)  # its workflow task is dispatched, not run
     mem.engine.handle(mem.command("pre", m.RequestCancelWorkflowExecution(reason="never mind")), mem.now)
     state = mem.state("pre")
@@ -450,4 +333,4 @@ async def test_a_cancel_requested_before_the_code_ran_reaches_it_at_its_first_aw
     mem.queue.append(completion)
     await mem.drain()
     assert mem.state("pre").status is Status.CANCELED
-    assert CALLS == ["cleanup"]  # the canceled activity was never dispatched
+    assert CALLS == ["cleanup pre"]  # the canceled activity was never dispatched
