@@ -6,6 +6,11 @@ children become decisions, and results arrive as history events. Fed the same
 history it issues the same decisions, so a worker that lost an instance rebuilds it
 by replaying the history, and a worker that kept it (sticky) just feeds it the new
 events.
+
+Signals run their handlers as tasks of the workflow, in history order (those that
+came with the start before the entrypoint begins); `wait_condition` predicates are
+re-checked each time the ready callbacks have run; a query runs its handler on the
+instance as it is, with decisions forbidden and the random state restored.
 """
 
 from __future__ import annotations
