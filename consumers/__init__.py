@@ -14,10 +14,12 @@ from .cursor import Cursor, CursorError
 from .events import TREE_EVENT_MODELS, TreeEvent
 from .filters import EventFilter
 from .reader import ConsumedEvent, EventReader, ReaderStats
+from .service import Handler, ServiceOptions, ServiceStats, ServiceSubscription, dead_letter_topic_name, subscribe
 from .subscription import TreeStats, TreeSubscription, subscribe_tree
 from .tree import ExecutionNode, TreeTracker
 
 __all__ = [
     "TREE_EVENT_MODELS", "ConsumedEvent", "Cursor", "CursorError", "EventFilter", "EventReader", "ExecutionNode",
-    "ReaderStats", "TreeEvent", "TreeStats", "TreeSubscription", "TreeTracker", "subscribe_tree",
+    "Handler", "ReaderStats", "ServiceOptions", "ServiceStats", "ServiceSubscription", "TreeEvent", "TreeStats",
+    "TreeSubscription", "TreeTracker", "dead_letter_topic_name", "subscribe", "subscribe_tree",
 ]

@@ -67,3 +67,19 @@ class Cursor:
         if not isinstance(value, int) or value < 0:
             raise CursorError(f"not a cursor: {value!r} (a cursor is a non-negative integer)")
         return cls(value >> OFFSET_BITS, value & _OFFSET_MASK)
+
+
+def cursor_before(start_seq: Cursor | str | int, partition: int) -> Cursor | None:
+    """The exclusive cursor that starts a stream of a tree in `partition` at `start_seq`, inclusive.
+
+    Cursors compare as integers: ``start_seq=N`` keeps the tree's events whose cursor
+    is at least N. N below every cursor of the partition (``0`` for instance) means
+    from the beginning (None); N above them all is refused with `CursorError`.
+    """
+    start = Cursor.parse(start_seq)
+    if start.partition < partition:
+        return None
+    if start.partition > partition:
+        raise CursorError(f"start_seq {start} is past every position of partition {partition}: "
+                          "it belongs to another tree")
+    return start.preceding()

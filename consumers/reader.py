@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -118,7 +119,21 @@ class EventReader:
                 if ends is not None:
                     remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
         finally:
-            await consumer.stop()
+            await stop_shielded(consumer)
+
+
+async def stop_shielded(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer even when the caller is cancelled meanwhile.
+
+    A reader closed by cancellation (a dropped HTTP stream) can be cancelled again
+    while it stops; an interrupted `stop()` leaves a connection open for good.
+    """
+    stopping = asyncio.ensure_future(consumer.stop())
+    try:
+        await asyncio.shield(stopping)
+    except asyncio.CancelledError:
+        await asyncio.wait([stopping])
+        raise
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
@@ -152,7 +167,7 @@ async def partition_count(settings: KafkaSettings) -> int:
         try:
             count = _PARTITION_COUNTS[key] = len(await topic_partitions(consumer, settings.topics.events))
         finally:
-            await consumer.stop()
+            await stop_shielded(consumer)
     return count
 
 

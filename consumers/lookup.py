@@ -1,0 +1,77 @@
+"""Find the root of an execution: which tree, and so which partition, holds it.
+
+The events of an execution are keyed by its tree's root id, which the execution
+id alone does not say. Two ways to find it, cheapest first:
+
+1. Candidates from the id: the id itself (a top-level execution is its own root)
+   and each prefix before a ``.`` — treeflow names children it ids itself
+   ``<parent id>.<12 hex digits>``, so a grandchild ``r.a1.b2`` has candidates
+   ``r``, ``r.a1`` and ``r.a1.b2``. Each candidate's partition is read with a key
+   filter (other trees' records are not decoded) until the execution shows up.
+2. A scan of every partition, decoding every record (the cost of a full-topic
+   read): only when asked for (`scan=True`), for children started with an
+   execution id of the workflow's own choosing.
+
+A caller that knows the root should pass it instead (the gateway's
+``root_workflow_exec_id`` parameter).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import aclosing
+
+from treeflow.kafka import KafkaSettings, partition_for
+
+from .reader import EventReader, partition_count
+
+
+def root_candidates(execution_id: str) -> list[str]:
+    """The ids that may be the root of `execution_id`, shortest (most likely) first."""
+    prefixes = [execution_id[:index] for index, char in enumerate(execution_id) if char == "." and index > 0]
+    return list(dict.fromkeys([*prefixes, execution_id]))
+
+
+async def find_root(settings: KafkaSettings, execution_id: str, *, scan: bool = False) -> str | None:
+    """The root id of the tree that holds `execution_id`, or None when no event of it was found."""
+    partitions = await partition_count(settings)
+    for candidate in root_candidates(execution_id):
+        reader = EventReader(settings, [partition_for(candidate, partitions)], key=candidate)
+        async with aclosing(reader.__aiter__()) as items:
+            async for item in items:
+                context = item.event.workflow_context
+                if context.workflow_exec_id == execution_id and context.root_workflow_exec_id == candidate:
+                    return candidate
+    if scan:
+        async with aclosing(EventReader(settings).__aiter__()) as items:
+            async for item in items:
+                context = item.event.workflow_context
+                if context.workflow_exec_id == execution_id:
+                    return context.root_workflow_exec_id
+    return None
+
+
+class RootCache:
+    """`find_root` with the answers remembered (a root never changes), least recently used out first."""
+
+    def __init__(self, settings: KafkaSettings, *, scan: bool = False, size: int = 10_000) -> None:
+        self.settings = settings
+        self.scan = scan
+        self.size = size
+        self._roots: OrderedDict[str, str] = OrderedDict()
+
+    def remember(self, execution_id: str, root: str) -> None:
+        self._roots[execution_id] = root
+        self._roots.move_to_end(execution_id)
+        while len(self._roots) > self.size:
+            self._roots.popitem(last=False)
+
+    async def find(self, execution_id: str) -> str | None:
+        root = self._roots.get(execution_id)
+        if root is None:
+            root = await find_root(self.settings, execution_id, scan=self.scan)
+            if root is not None:
+                self.remember(execution_id, root)
+        else:
+            self._roots.move_to_end(execution_id)
+        return root

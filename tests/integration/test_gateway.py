@@ -1,0 +1,126 @@
+"""The SSE gateway served by Uvicorn on a real port, read by a real HTTP client while the engine runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from treeflow.consumers import EventReader
+from treeflow.consumers.gateway import GatewayServer, create_app
+from treeflow.kafka import KafkaSettings
+from treeflow.schemas import Event
+from treeflow.testing import Environment
+from tests.integration import tree_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env(broker):
+    async with Environment(workflows=tree_app.WORKFLOWS, activities=tree_app.ACTIVITIES,
+                           bootstrap_servers=broker.bootstrap_servers, profile=broker.profile) as environment:
+        yield environment
+
+
+@pytest_asyncio.fixture(scope="module")
+async def gateway(env: Environment):
+    server = GatewayServer(create_app(env.settings), port=0)
+    await server.start()
+    yield server.url
+    await server.stop()
+
+
+async def logged_tree(settings: KafkaSettings, root: str) -> list[Event]:
+    return [item.event async for item in EventReader(settings)
+            if item.event.workflow_context.root_workflow_exec_id == root]
+
+
+async def read_frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None,
+                      limit: int | None = None) -> list[ServerSentEvent]:
+    """Frames until the stream ends (or `limit` event frames, then the connection is dropped)."""
+    frames: list[ServerSentEvent] = []
+    async with asyncio.timeout(20), aconnect_sse(client, "GET", url, headers=dict(headers or {})) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        async for frame in source.aiter_sse():
+            frames.append(frame)
+            if limit is not None and sum(f.event not in ("end", "error") for f in frames) == limit:
+                break
+    return frames
+
+
+async def test_a_live_tree_streams_over_http_and_resumes_after_a_dropped_connection(
+        env: Environment, gateway: str) -> None:
+    root = f"sse-{uuid.uuid4().hex[:8]}"
+    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=1.0),
+                                    execution_id=root)
+    url = f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}&until_closed=true"
+    async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
+        before = await read_frames(client, url, limit=6)  # then the connection drops
+        after = await read_frames(client, url, headers={"Last-Event-ID": before[-1].id})
+
+    truth = await logged_tree(env.settings, root)
+    frames = before + after
+    assert [f.event for f in frames][-1] == "end"
+    events = [f for f in frames if f.event != "end"]
+    assert [json.loads(f.data)["event_id"] for f in events] == [e.event_id for e in truth]  # nothing lost or repeated
+    assert [f.event for f in events] == [e.event_type.value for e in truth]
+    assert [f.id for f in events] == [json.loads(f.data)["cursor"] for f in events]
+    assert [int(f.id) for f in events] == sorted(int(f.id) for f in events)
+    first = json.loads(events[0].data)
+    assert first["workflow_context"] == {
+        "workflow_exec_id": root, "workflow_run_id": truth[0].workflow_context.workflow_run_id,
+        "workflow_name": "tree_root", "parent_workflow_exec_id": None, "root_workflow_exec_id": root,
+        "task_queue": "default"}
+    assert first["sequence"] == 1 and first["payload"]["input_json"] == truth[0].payload.input_json
+    # The drop happened while the tree was still running: the straggler closed after it.
+    straggler_closed = [json.loads(f.data)["workflow_context"]["workflow_name"] for f in after
+                        if f.event == "WORKFLOW_EXECUTION_COMPLETED"]
+    assert "tree_straggler" in straggler_closed
+
+
+async def test_the_execution_route_finds_a_grandchild_and_start_seq_is_inclusive(
+        env: Environment, gateway: str) -> None:
+    root = f"sse-{uuid.uuid4().hex[:8]}"
+    handle = await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="g", straggler_seconds=0.0),
+                                             execution_id=root)
+    await handle.result(timeout=20)
+    truth = await logged_tree(env.settings, root)
+    grandchild = next(e.workflow_context.workflow_exec_id for e in truth
+                      if e.workflow_context.workflow_name == "tree_grandchild")
+    mine = [e for e in truth if e.workflow_context.workflow_exec_id == grandchild]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
+        # No root given: the gateway finds it from the id (children are named <parent>.<hex>).
+        whole = await read_frames(client, f"{gateway}/v1/workflows/executions/{grandchild}/stream?until_closed=1")
+        assert [json.loads(f.data)["event_id"] for f in whole if f.event != "end"] == [e.event_id for e in mine]
+        assert {json.loads(f.data)["workflow_context"]["parent_workflow_exec_id"] for f in whole[:-1]} == {
+            mine[0].workflow_context.parent_workflow_exec_id}
+        # start_seq names the first event to send (inclusive), as Mistral's does.
+        start = whole[1].id
+        tail = await read_frames(client, f"{gateway}/v1/workflows/executions/{grandchild}/stream"
+                                         f"?until_closed=true&start_seq={start}&root_workflow_exec_id={root}")
+        assert [f.id for f in tail if f.event != "end"] == [f.id for f in whole[1:-1]]
+        # Filters on the events route: one type, one workflow name.
+        closes = await read_frames(client, f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}"
+                                           "&workflow_event_types=WORKFLOW_EXECUTION_COMPLETED"
+                                           "&workflow_name=tree_child&until_closed=true")
+        assert [f.event for f in closes] == ["WORKFLOW_EXECUTION_COMPLETED", "end"]
+        assert json.loads(closes[0].data)["workflow_context"]["workflow_name"] == "tree_child"
+
+        missing = await client.get(f"{gateway}/v1/workflows/executions/nobody.abc/stream")
+        assert missing.status_code == 404 and "not found" in missing.json()["detail"]
+        no_tree = await client.get(f"{gateway}/v1/workflows/events/stream?workflow_name=tree_child")
+        assert no_tree.status_code == 400 and "root_workflow_exec_id" in no_tree.json()["detail"]
+        bad_type = await client.get(f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}"
+                                    "&workflow_event_types=NOT_A_TYPE")
+        assert bad_type.status_code == 400 and "unknown event type" in bad_type.json()["detail"]
+        bad_seq = await client.get(f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}"
+                                   "&start_seq=yesterday")
+        assert bad_seq.status_code == 400 and "not a cursor" in bad_seq.json()["detail"]
