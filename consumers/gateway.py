@@ -223,8 +223,8 @@ async def _disconnected(request: Request) -> None:
 
 
 class GatewayServer:
-    """The gateway on a Uvicorn server: `await start()` (returns once it listens) and `await stop()`,
-    or `await serve()` until SIGINT/SIGTERM. Stopping ends the open event streams first."""
+    """The gateway on a Uvicorn server: `await start()` returns once it listens; it runs until
+    `await stop()` or SIGINT/SIGTERM (`await wait_stopped()`). Stopping ends the open streams first."""
 
     def __init__(self, app: Starlette, *, host: str = "127.0.0.1", port: int = 8000) -> None:
         self.app = app
@@ -258,9 +258,10 @@ class GatewayServer:
         if self._task is not None:
             await self._task
 
-    async def serve(self) -> None:
-        """Serve until the process is asked to stop (SIGINT/SIGTERM)."""
-        await self.server.serve()
+    async def wait_stopped(self) -> None:
+        """Return once the server stopped: after `stop()`, or SIGINT/SIGTERM."""
+        if self._task is not None:
+            await self._task
 
     def _close_streams(self) -> None:
         gateway = getattr(self.app.state, "gateway", None)

@@ -385,5 +385,10 @@ async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:
         await client.close()
 
 
+# The consumer library's `serve` and `tail`: importing it runs main.add_command for them (it
+# imports this module's options, so it registers itself; its HTTP and UI imports wait until a run).
+import treeflow.consumers.cli  # noqa: E402,F401
+
+
 if __name__ == "__main__":
     main()

@@ -1,9 +1,12 @@
-"""The SSE gateway served by Uvicorn on a real port, read by a real HTTP client while the engine runs."""
+"""The SSE gateway served by Uvicorn on a real port, read by a real HTTP client while the engine runs;
+`treeflow tail` and `treeflow serve` as a user runs them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 import uuid
 from typing import Any
 
@@ -124,3 +127,76 @@ async def test_the_execution_route_finds_a_grandchild_and_start_seq_is_inclusive
         bad_seq = await client.get(f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}"
                                    "&start_seq=yesterday")
         assert bad_seq.status_code == 400 and "not a cursor" in bad_seq.json()["detail"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+async def treeflow(env: Environment, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from treeflow.cli import main; main()", *args,
+        "--bootstrap-servers", env.settings.bootstrap_servers, "--prefix", env.settings.topic_prefix,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def test_tail_prints_json_lines_resumes_from_a_cursor_and_draws_the_tree(env: Environment) -> None:
+    root = f"tail-{uuid.uuid4().hex[:8]}"
+    handle = await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="t", straggler_seconds=0.0),
+                                             execution_id=root)
+    await handle.result(timeout=20)
+    truth = await logged_tree(env.settings, root)
+
+    code, out, err = await treeflow(env, "tail", root, "--json", "--until-closed")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["event_id"] for line in lines] == [e.event_id for e in truth]
+    assert {line["workflow_context"]["root_workflow_exec_id"] for line in lines} == {root}
+
+    code, out, err = await treeflow(env, "tail", root, "--json", "--until-closed", "--from-cursor", lines[4]["cursor"])
+    assert code == 0, err
+    assert [json.loads(line)["event_id"] for line in out.splitlines()] == [e.event_id for e in truth[5:]]
+
+    code, out, err = await treeflow(env, "tail", root, "--until-closed")
+    assert code == 0, err
+    drawn = out.splitlines()
+    assert drawn[0].startswith(f"tree_root  {root}  COMPLETED")
+    assert sum(line.lstrip("│ ├└─").startswith(("tree_child ", "tree_straggler ")) for line in drawn) == 2
+    assert any(line.lstrip("│ ├└─").startswith("tree_grandchild ") and "COMPLETED" in line for line in drawn)
+    assert drawn[-1] == "tree closed"
+
+    code, _, err = await treeflow(env, "tail", root, "--from-cursor", "nonsense")
+    assert code == 1 and "not a cursor" in err
+
+
+async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(env: Environment) -> None:
+    root = f"serve-{uuid.uuid4().hex[:8]}"
+    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=30.0),
+                                    execution_id=root)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from treeflow.cli import main; main()", "serve", "--port", "0",
+        "--bootstrap-servers", env.settings.bootstrap_servers, "--prefix", env.settings.topic_prefix,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            banner = (await process.stderr.readline()).decode()
+        url = banner.split(" on ")[1].split()[0]
+        async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
+            frames = []
+            async with asyncio.timeout(20), aconnect_sse(client, "GET", f"{url}/v1/workflows/executions/{root}"
+                                                                        "/stream") as source:
+                async for frame in source.aiter_sse():
+                    frames.append(frame)
+                    if len(frames) == 3:
+                        process.send_signal(signal.SIGTERM)  # the straggler still sleeps: the stream is open
+            assert [f.event for f in frames][:1] == ["WORKFLOW_EXECUTION_STARTED"]
+        async with asyncio.timeout(10):
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode in (0, -signal.SIGTERM)  # Uvicorn re-raises the signal it handled
