@@ -479,3 +479,154 @@ async def test_a_failed_child_is_retried_per_its_retry_policy_as_the_same_execut
     child_runs = list(dict.fromkeys(e.workflow_context.workflow_run_id for e in of(events, "retry.child")))
     assert len(child_runs) == 2  # a second attempt of the same execution id
     assert result == "retry ok after 2"
+
+
+# ---------------------------------------------------------------- edge cases: starts in flight, same instant, sweeps
+
+
+async def processed_up_to_now(env: Environment, root: str) -> None:
+    """Return once the processor has handled every command sent so far to `root`'s
+    partition: a signal to the (closed) root is answered in partition order."""
+    with pytest.raises(workflows.CommandRejectedError):
+        await env.client.get_handle(root, root_execution_id=root).signal("finish")
+
+
+@pytest.mark.parametrize("policy", list(P))
+async def test_a_start_decided_with_the_parents_close_creates_the_child_then_applies_the_policy(
+        env: Environment, policy: P) -> None:
+    root = f"same-task-{policy.value.lower()}"
+    kid = f"{root}.k"
+    handle = await env.client.start_workflow(TreeNode, Node(then="same_task", kids=[edge(kid, policy=policy)]),
+                                             execution_id=root)
+    assert await handle.result(timeout=20) == f"{root} done"
+    events = await tree_log(env, root, closed=policy is not P.ABANDON)
+    flow = [(e.workflow_context.workflow_exec_id, e.event_type.value) for e in events
+            if e.event_type is not T.WORKFLOW_TASK_COMPLETED]
+    assert flow[:6] == [(root, "WORKFLOW_EXECUTION_STARTED"), (root, "START_CHILD_WORKFLOW_EXECUTION_INITIATED"),
+                        (kid, "WORKFLOW_EXECUTION_STARTED"), (root, "CHILD_WORKFLOW_EXECUTION_STARTED"),
+                        (root, "PARENT_CLOSE_POLICY_APPLIED"), (root, "WORKFLOW_EXECUTION_COMPLETED")]
+    if policy is P.TERMINATE:  # terminated in the same command that created it: its code never ran
+        assert types_of(of(events, kid)) == ["WORKFLOW_EXECUTION_STARTED", "WORKFLOW_EXECUTION_TERMINATED"]
+        assert of(events, kid)[-1].payload.reason == f"parent {root} closed (COMPLETED)"
+    elif policy is P.REQUEST_CANCEL:  # the request reaches its first await; it cleans up
+        assert await closed(env, kid, root) is Status.CANCELED
+        assert types_of(of(events, kid))[1] == "WORKFLOW_EXECUTION_CANCEL_REQUESTED"
+        assert CALLS == [f"cleanup {kid}"]
+    else:
+        assert await finish(env, kid, root) == f"{kid} done"
+    await tree_log(env, root)
+
+
+@pytest.mark.parametrize("close", ["terminated", "timed_out"])
+async def test_a_start_still_in_flight_when_the_parent_closes_never_creates_the_child(
+        env: Environment, held: HoldingWorker, close: str) -> None:
+    """The parent's workflow task has decided to start a TERMINATE child; its report is
+    held by the worker while the parent is terminated (or times out). When it arrives it
+    is stale: the child is never created, so nothing is left running."""
+    root = f"in-flight-{close}"
+    holding, release, sent = held.arm(root)
+    timeout = {"execution_timeout": __import__("datetime").timedelta(seconds=1)} if close == "timed_out" else {}
+    handle = await env.client.start_workflow(
+        TreeNode, Node(then="wait", kids=[edge(f"{root}.k", policy=P.TERMINATE, task_queue="default")]),
+        execution_id=root, task_queue=HELD_QUEUE, **timeout)
+    await asyncio.wait_for(holding.wait(), 20)
+    if close == "terminated":
+        await handle.terminate("closed while the start was in flight")
+    with pytest.raises(workflows.WorkflowFailureError) as caught:
+        await handle.result(timeout=20)
+    assert caught.value.status == close.upper()
+    release.set()
+    await asyncio.wait_for(sent.wait(), 20)
+    await processed_up_to_now(env, root)
+    events = await tree_log(env, root)
+    assert {e.workflow_context.workflow_exec_id for e in events} == {root}
+    assert types_of(events) == ["WORKFLOW_EXECUTION_STARTED", f"WORKFLOW_EXECUTION_{close.upper()}"]
+    with pytest.raises(workflows.CommandRejectedError, match="not found"):
+        await env.client.describe(f"{root}.k", root_execution_id=root)
+
+
+async def test_a_child_completing_in_the_instant_the_parent_times_out(env: Environment) -> None:
+    """Parents with a 1 s execution timeout await a TERMINATE child that completes around
+    that deadline (its timer straddles it). Whichever the processor sees first, the tree
+    is consistent: the child completed and its parent heard of it before closing (no
+    policy for it), or the parent timed out first and terminated it (policy applied, no
+    notice after); each closed once; a parent that completed returned its child's result."""
+    naps = [0.9, 0.96, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05]
+    handles = [await env.client.start_workflow(
+        TreeNode, Node(then="await", kids=[edge(f"si-{i}.k", then="nap", sleep=nap, policy=P.TERMINATE)]),
+        execution_id=f"si-{i}", execution_timeout=__import__("datetime").timedelta(seconds=1))
+        for i, nap in enumerate(naps)]
+    outcomes = []
+    for i, handle in enumerate(handles):
+        root, kid = f"si-{i}", f"si-{i}.k"
+        try:
+            assert await handle.result(timeout=20) == f"{kid} done"
+            parent_status = "COMPLETED"
+        except workflows.WorkflowFailureError as error:
+            parent_status = error.status
+        assert parent_status in ("COMPLETED", "TIMED_OUT")
+        events = await tree_log(env, root)
+        parent, child = of(events, root), of(events, kid)
+        child_status = child[-1].event_type.value.removeprefix("WORKFLOW_EXECUTION_")
+        notices = [e.event_type for e in parent if e.event_type in CHILD_EVENTS_AFTER_START]
+        applied = [e.payload for e in parent if e.event_type is T.PARENT_CLOSE_POLICY_APPLIED]
+        if child_status == "COMPLETED":
+            assert notices == [T.CHILD_WORKFLOW_EXECUTION_COMPLETED] and applied == []
+            assert position(events, kid, T.WORKFLOW_EXECUTION_COMPLETED) < position(
+                events, root, T.CHILD_WORKFLOW_EXECUTION_COMPLETED)
+        else:
+            assert (child_status, parent_status) == ("TERMINATED", "TIMED_OUT")
+            assert notices == [] and [(a.child_workflow_exec_id, a.parent_close_status) for a in applied] == [
+                (kid, "TIMED_OUT")]
+            assert child[-1].payload.reason == f"parent {root} closed (TIMED_OUT)"
+            assert parent[-2].event_type is T.PARENT_CLOSE_POLICY_APPLIED
+        outcomes.append((naps[i], child_status, parent_status))
+    print(f"\nchild nap, child status, parent status: {outcomes}")
+
+
+async def test_a_terminate_sweep_while_a_child_starts_a_grandchild_leaves_nothing_running(
+        env: Environment, held: HoldingWorker) -> None:
+    """sw-t.k (on the holding worker's queue) has decided to start sw-t.k.g when its root is
+    terminated: the sweep terminates sw-t.k, and the start, arriving after, is stale."""
+    holding, release, sent = held.arm("sw-t.k")
+    handle = await env.client.start_workflow(TreeNode, Node(then="wait", kids=[
+        edge("sw-t.k", policy=P.TERMINATE, task_queue=HELD_QUEUE,
+             kids=[edge("sw-t.k.g", policy=P.TERMINATE, task_queue="default")])]), execution_id="sw-t")
+    await asyncio.wait_for(holding.wait(), 20)
+    await handle.terminate("sweep")
+    assert await closed(env, "sw-t.k", "sw-t") is Status.TERMINATED
+    release.set()
+    await asyncio.wait_for(sent.wait(), 20)
+    await processed_up_to_now(env, "sw-t")
+    events = await tree_log(env, "sw-t")
+    assert {e.workflow_context.workflow_exec_id for e in events} == {"sw-t", "sw-t.k"}
+    assert "START_CHILD_WORKFLOW_EXECUTION_INITIATED" not in types_of(of(events, "sw-t.k"))
+    assert of(events, "sw-t.k")[-1].payload.reason == "parent sw-t closed (TERMINATED)"
+
+
+async def test_a_cancel_sweep_while_a_child_starts_a_grandchild_reaches_the_new_grandchild(
+        env: Environment, held: HoldingWorker) -> None:
+    """sw-c.k (REQUEST_CANCEL) has decided to start sw-c.k.g when its root is canceled: the
+    root cleans up and closes, sw-c.k gets its cancel request, then the start lands (sw-c.k
+    is still running) and creates sw-c.k.g after the request. sw-c.k was awaiting that
+    start, so the cancel goes on to sw-c.k.g: all three end CANCELED after cleaning up."""
+    holding, release, sent = held.arm("sw-c.k")
+    handle = await env.client.start_workflow(TreeNode, Node(then="wait", kids=[
+        edge("sw-c.k", policy=P.REQUEST_CANCEL, task_queue=HELD_QUEUE,
+             kids=[edge("sw-c.k.g", policy=P.ABANDON, task_queue="default")])]), execution_id="sw-c")
+    await asyncio.wait_for(holding.wait(), 20)
+    await handle.cancel("sweep")
+    with pytest.raises(workflows.WorkflowFailureError) as caught:
+        await handle.result(timeout=20)
+    assert caught.value.status == "CANCELED"
+    await eventually(lambda: env.client.history("sw-c.k", root_execution_id="sw-c"),
+                     lambda h: "WORKFLOW_EXECUTION_CANCEL_REQUESTED" in types_of(h))
+    release.set()
+    assert await closed(env, "sw-c.k", "sw-c") is Status.CANCELED
+    assert await closed(env, "sw-c.k.g", "sw-c") is Status.CANCELED
+    events = await tree_log(env, "sw-c")
+    assert position(events, "sw-c.k", T.WORKFLOW_EXECUTION_CANCEL_REQUESTED) < position(
+        events, "sw-c.k.g", T.WORKFLOW_EXECUTION_STARTED)
+    [request] = [e.payload for e in of(events, "sw-c.k.g") if e.event_type is T.WORKFLOW_EXECUTION_CANCEL_REQUESTED]
+    assert request.reason == "parent sw-c.k asked"
+    assert sorted(CALLS) == ["cleanup sw-c", "cleanup sw-c.k", "cleanup sw-c.k.g"]
