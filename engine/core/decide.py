@@ -92,7 +92,7 @@ class _Session:
 
     def __init__(self, view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None) -> None:
         self.view = view
-        self.due = sorted(view if due is None else due)
+        self.due = due
         self.command = command
         self.now: datetime = command.timestamp
         self.outcome = Outcome()
@@ -376,7 +376,7 @@ def _custom_task_event(s: _Session, p: m.RecordCustomTaskEvent) -> None:
 
 def _tick(s: _Session, p: m.Tick) -> None:
     """Fire what is due at `now` among the executions named due."""
-    for exec_id in s.due:
+    for exec_id in sorted(s.view if s.due is None else s.due):
         state = s.running(exec_id)
         if state is None:
             continue

@@ -7,6 +7,7 @@ number and anyone can compute it from the root id alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 _SEED = 0x9747B28C
@@ -40,6 +41,7 @@ def murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def partition_for(key: str | bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for `key` among `partitions`."""
     if partitions < 1:
