@@ -1,19 +1,24 @@
 """The benchmark: latency and throughput of workflow trees, with the CPU each process spent.
 
-    python -m treeflow.bench [--mode in-process|split|both] [--workload seed|flat|both] [--json]
+    python -m treeflow.bench [--mode in-process|split|both] [--workload seed|flat|fanout|all] [--fanout N] [--json]
 
-It runs two workloads, the seed's tree (`bench_parent` -> `bench_child` ->
-`bench_activity`) and a flat one (`bench_flat` -> `bench_activity`), on the embedded
-broker (or the Kafka named by TREEFLOW_BOOTSTRAP_SERVERS), in two deployment modes:
+It runs three workloads, the seed's tree (`bench_parent` -> `bench_child` ->
+`bench_activity`), a flat one (`bench_flat` -> `bench_activity`) and a fan-out
+(`bench_fanout` starts N `bench_child` children with `asyncio.gather` and waits for
+all: `--fanout N`, default 1,000), on the embedded broker (or the Kafka named by
+TREEFLOW_BOOTSTRAP_SERVERS), in two deployment modes:
 
 - in-process: `treeflow processor --module treeflow.bench -q default`, the processor
   runs the workflow and activity tasks itself (no task round trip through Kafka);
 - split: `treeflow processor` plus one `treeflow worker --module treeflow.bench -q default`.
 
-For each it measures sequential end-to-end latency (start -> result, after a
-warm-up) and throughput (completed executions per second with N in flight), and the
-CPU seconds each process spent in each phase (/proc/<pid>/stat for the subprocesses,
-`time.process_time()` for this process, which is the client driving the load).
+For the seed and flat workloads it measures sequential end-to-end latency (start ->
+result, after a warm-up) and throughput (completed executions per second with N in
+flight); for the fan-out, the seconds from starting the parent to its result, over
+`--fanout-runs` fan-outs one after the other (after a warm-up fan-out of 50), and the
+children completed per second. With each, the CPU seconds each process spent in each
+phase (/proc/<pid>/stat for the subprocesses, `time.process_time()` for this process,
+which is the client driving the load).
 
 Importing this module has no side effect: the processor and the worker import it to
 find the benchmark's workflows and activity; the driver runs only from `main()`.
@@ -84,6 +89,26 @@ class BenchFlat:
     @workflows.workflow.entrypoint
     async def run(self, params: BenchFlatInput) -> str:
         return await bench_activity(params.value)
+
+
+class BenchFanOutInput(BaseModel):
+    count: int
+    data: str
+
+
+@workflows.workflow.define(name="bench_fanout")
+class BenchFanOut:
+    @workflows.workflow.entrypoint
+    async def run(self, params: BenchFanOutInput) -> int:
+        results = await asyncio.gather(*(
+            workflows.execute_workflow(BenchChild, params=BenchChildInput(value=f"{params.data}-{i}"))
+            for i in range(params.count)))
+        return sum(result == f"processed:{params.data}-{i}" for i, result in enumerate(results))
+
+
+#: Children of the warm-up fan-out that precedes the measured ones.
+FANOUT_WARMUP = 50
+FANOUT_SHAPE = "bench_fanout -> {n} x (bench_child -> bench_activity), asyncio.gather"
 
 
 @dataclass(frozen=True)
@@ -376,6 +401,11 @@ class ModeRun:
             out(f"    ready after {ready:.1f} s; idle for 1 s: "
                 + ", ".join(f"{name} {value:.2f} s" for name, value in idle.items()))
             for name in workload_names(args.workload):
+                if name == "fanout":
+                    figures = {"shape": FANOUT_SHAPE.format(n=args.fanout)}
+                    self.result["workloads"][name] = figures
+                    await self.run_fanout(client, figures)
+                    continue
                 figures: dict[str, Any] = {"shape": WORKLOADS[name].shape}
                 self.result["workloads"][name] = figures
                 await self.run_workload(client, WORKLOADS[name], figures)
@@ -397,6 +427,62 @@ class ModeRun:
         if result != workload.expected(value):
             raise PhaseError(f"{workload.workflow.__name__} {handle.execution_id} returned {result!r}")
         return elapsed
+
+    async def fan_out(self, client: Any, count: int, tag: str, timeout: float) -> float:
+        """One fan-out of `count` children, start to result; returns its seconds."""
+        value = f"{tag}-{uuid.uuid4().hex[:8]}"
+        began = time.perf_counter()
+        handle = await asyncio.wait_for(
+            client.start_workflow(BenchFanOut, BenchFanOutInput(count=count, data=value)), timeout)
+        completed = await handle.result(timeout=timeout)
+        elapsed = time.perf_counter() - began
+        if completed != count:
+            raise PhaseError(f"bench_fanout {handle.execution_id}: {completed} of {count} children returned "
+                             f"the expected result")
+        return elapsed
+
+    async def run_fanout(self, client: Any, figures: dict[str, Any]) -> None:
+        """`--fanout-runs` fan-outs of `--fanout` children, one after the other."""
+        args = self.args
+        count, runs = args.fanout, args.fanout_runs
+        label = f"{self.mode}/fanout"
+        timeout = max(args.timeout, 120.0)
+        out(f"\n--- {self.mode} / fanout: {figures['shape']}")
+        progress(f"{label}: warm-up, one fan-out of {FANOUT_WARMUP}")
+        try:
+            await self.guarded(self.fan_out(client, FANOUT_WARMUP, "fanwarm", timeout), "fan-out warm-up")
+        except FAILURES as exc:
+            raise PhaseError(f"{label} warm-up: {describe(exc)}{self.log_tails()}") from None
+        seconds: list[float] = []
+        before = self.meter.snapshot()
+        began = time.perf_counter()
+        error = None
+        for i in range(runs):
+            progress(f"{label}: fan-out {i + 1}/{runs} of {count} children")
+            try:
+                seconds.append(await self.guarded(self.fan_out(client, count, "fan", timeout), "fan-out"))
+            except FAILURES as exc:
+                error = describe(exc)
+                break
+        wall = time.perf_counter() - began
+        cpu = CpuMeter.delta(before, self.meter.snapshot())
+        ordered = sorted(seconds)
+        median = percentile(ordered, 0.5)
+        figures.update({"children": count, "runs": runs, "completed_runs": len(seconds),
+                        "seconds": [round(x, 3) for x in seconds], "median_s": round(median, 3) if seconds else None,
+                        "best_s": round(ordered[0], 3) if seconds else None,
+                        "children_per_s": round(count / median, 1) if seconds else None,
+                        "wall_s": round(wall, 3), "cpu_s": cpu, "error": error})
+        out(f"  fan-out of {count} children (asyncio.gather, each child runs one activity), "
+            f"{runs} runs one after the other:")
+        if seconds:
+            out(f"    {median:.2f} s per fan-out (median; best {ordered[0]:.2f} s, worst {ordered[-1]:.2f} s): "
+                f"{count / median:.0f} children/s")
+            out(f"    runs: {', '.join(f'{x:.2f} s' for x in seconds)}")
+            out(f"    {cpu_line(cpu, wall, count * len(seconds)).replace('per execution', 'per child')}")
+        if error:
+            out(f"    ERROR after {len(seconds)} of {runs} fan-outs: {error}")
+            raise PhaseError(f"{label}: {error}{self.log_tails()}")
 
     async def run_workload(self, client: Any, workload: Workload, figures: dict[str, Any]) -> None:
         args = self.args
@@ -510,7 +596,7 @@ class ModeRun:
 
 
 def workload_names(choice: str) -> list[str]:
-    return ["seed", "flat"] if choice == "both" else [choice]
+    return ["seed", "flat", "fanout"] if choice in ("all", "both") else [choice]
 
 
 def mode_names(choice: str) -> list[str]:
@@ -532,8 +618,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="in-process: `treeflow processor --module treeflow.bench` runs the tasks itself; "
                              "split: `treeflow processor` + one `treeflow worker` process; both (default): one "
                              "after the other, each on its own topic prefix.")
-    parser.add_argument("--workload", choices=["seed", "flat", "both"], default="both",
-                        help="seed: parent -> child -> activity tree; flat: workflow -> activity; both (default).")
+    parser.add_argument("--workload", choices=["seed", "flat", "fanout", "all", "both"], default="all",
+                        help="seed: parent -> child -> activity tree; flat: workflow -> activity; fanout: a parent "
+                             "starts --fanout children (each child -> activity) with asyncio.gather and waits for "
+                             "all; all (default; `both` is the same, kept from when there were two).")
+    parser.add_argument("--fanout", type=positive, default=1000, metavar="N",
+                        help="Children of each fan-out (default 1000).")
+    parser.add_argument("--fanout-runs", type=positive, default=3, metavar="N",
+                        help="Fan-outs measured one after the other, after a warm-up fan-out of 50 (default 3).")
     parser.add_argument("--latency-runs", type=positive, default=300, metavar="N",
                         help="Sequential executions measured for latency (default 300).")
     parser.add_argument("--warmup", type=non_negative, default=30, metavar="N",
@@ -567,8 +659,12 @@ def non_negative(text: str) -> int:
 
 def print_summary(report: dict[str, Any]) -> None:
     rows = []
+    fanouts = []
     for mode in report["modes"]:
         for name, figures in mode["workloads"].items():
+            if name == "fanout":
+                fanouts.append((mode["mode"], figures))
+                continue
             lat = figures.get("latency", {})
             tput = figures.get("throughput", {})
 
@@ -581,6 +677,11 @@ def print_summary(report: dict[str, Any]) -> None:
                          f"{lat['p99_ms']:.1f}" if "p99_ms" in lat else "-",
                          f"{tput['per_s']:.0f}" if "per_s" in tput else "-",
                          cpu_per(lat, lat.get("count")), cpu_per(tput, tput.get("completed"))))
+    for mode_name, figures in fanouts:
+        if figures.get("median_s") is not None:
+            out(f"\n=== fan-out, {mode_name}: {figures['children']} children in {figures['median_s']:.2f} s per "
+                f"fan-out (median of {figures['completed_runs']}; best {figures['best_s']:.2f} s): "
+                f"{figures['children_per_s']:.0f} children/s")
     if not rows:
         return
     out("\n=== summary (latency in ms; throughput in executions/s; CPU ms per execution, all processes)")
@@ -647,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         out(f"treeflow benchmark: {broker_text}; {args.partitions} partitions; Python {platform.python_version()}, "
             f"{os.cpu_count()} CPUs")
         out(f"latency: {args.latency_runs} sequential executions after {args.warmup} warm-up; throughput: "
-            f"{args.throughput_runs} executions with {args.in_flight} in flight; CPU seconds per process per phase "
-            f"(% = share of one core over the phase)")
+            f"{args.throughput_runs} executions with {args.in_flight} in flight; fan-out: {args.fanout_runs} x "
+            f"{args.fanout} children; CPU seconds per process per phase (% = share of one core over the phase)")
         out("targets (seed tree): p50 ≤ 8 ms, p99 ≤ 20 ms, ≥ 400 trees/s; the ratio next to a figure is how many "
             "times it is off its target (≤ 1.00x meets it)")
         asyncio.run(run_modes(args, bootstrap, profile, run_id, meter, log_dir, children, report))
