@@ -909,3 +909,20 @@ def test_recovery_gives_heartbeating_activities_a_fresh_heartbeat():
     recovered.replay(tree.log, at(1200))
     assert recovered.tick(at(1500), "tick-a").events == live
     assert types(recovered.tick(at(2200), "tick-b").events) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"]
+
+
+def test_a_start_rejected_while_running_is_rejected_again_when_redelivered_after_the_close():
+    """Found by ReprocessingAppendsNothing: a rejection leaves no event, so after the
+    execution closed, the re-delivered start would have begun a new run."""
+    tree = Tree()
+    tree.start(timeout=3000)
+    assert tree.send(ROOT, m.StartWorkflowExecution(workflow_name="wf", task_queue="q"), command_id="again") == []
+    tree.tick(5000)
+    assert tree.states[ROOT].status is Status.TIMED_OUT
+    redelivered = Command(command_id="again", timestamp=EPOCH, root_workflow_exec_id=ROOT, workflow_exec_id=ROOT,
+                          payload=m.StartWorkflowExecution(workflow_name="wf", task_queue="q"))
+    outcome = process(tree.states, redelivered)
+    assert summary(outcome.events) == []
+    assert [(r.accepted, r.error.type) for r in outcome.replies] == [(False, "WorkflowAlreadyStarted")]
+    assert "was still running when this start was sent" in outcome.replies[0].error.message
+    assert summary(tree.start(ms=6000)) == ["root#3:WORKFLOW_EXECUTION_STARTED"]  # a later start runs it again
