@@ -16,7 +16,10 @@ says:
 - `sleep`: sleeps `sleep` seconds (a durable timer), then as `complete`;
 - `nap`: sleeps `sleep` seconds, then returns at once (no activity);
 - `same_task`: starts its children in a task of its own and returns in the same
-  workflow task, so the starts and the completion reach the processor together.
+  workflow task, so the starts and the completion reach the processor together;
+- `continue`: continues as new (after starting its children); the next run starts no
+  children and waits for `finish`;
+- `cancel_kids`: cancels each fire-and-forget child through its handle, then as `await`.
 
 A cancel request reaches it as `asyncio.CancelledError`: it runs `note("cleanup <id>")`
 and ends CANCELED.
@@ -95,6 +98,12 @@ class TreeNode:
                 await asyncio.sleep(node.sleep)
             if node.then in ("now", "nap"):
                 return f"{me} done"
+            if node.then == "continue":
+                workflow.continue_as_new(Node(then="wait"))
+            if node.then == "cancel_kids":
+                for handle in handles:
+                    handle.cancel()  # type: ignore[attr-defined]
+                node = node.model_copy(update={"then": "await"})
             if node.then == "fail":
                 raise workflows.ApplicationError(f"{me} failed on purpose", type="NodeFailure", non_retryable=True)
             if node.then == "wait":

@@ -128,14 +128,20 @@ async def eventually(probe: Callable[[], Awaitable[X]], accept: Callable[[X], bo
         await asyncio.sleep(0.05)
 
 
-async def tree_log(env: Environment, root: str, closed: bool = True) -> list[Event]:
+async def tree_log(env: Environment, root: str, closed: bool = True, one_run: bool = True) -> list[Event]:
     """The tree's events in log order, read back from the root's partition, after checking
-    the log-wide invariants on them (every execution closed once when `closed`)."""
+    the log-wide invariants on them (every execution closed once when `closed`; with
+    executions of several runs, just sequences 1..n per execution)."""
     assert env.settings is not None
     partition = partition_for(root, env.settings.partitions)
     found = [item for item in await read_events(env.settings, [partition])
              if item[2].workflow_context.root_workflow_exec_id == root]
-    check_log(found, env.settings, closed=closed)
+    if one_run:
+        check_log(found, env.settings, closed=closed)
+    else:
+        for exec_id in {e.workflow_context.workflow_exec_id for _, _, e in found}:
+            sequences = [e.sequence for _, _, e in found if e.workflow_context.workflow_exec_id == exec_id]
+            assert sequences == list(range(1, len(sequences) + 1)), (exec_id, sequences)
     return [event for _, _, event in found]
 
 
@@ -268,8 +274,10 @@ async def test_an_abandoned_child_runs_to_its_end_keeps_its_root_and_stays_in_th
 
 async def test_await_handle_gives_the_childs_result_or_raises_its_failure(env: Environment) -> None:
     handle = await env.client.start_workflow(TreeNode, Node(then="await", kids=[
-        edge("aw.ok", then="complete"), edge("aw.bad", then="fail")]), execution_id="aw")
-    assert await handle.result(timeout=20) == "aw.ok done,FAILED: NodeFailure: aw.bad failed on purpose"
+        edge("aw.ok", then="complete"), edge("aw.bad", then="fail"), edge("aw.slow", execution_timeout=0.5)]),
+        execution_id="aw")
+    assert await handle.result(timeout=20) == ("aw.ok done,FAILED: NodeFailure: aw.bad failed on purpose,"
+                                               "TIMED_OUT: None")
     events = await tree_log(env, "aw")
     [completed] = [e.payload for e in of(events, "aw") if e.event_type is T.CHILD_WORKFLOW_EXECUTION_COMPLETED]
     assert (completed.child_workflow_exec_id, completed.result_json) == ("aw.ok", '"aw.ok done"')
@@ -277,8 +285,26 @@ async def test_await_handle_gives_the_childs_result_or_raises_its_failure(env: E
     assert (failed.child_workflow_exec_id, failed.failure.type, failed.failure.message) == (
         "aw.bad", "NodeFailure", "aw.bad failed on purpose")
     assert types_of(of(events, "aw.bad"))[-1] == "WORKFLOW_EXECUTION_FAILED"
+    assert types_of(of(events, "aw.slow"))[-1] == "WORKFLOW_EXECUTION_TIMED_OUT"
+    assert position(events, "aw.slow", T.WORKFLOW_EXECUTION_TIMED_OUT) < position(
+        events, "aw", T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT)
     assert position(events, "aw.bad", T.WORKFLOW_EXECUTION_FAILED) < position(events, "aw",
                                                                               T.CHILD_WORKFLOW_EXECUTION_FAILED)
+
+
+async def test_a_handle_names_its_child_and_cancels_it(env: Environment) -> None:
+    handle = await env.client.start_workflow(TreeNode, Node(then="cancel_kids", kids=[edge("hc.k")]),
+                                             execution_id="hc")
+    assert await handle.result(timeout=20) == "CANCELED: None"  # `await handle` raised ChildWorkflowError
+    events = await tree_log(env, "hc")
+    parent = of(events, "hc")
+    assert [e.payload.child_workflow_exec_id for e in parent
+            if e.event_type is T.CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED] == ["hc.k"]
+    [request] = [e.payload for e in of(events, "hc.k") if e.event_type is T.WORKFLOW_EXECUTION_CANCEL_REQUESTED]
+    assert request.reason == "parent hc asked"
+    assert CALLS == ["cleanup hc.k"]
+    assert position(events, "hc.k", T.WORKFLOW_EXECUTION_CANCELED) < position(
+        events, "hc", T.CHILD_WORKFLOW_EXECUTION_CANCELED)
 
 
 async def test_the_default_policy_is_abandon_with_wait_false_and_terminate_with_wait_true(env: Environment) -> None:
@@ -368,6 +394,29 @@ async def test_grandchildren_get_their_own_parents_policy_recursively(env: Envir
     [applied] = [e.payload for e in of(events, "rec") if e.event_type is T.PARENT_CLOSE_POLICY_APPLIED]
     assert (applied.child_workflow_exec_id, applied.policy) == ("rec.k", P.TERMINATE)
     assert of(events, "rec.k")[-1].payload.reason == "parent rec closed (TERMINATED)"
+
+
+async def test_continue_as_new_applies_the_policy_to_the_runs_open_children(env: Environment) -> None:
+    """The first run starts a TERMINATE and an ABANDON child, then continues as new: its
+    close applies their policies; the tree's stream holds both runs and both children."""
+    handle = await env.client.start_workflow(TreeNode, Node(then="continue", kids=[
+        edge("can.t", policy=P.TERMINATE), edge("can.a", policy=P.ABANDON)]), execution_id="can")
+    assert await closed(env, "can.t", "can") is Status.TERMINATED
+    assert await finish(env, "can.a", "can") == "can.a done"  # the abandoned one outlives the run
+    assert await finish(env, "can", "can") == "can done"  # the new run waited for its own signal
+    events = await tree_log(env, "can", one_run=False)  # two runs: two starts of "can"
+    runs = list(dict.fromkeys(e.workflow_context.workflow_run_id for e in of(events, "can")))
+    assert len(runs) == 2
+    first = [e for e in of(events, "can") if e.workflow_context.workflow_run_id == runs[0]]
+    assert types_of(first)[-3:] == ["PARENT_CLOSE_POLICY_APPLIED", "PARENT_CLOSE_POLICY_APPLIED",
+                                    "WORKFLOW_EXECUTION_CONTINUED_AS_NEW"]
+    assert [(e.payload.child_workflow_exec_id, e.payload.policy, e.payload.parent_close_status) for e in first[-3:-1]] \
+        == [("can.t", P.TERMINATE, "CONTINUED_AS_NEW"), ("can.a", P.ABANDON, "CONTINUED_AS_NEW")]
+    assert of(events, "can.t")[-1].payload.reason == "parent can closed (CONTINUED_AS_NEW)"
+    second = [e for e in of(events, "can") if e.workflow_context.workflow_run_id == runs[1]]
+    assert not any(e.event_type in CHILD_EVENTS_AFTER_START for e in second)  # the new run has no children
+    assert second[-1].event_type is T.WORKFLOW_EXECUTION_COMPLETED
+    assert {e.workflow_context.workflow_exec_id for e in events} == {"can", "can.t", "can.a"}
 
 
 async def test_termination_ends_an_execution_at_once_with_its_reason(env: Environment) -> None:

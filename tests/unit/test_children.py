@@ -113,6 +113,35 @@ async def test_fire_and_forget_returns_once_started_and_the_abandoned_child_runs
     closed_once(mem)
 
 
+async def test_a_handle_cancels_its_child_and_awaiting_it_raises_child_canceled() -> None:
+    mem = memory()
+    await start(mem, "q", Node(then="cancel_kids", kids=[edge("q.k")]))
+    assert json.loads(mem.state("q").result_json) == "CANCELED: None"
+    order = flow(mem, "q", "q.k")
+    assert (order.index("q:CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED") < order.index(
+        "q.k:WORKFLOW_EXECUTION_CANCEL_REQUESTED") < order.index("q.k:WORKFLOW_EXECUTION_CANCELED")
+            < order.index("q:CHILD_WORKFLOW_EXECUTION_CANCELED"))
+    assert CALLS == ["cleanup q.k"]
+    closed_once(mem)
+
+
+async def test_continue_as_new_applies_the_close_policy_to_the_runs_open_children() -> None:
+    mem = memory()
+    await start(mem, "p", Node(then="continue", kids=[edge("p.t", policy=P.TERMINATE), edge("p.a", policy=P.ABANDON)]))
+    first_run = mem.history("p")[0].workflow_context.workflow_run_id
+    closing = [e for e in mem.history("p") if e.workflow_context.workflow_run_id == first_run][-3:]
+    assert [(e.event_type.value, getattr(e.payload, "child_workflow_exec_id", None),
+             getattr(e.payload, "parent_close_status", None)) for e in closing] == [
+        ("PARENT_CLOSE_POLICY_APPLIED", "p.t", "CONTINUED_AS_NEW"),
+        ("PARENT_CLOSE_POLICY_APPLIED", "p.a", "CONTINUED_AS_NEW"), ("WORKFLOW_EXECUTION_CONTINUED_AS_NEW", None, None)]
+    assert payload_of(mem, "p.t", T.WORKFLOW_EXECUTION_TERMINATED)[0].reason == "parent p closed (CONTINUED_AS_NEW)"
+    assert mem.state("p").open and mem.state("p").context.workflow_run_id != first_run
+    assert mem.state("p").children == {}
+    await send(mem, "p.a", m.SignalWorkflowExecution(signal_name="finish"), root="p")
+    assert mem.state("p.a").status is Status.COMPLETED
+    assert "CHILD_WORKFLOW_EXECUTION_COMPLETED" not in mem.types("p")  # the new run never had it
+
+
 # ---------------------------------------------------------------- the parent closes while a start is in flight
 
 
