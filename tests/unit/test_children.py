@@ -14,6 +14,7 @@ import pytest
 from treeflow import ParentClosePolicy
 from treeflow.core import Status
 from treeflow.payloads import to_json
+from treeflow.processor.engine import PartitionEngine
 from treeflow.schemas import Command, Event, EventType
 from treeflow.schemas import models as m
 from tests.child_tree import ACTIVITIES, CALLS, WORKFLOWS, Attempts, Node, RetriesChild, TreeNode, edge
@@ -339,3 +340,24 @@ async def test_a_failed_child_is_retried_per_its_retry_policy_as_the_same_execut
     runs = {e.workflow_context.workflow_run_id for e in mem.history("r.child")}
     assert len(runs) == 2
     assert mem.state("r").result_json == '"r ok after 2"'
+
+
+# ---------------------------------------------------------------- a queue nobody serves
+
+
+@pytest.mark.xfail(strict=True, reason="a workflow task nobody takes times out every WORKFLOW_TASK_TIMEOUT (10 s) "
+                                       "with no backoff and no end: a WORKFLOW_TASK_TIMED_OUT event each time, and "
+                                       "a new task carrying the whole (growing) history each time")
+def test_a_child_waiting_for_a_worker_of_its_queue_does_not_grow_its_history() -> None:
+    """A child on a task queue no worker serves stays pending (RUNNING, its workflow task
+    in the queue's topic) until one starts. Waiting two minutes should not add events to
+    its history nor pile up copies of its task."""
+    engine = PartitionEngine(0)
+    engine.handle(Command(command_id="start", timestamp=EPOCH, root_workflow_exec_id="w", workflow_exec_id="w",
+                          payload=m.StartWorkflowExecution(workflow_name="child_tree_node", task_queue="nobody")),
+                  EPOCH)
+    dispatched = 0
+    for second in range(1, 121):
+        dispatched += len(engine.tick(EPOCH + timedelta(seconds=second), f"tick-{second}").dispatches)
+    assert engine.states["w"].last_sequence <= 2, [e.event_type.value for e in engine.histories["w"]]
+    assert dispatched <= 2
