@@ -62,7 +62,8 @@ class ServiceOptions:
     commit_interval: timedelta = timedelta(milliseconds=200)
     #: Event ids remembered to skip a second delivery of the same event.
     dedupe_window: int = 100_000
-    #: How long `stop()` waits for running handler calls before cancelling them.
+    #: How long `stop()` (and a rebalance taking partitions away) hands the events already
+    #: read to the handler before it stops them where they are.
     stop_timeout: timedelta = timedelta(seconds=30)
 
     def backoff(self, attempt: int) -> float:
@@ -158,7 +159,8 @@ class ServiceSubscription:
             await self._assigned.wait()
 
     async def stop(self) -> None:
-        """Stop reading, let running handler calls finish, commit what is done, leave the group."""
+        """Stop reading, hand the events already read to the handler (up to `options.stop_timeout`),
+        commit, leave the group. A restart after it hands no event twice."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -207,12 +209,12 @@ class ServiceSubscription:
         consumer = self._consumer
         try:
             while True:
-                assigned = consumer.assignment()
-                if self._buffered >= self.options.max_buffered:
-                    consumer.pause(*assigned)
+                room = self.options.max_buffered - self._buffered
+                if room <= 0:
+                    consumer.pause(*consumer.assignment())
                 elif consumer.paused():
                     consumer.resume(*consumer.paused())
-                batches = await consumer.getmany(timeout_ms=100)
+                batches = await consumer.getmany(timeout_ms=100, max_records=max(room, 1))
                 for tp, records in batches.items():
                     ledger = self._ledgers.setdefault(tp, OffsetLedger())
                     for record in records:
@@ -243,9 +245,6 @@ class ServiceSubscription:
             self.stats.duplicates += 1
             self._done(tp, record.offset)
             return
-        self._seen[event.event_id] = None
-        if len(self._seen) > self.options.dedupe_window:
-            self._seen.popitem(last=False)
         root = event.workflow_context.root_workflow_exec_id
         lane = self._lanes.get(root)
         if lane is None:
@@ -267,8 +266,15 @@ class ServiceSubscription:
         try:
             while lane.items and not lane.stopping.is_set():
                 item = lane.items[0]
-                if not await self._handle(item, lane):
+                event_id = item.event.event_id
+                if event_id in self._seen:  # a second delivery queued behind the first
+                    self.stats.duplicates += 1
+                elif not await self._handle(item, lane):
                     break  # stopping: the record stays uncommitted and is read again
+                else:
+                    self._seen[event_id] = None
+                    if len(self._seen) > self.options.dedupe_window:
+                        self._seen.popitem(last=False)
                 lane.items.popleft()
                 self._done(item.tp, item.record.offset)
         except asyncio.CancelledError:
@@ -327,14 +333,25 @@ class ServiceSubscription:
         self.stats.dead_lettered += 1
 
     async def _stop_lanes(self, roots: Iterable[str]) -> None:
-        """Let the lanes' running handler calls finish (up to `stop_timeout`), drop what waits."""
+        """Hand the lanes' queued events to the handler (nothing new is read meanwhile), so that
+        everything read is done and committed; after `stop_timeout`, stop them where they are.
+
+        Draining matters: trees run in parallel and a commit is one position per partition,
+        so a tree still waiting would hold back the commit of other trees' later events,
+        which would be handled again after the restart.
+        """
         lanes = [self._lanes[root] for root in roots if root in self._lanes]
-        for lane in lanes:
-            lane.stopping.set()
         tasks = [lane.task for lane in lanes if lane.task is not None]
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=self.options.stop_timeout.total_seconds())
+        if not late:
+            return
+        log.warning("%d trees still had events to handle after %s; their uncommitted events will be handed "
+                    "again", len(late), self.options.stop_timeout)
+        for lane in lanes:
+            lane.stopping.set()  # ends a backoff at once, and the lane after its running call
+        _, late = await asyncio.wait(late, timeout=1.0)
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -421,8 +438,11 @@ def subscribe(handler: Handler, *, group_id: str, bootstrap_servers: str | None 
       handled in parallel, at most `options.max_in_flight` calls at once. Instances
       with the same `group_id` share the partitions (and so the trees).
     - At least once: an offset is committed only after the handler succeeded (or the
-      record was dead-lettered) for it and every earlier record of its partition, so a
-      crash or a restart hands an event again only if its success was not committed yet.
+      record was dead-lettered) for it and every earlier record of its partition.
+      `stop()` and a rebalance first hand the events already read to the handler, then
+      commit, so a restart or a move to another instance hands no event twice; after a
+      crash, events handled but not committed yet are handed again (those of the last
+      `options.commit_interval`, and those held back by an earlier event still retrying).
       Within a process, an event id is handed over once (later deliveries are skipped).
     - A handler that raises is called again after an exponential backoff, up to
       `options.max_attempts` calls; then the record is written to the dead-letter

@@ -8,41 +8,26 @@ import json
 import signal
 import sys
 import uuid
-from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from treeflow.consumers import EventReader
 from treeflow.consumers.gateway import GatewayServer, create_app
-from treeflow.kafka import KafkaSettings
-from treeflow.schemas import Event
 from treeflow.testing import Environment
 from tests.integration import tree_app
+from tests.integration.tree_app import logged_tree
 
 pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture(scope="module")
-async def env(broker):
-    async with Environment(workflows=tree_app.WORKFLOWS, activities=tree_app.ACTIVITIES,
-                           bootstrap_servers=broker.bootstrap_servers, profile=broker.profile) as environment:
-        yield environment
-
-
-@pytest_asyncio.fixture(scope="module")
-async def gateway(env: Environment):
-    server = GatewayServer(create_app(env.settings), port=0)
+async def gateway(tree_env: Environment):
+    server = GatewayServer(create_app(tree_env.settings), port=0)
     await server.start()
     yield server.url
     await server.stop()
-
-
-async def logged_tree(settings: KafkaSettings, root: str) -> list[Event]:
-    return [item.event async for item in EventReader(settings)
-            if item.event.workflow_context.root_workflow_exec_id == root]
 
 
 async def read_frames(client: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None,
@@ -60,16 +45,16 @@ async def read_frames(client: httpx.AsyncClient, url: str, *, headers: dict[str,
 
 
 async def test_a_live_tree_streams_over_http_and_resumes_after_a_dropped_connection(
-        env: Environment, gateway: str) -> None:
+        tree_env: Environment, gateway: str) -> None:
     root = f"sse-{uuid.uuid4().hex[:8]}"
-    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=1.0),
+    await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=1.0),
                                     execution_id=root)
     url = f"{gateway}/v1/workflows/events/stream?root_workflow_exec_id={root}&until_closed=true"
     async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
         before = await read_frames(client, url, limit=6)  # then the connection drops
         after = await read_frames(client, url, headers={"Last-Event-ID": before[-1].id})
 
-    truth = await logged_tree(env.settings, root)
+    truth = [item.event for item in await logged_tree(tree_env.settings, root)]
     frames = before + after
     assert [f.event for f in frames][-1] == "end"
     events = [f for f in frames if f.event != "end"]
@@ -90,12 +75,12 @@ async def test_a_live_tree_streams_over_http_and_resumes_after_a_dropped_connect
 
 
 async def test_the_execution_route_finds_a_grandchild_and_start_seq_is_inclusive(
-        env: Environment, gateway: str) -> None:
+        tree_env: Environment, gateway: str) -> None:
     root = f"sse-{uuid.uuid4().hex[:8]}"
-    handle = await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="g", straggler_seconds=0.0),
+    handle = await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="g", straggler_seconds=0.0),
                                              execution_id=root)
     await handle.result(timeout=20)
-    truth = await logged_tree(env.settings, root)
+    truth = [item.event for item in await logged_tree(tree_env.settings, root)]
     grandchild = next(e.workflow_context.workflow_exec_id for e in truth
                       if e.workflow_context.workflow_name == "tree_grandchild")
     mine = [e for e in truth if e.workflow_context.workflow_exec_id == grandchild]
@@ -132,34 +117,34 @@ async def test_the_execution_route_finds_a_grandchild_and_start_seq_is_inclusive
 # ---------------------------------------------------------------- the CLI
 
 
-async def treeflow(env: Environment, *args: str) -> tuple[int, str, str]:
+async def treeflow(tree_env: Environment, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from treeflow.cli import main; main()", *args,
-        "--bootstrap-servers", env.settings.bootstrap_servers, "--prefix", env.settings.topic_prefix,
+        "--bootstrap-servers", tree_env.settings.bootstrap_servers, "--prefix", tree_env.settings.topic_prefix,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(30):
         out, err = await process.communicate()
     return process.returncode or 0, out.decode(), err.decode()
 
 
-async def test_tail_prints_json_lines_resumes_from_a_cursor_and_draws_the_tree(env: Environment) -> None:
+async def test_tail_prints_json_lines_resumes_from_a_cursor_and_draws_the_tree(tree_env: Environment) -> None:
     root = f"tail-{uuid.uuid4().hex[:8]}"
-    handle = await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="t", straggler_seconds=0.0),
+    handle = await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="t", straggler_seconds=0.0),
                                              execution_id=root)
     await handle.result(timeout=20)
-    truth = await logged_tree(env.settings, root)
+    truth = [item.event for item in await logged_tree(tree_env.settings, root)]
 
-    code, out, err = await treeflow(env, "tail", root, "--json", "--until-closed")
+    code, out, err = await treeflow(tree_env, "tail", root, "--json", "--until-closed")
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["event_id"] for line in lines] == [e.event_id for e in truth]
     assert {line["workflow_context"]["root_workflow_exec_id"] for line in lines} == {root}
 
-    code, out, err = await treeflow(env, "tail", root, "--json", "--until-closed", "--from-cursor", lines[4]["cursor"])
+    code, out, err = await treeflow(tree_env, "tail", root, "--json", "--until-closed", "--from-cursor", lines[4]["cursor"])
     assert code == 0, err
     assert [json.loads(line)["event_id"] for line in out.splitlines()] == [e.event_id for e in truth[5:]]
 
-    code, out, err = await treeflow(env, "tail", root, "--until-closed")
+    code, out, err = await treeflow(tree_env, "tail", root, "--until-closed")
     assert code == 0, err
     drawn = out.splitlines()
     assert drawn[0].startswith(f"tree_root  {root}  COMPLETED")
@@ -167,17 +152,17 @@ async def test_tail_prints_json_lines_resumes_from_a_cursor_and_draws_the_tree(e
     assert any(line.lstrip("│ ├└─").startswith("tree_grandchild ") and "COMPLETED" in line for line in drawn)
     assert drawn[-1] == "tree closed"
 
-    code, _, err = await treeflow(env, "tail", root, "--from-cursor", "nonsense")
+    code, _, err = await treeflow(tree_env, "tail", root, "--from-cursor", "nonsense")
     assert code == 1 and "not a cursor" in err
 
 
-async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(env: Environment) -> None:
+async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(tree_env: Environment) -> None:
     root = f"serve-{uuid.uuid4().hex[:8]}"
-    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=30.0),
+    await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="s", straggler_seconds=30.0),
                                     execution_id=root)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from treeflow.cli import main; main()", "serve", "--port", "0",
-        "--bootstrap-servers", env.settings.bootstrap_servers, "--prefix", env.settings.topic_prefix,
+        "--bootstrap-servers", tree_env.settings.bootstrap_servers, "--prefix", tree_env.settings.topic_prefix,
         stderr=asyncio.subprocess.PIPE)
     try:
         assert process.stderr is not None

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter, defaultdict
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import ServiceOptions, TreeEvent, subscribe, subscribe_tree
@@ -25,28 +25,21 @@ pytestmark = pytest.mark.integration
 FAST = ServiceOptions(initial_backoff=timedelta(milliseconds=20), commit_interval=timedelta(milliseconds=50))
 
 
-@pytest_asyncio.fixture(scope="module")
-async def env(broker):
-    async with Environment(workflows=tree_app.WORKFLOWS, activities=tree_app.ACTIVITIES,
-                           bootstrap_servers=broker.bootstrap_servers, profile=broker.profile) as environment:
-        yield environment
-
-
 async def wait_for(condition: Any, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.02)
 
 
-async def test_a_service_survives_a_handler_that_fails_twice_and_a_restart(env: Environment) -> None:
+async def test_a_service_survives_a_handler_that_fails_twice_and_a_restart(tree_env: Environment) -> None:
     roots = [f"svc-{uuid.uuid4().hex[:6]}-{n}" for n in range(3)]
     for root in roots:
-        await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value=root, straggler_seconds=0.2),
+        await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value=root, straggler_seconds=0.2),
                                         execution_id=root)
     trees: dict[str, list[str]] = {}
     for root in roots:
         async with asyncio.timeout(20):
-            trees[root] = [e.event_id async for e in subscribe_tree(root, until_closed=True, settings=env.settings)]
+            trees[root] = [e.event_id async for e in subscribe_tree(root, until_closed=True, settings=tree_env.settings)]
     expected = sum(len(ids) for ids in trees.values())
     flaky = trees[roots[1]][len(trees[roots[1]]) // 2]  # an event in the middle of a tree
 
@@ -70,14 +63,18 @@ async def test_a_service_survives_a_handler_that_fails_twice_and_a_restart(env: 
             running.discard(root)
 
     group = f"service-{uuid.uuid4().hex[:6]}"
-    first = subscribe(handler, group_id=group, root_workflow_exec_ids=roots, settings=env.settings, options=FAST)
+    # Few records read ahead, so that the restart comes with events not read yet.
+    options = replace(FAST, max_buffered=8, max_in_flight=2)
+    first = subscribe(handler, group_id=group, root_workflow_exec_ids=roots, settings=tree_env.settings,
+                      options=options)
     async with first:
         await wait_for(lambda: len(handled) >= expected // 2)
     stopped_at = len(handled)
     assert stopped_at < expected, "the restart must happen with events left to handle"
     assert first.stats.committed, "the first consumer committed what it handled"
 
-    second = subscribe(handler, group_id=group, root_workflow_exec_ids=roots, settings=env.settings, options=FAST)
+    second = subscribe(handler, group_id=group, root_workflow_exec_ids=roots, settings=tree_env.settings,
+                       options=options)
     async with second:
         await wait_for(lambda: len(handled) >= expected)
         await asyncio.sleep(0.3)  # anything handled twice would show up now

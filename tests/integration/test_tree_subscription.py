@@ -9,14 +9,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 
-from treeflow.consumers import Cursor, CursorError, EventReader, TreeEvent, subscribe_tree
+from treeflow.consumers import Cursor, CursorError, TreeEvent, subscribe_tree
 from treeflow.kafka import KafkaSettings, ensure_topics, partition_for
-from treeflow.schemas import Event, EventType, ParentClosePolicy
+from treeflow.schemas import EventType, ParentClosePolicy
 from treeflow.testing import Environment
 from tests.integration import tree_app
+from tests.integration.tree_app import logged_tree
 from tests.samples import context, event_of, write_events
 
 pytestmark = pytest.mark.integration
@@ -24,46 +24,33 @@ pytestmark = pytest.mark.integration
 T = EventType
 
 
-@pytest_asyncio.fixture(scope="module")
-async def env(broker):
-    async with Environment(workflows=tree_app.WORKFLOWS, activities=tree_app.ACTIVITIES,
-                           bootstrap_servers=broker.bootstrap_servers, profile=broker.profile) as environment:
-        yield environment
-
-
-async def logged_tree(settings: KafkaSettings, root: str) -> list[tuple[int, int, Event]]:
-    """Ground truth: the tree's events as a full scan of every partition finds them."""
-    found = [(item.partition, item.offset, item.event) async for item in EventReader(settings)]
-    return [entry for entry in found if entry[2].workflow_context.root_workflow_exec_id == root]
-
-
 async def collect(subscription: Any, timeout: float = 20.0) -> list[TreeEvent[Any]]:
     async with asyncio.timeout(timeout):
         return [event async for event in subscription]
 
 
-async def start_tree(env: Environment, straggler_seconds: float = 1.0) -> str:
+async def start_tree(tree_env: Environment, straggler_seconds: float = 1.0) -> str:
     root = f"root-{uuid.uuid4().hex[:8]}"
-    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="v", straggler_seconds=straggler_seconds),
+    await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="v", straggler_seconds=straggler_seconds),
                                     execution_id=root)
     return root
 
 
 async def test_a_three_level_tree_arrives_whole_in_order_and_ends_when_the_abandoned_child_closes(
-        env: Environment) -> None:
+        tree_env: Environment) -> None:
     root = f"root-{uuid.uuid4().hex[:8]}"
     # Subscribed live before the tree exists: it sees the tree from its first event.
-    subscription = subscribe_tree(root, from_beginning=False, until_closed=True, settings=env.settings)
+    subscription = subscribe_tree(root, from_beginning=False, until_closed=True, settings=tree_env.settings)
     await subscription.start()  # from here on, every appended event is delivered
     collecting = asyncio.ensure_future(collect(subscription))
-    await env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="v", straggler_seconds=1.0),
+    await tree_env.client.start_workflow(tree_app.Root, tree_app.TreeInput(value="v", straggler_seconds=1.0),
                                     execution_id=root)
     events = await collecting
 
-    truth = await logged_tree(env.settings, root)
-    assert [e.event_id for e in events] == [event.event_id for _, _, event in truth]
-    partition = partition_for(root, env.settings.partitions)
-    assert [(e.position.partition, e.position.offset) for e in events] == [(p, o) for p, o, _ in truth]
+    truth = await logged_tree(tree_env.settings, root)
+    assert [e.event_id for e in events] == [item.event.event_id for item in truth]
+    partition = partition_for(root, tree_env.settings.partitions)
+    assert [(e.position.partition, e.position.offset) for e in events] == [(i.partition, i.offset) for i in truth]
     assert subscription.stats.partition == partition
     cursors = [int(e.cursor) for e in events]
     assert cursors == sorted(set(cursors))
@@ -98,16 +85,16 @@ async def test_a_three_level_tree_arrives_whole_in_order_and_ends_when_the_aband
 
 
 async def test_a_dropped_subscription_resumes_from_its_cursor_repeating_and_skipping_nothing(
-        env: Environment) -> None:
-    root = await start_tree(env, straggler_seconds=0.8)
+        tree_env: Environment) -> None:
+    root = await start_tree(tree_env, straggler_seconds=0.8)
     first: list[TreeEvent[Any]] = []
-    async with subscribe_tree(root, settings=env.settings) as subscription:
+    async with subscribe_tree(root, settings=tree_env.settings) as subscription:
         async for event in subscription:
             first.append(event)
             if len(first) == 7:
                 break  # the connection "drops" mid-tree, while the tree still runs
-    resumed = await collect(subscribe_tree(root, cursor=first[-1].cursor, until_closed=True, settings=env.settings))
-    truth = [event.event_id for _, _, event in await logged_tree(env.settings, root)]
+    resumed = await collect(subscribe_tree(root, cursor=first[-1].cursor, until_closed=True, settings=tree_env.settings))
+    truth = [item.event.event_id for item in await logged_tree(tree_env.settings, root)]
     assert [e.event_id for e in first + resumed] == truth
     assert not set(e.event_id for e in first) & set(e.event_id for e in resumed)
 
@@ -115,33 +102,34 @@ async def test_a_dropped_subscription_resumes_from_its_cursor_repeating_and_skip
     everything = first + resumed
     for k in (0, len(everything) // 2, len(everything) - 2):
         again = await collect(subscribe_tree(root, cursor=Cursor.parse(int(everything[k].cursor)),
-                                             until_closed=True, settings=env.settings))
+                                             until_closed=True, settings=tree_env.settings))
         assert [e.event_id for e in again] == truth[k + 1:]
     # The last event's cursor: the tree is closed, nothing follows, the stream ends at once.
     assert await collect(subscribe_tree(root, cursor=everything[-1].cursor, until_closed=True,
-                                        settings=env.settings)) == []
+                                        settings=tree_env.settings)) == []
     # Live, after the tree closed: nothing, and it ends.
-    assert await collect(subscribe_tree(root, from_beginning=False, until_closed=True, settings=env.settings)) == []
+    assert await collect(subscribe_tree(root, from_beginning=False, until_closed=True, settings=tree_env.settings)) == []
 
 
-async def test_a_cursor_of_another_partition_or_past_the_end_is_refused(env: Environment) -> None:
-    root = await start_tree(env, straggler_seconds=0.0)
-    partition = partition_for(root, env.settings.partitions)
-    other = (partition + 1) % env.settings.partitions
+async def test_a_cursor_of_another_partition_or_past_the_end_is_refused(tree_env: Environment) -> None:
+    root = await start_tree(tree_env, straggler_seconds=0.0)
+    partition = partition_for(root, tree_env.settings.partitions)
+    other = (partition + 1) % tree_env.settings.partitions
     with pytest.raises(CursorError, match="belongs to another tree"):
-        await collect(subscribe_tree(root, cursor=Cursor(other, 0), settings=env.settings))
+        await collect(subscribe_tree(root, cursor=Cursor(other, 0), settings=tree_env.settings))
     with pytest.raises(CursorError, match="past the end"):
-        await collect(subscribe_tree(root, cursor=Cursor(partition, 10**9), settings=env.settings))
+        await collect(subscribe_tree(root, cursor=Cursor(partition, 10**9), settings=tree_env.settings))
 
 
-async def test_filters_keep_only_the_asked_types_and_names(env: Environment) -> None:
-    root = await start_tree(env, straggler_seconds=0.0)
+async def test_filters_keep_only_the_asked_types_and_names(tree_env: Environment) -> None:
+    root = await start_tree(tree_env, straggler_seconds=0.0)
     closes = await collect(subscribe_tree(
         root, event_types="WORKFLOW_EXECUTION_COMPLETED,CHILD_WORKFLOW_EXECUTION_COMPLETED",
-        workflow_names=["tree_root", "tree_grandchild"], until_closed=True, settings=env.settings))
+        workflow_names=["tree_root", "tree_grandchild"], until_closed=True, settings=tree_env.settings))
     kept = {T.WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_COMPLETED}
-    expected = [event.event_id for _, _, event in await logged_tree(env.settings, root)
-                if event.event_type in kept and event.workflow_context.workflow_name in {"tree_root", "tree_grandchild"}]
+    expected = [item.event.event_id for item in await logged_tree(tree_env.settings, root)
+                if item.event.event_type in kept
+                and item.event.workflow_context.workflow_name in {"tree_root", "tree_grandchild"}]
     assert [e.event_id for e in closes] == expected
     assert Counter((e.workflow_context.workflow_name, e.event_type) for e in closes)[
         ("tree_grandchild", T.WORKFLOW_EXECUTION_COMPLETED)] == 1

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 
 import treeflow as workflows
 from treeflow import workflow
+from treeflow.consumers import ConsumedEvent, EventReader
+from treeflow.kafka import KafkaSettings
 
 
 @workflows.activity()
@@ -57,3 +59,9 @@ class Root:
 
 WORKFLOWS = [Root, Child, Grandchild, Straggler]
 ACTIVITIES = [leaf_step]
+
+
+async def logged_tree(settings: KafkaSettings, root: str) -> list[ConsumedEvent]:
+    """Ground truth for a tree: its events as a scan of every partition finds them, in log order."""
+    return [item async for item in EventReader(settings)
+            if item.event.workflow_context.root_workflow_exec_id == root]
