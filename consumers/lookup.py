@@ -1,16 +1,14 @@
 """Find the root of an execution: which tree, and so which partition, holds it.
 
 The events of an execution are keyed by its tree's root id, which the execution
-id alone does not say. Two ways to find it, cheapest first:
-
-1. Candidates from the id: the id itself (a top-level execution is its own root)
-   and each prefix before a ``.`` — treeflow names children it ids itself
-   ``<parent id>.<12 hex digits>``, so a grandchild ``r.a1.b2`` has candidates
-   ``r``, ``r.a1`` and ``r.a1.b2``. Each candidate's partition is read with a key
-   filter (other trees' records are not decoded) until the execution shows up.
-2. A scan of every partition, decoding every record (the cost of a full-topic
-   read): only when asked for (`scan=True`), for children started with an
-   execution id of the workflow's own choosing.
+id alone does not say. Candidates come from the id: the id itself (a top-level
+execution is its own root) and each prefix before a ``.`` — a child's default id
+is ``<parent id>.<suffix>``, so a grandchild ``r.a1.b2`` has candidates ``r``,
+``r.a1`` and ``r.a1.b2``. Their partitions are read first; with `scan=True`, the
+other partitions after them. Only the execution's own records are decoded (the
+processor's ``tf.exec`` header names a record's execution), and the search stops
+at its first event. Cost: the records before that event in its partition; for an
+id that names none of its ancestors, up to one read of the whole events topic.
 
 A caller that knows the root should pass it instead (the gateway's
 ``root_workflow_exec_id`` parameter).
@@ -21,9 +19,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import aclosing
 
+from aiokafka import ConsumerRecord
+
 from treeflow.kafka import KafkaSettings, partition_for
 
 from .reader import EventReader, partition_count
+
+#: The header the processor puts on each event: the execution it belongs to.
+EXEC_HEADER = "tf.exec"
 
 
 def root_candidates(execution_id: str) -> list[str]:
@@ -34,16 +37,20 @@ def root_candidates(execution_id: str) -> list[str]:
 
 async def find_root(settings: KafkaSettings, execution_id: str, *, scan: bool = False) -> str | None:
     """The root id of the tree that holds `execution_id`, or None when no event of it was found."""
-    partitions = await partition_count(settings)
-    for candidate in root_candidates(execution_id):
-        reader = EventReader(settings, [partition_for(candidate, partitions)], key=candidate)
+    count = await partition_count(settings)
+    first = list(dict.fromkeys(partition_for(candidate, count) for candidate in root_candidates(execution_id)))
+    groups = [first, [p for p in range(count) if p not in first] if scan else []]
+    wanted = execution_id.encode()
+
+    def maybe_of_execution(record: ConsumerRecord[bytes, bytes]) -> bool:
+        named = dict(record.headers or ()).get(EXEC_HEADER)
+        return named is None or named == wanted
+
+    for partitions in groups:
+        if not partitions:
+            continue
+        reader = EventReader(settings, partitions, accept=maybe_of_execution)
         async with aclosing(reader.__aiter__()) as items:
-            async for item in items:
-                context = item.event.workflow_context
-                if context.workflow_exec_id == execution_id and context.root_workflow_exec_id == candidate:
-                    return candidate
-    if scan:
-        async with aclosing(EventReader(settings).__aiter__()) as items:
             async for item in items:
                 context = item.event.workflow_context
                 if context.workflow_exec_id == execution_id:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from treeflow.kafka import KafkaSettings, end_offsets
 from treeflow.schemas import EVENTS, DecodeError, Event, RecordPosition
@@ -35,8 +35,8 @@ class ReaderStats:
     fetched_records: int = 0
     #: Key and value bytes of the records received from the broker.
     fetched_bytes: int = 0
-    #: Records left undecoded because their key is not the one asked for.
-    other_keys: int = 0
+    #: Records left undecoded: another key than the one asked for, or refused by `accept`.
+    skipped: int = 0
 
 
 class EventReader:
@@ -51,6 +51,8 @@ class EventReader:
     - `key`: yield only records with this key (a tree's root id): other
       records are skipped before they are decoded, which makes reading one tree's
       partition cheap. Records with no key are decoded and yielded.
+    - `accept`: another test on the raw record (its headers, say) before decoding;
+      records it refuses are skipped undecoded.
 
     A record that cannot be decoded is logged with its topic, partition and
     offset, counted in `stats`, and skipped: it never ends the iteration.
@@ -60,7 +62,8 @@ class EventReader:
     def __init__(self, settings: KafkaSettings, partitions: Iterable[int] | None = None,
                  *, follow: bool = False, key: str | None = None,
                  start_offsets: Mapping[int, int] | None = None,
-                 stop_offsets: Mapping[int, int] | None = None) -> None:
+                 stop_offsets: Mapping[int, int] | None = None,
+                 accept: Callable[[ConsumerRecord[bytes, bytes]], bool] | None = None) -> None:
         if follow and stop_offsets is not None:
             raise ValueError("a following reader has no stop offsets")
         self.settings = settings
@@ -69,9 +72,10 @@ class EventReader:
         self.key = None if key is None else key.encode()
         self.start_offsets = dict(start_offsets or {})
         self.stop_offsets = None if stop_offsets is None else dict(stop_offsets)
+        self.accept = accept
         self.stats = ReaderStats()
 
-    async def __aiter__(self) -> AsyncIterator[ConsumedEvent]:
+    async def __aiter__(self) -> AsyncGenerator[ConsumedEvent, None]:
         topic = self.settings.topics.events
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap_servers,
@@ -104,8 +108,9 @@ class EventReader:
                         self.stats.fetched_records += 1
                         self.stats.fetched_bytes += max(record.serialized_key_size, 0) + max(
                             record.serialized_value_size, 0)
-                        if self.key is not None and record.key is not None and record.key != self.key:
-                            self.stats.other_keys += 1
+                        if ((self.key is not None and record.key is not None and record.key != self.key)
+                                or (self.accept is not None and not self.accept(record))):
+                            self.stats.skipped += 1
                             continue
                         position = RecordPosition(topic, tp.partition, record.offset)
                         try:

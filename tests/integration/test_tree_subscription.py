@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import Cursor, CursorError, TreeEvent, subscribe_tree
+from treeflow.consumers.lookup import find_root
 from treeflow.kafka import KafkaSettings, ensure_topics, partition_for
 from treeflow.schemas import EventType, ParentClosePolicy
 from treeflow.testing import Environment
@@ -163,3 +164,18 @@ async def test_undecodable_and_duplicate_records_are_skipped_and_counted(setting
     assert subscription.stats.yielded == 4
     assert subscription.stats.fetched_records == 7  # the tree's 5 + the bad one + the neighbour's
     assert f"{settings.topics.events}[{bad.partition}]@{bad.offset}" in caplog.text
+
+
+async def test_the_root_of_an_execution_is_found_from_its_id_or_by_a_scan(settings: KafkaSettings) -> None:
+    await ensure_topics(settings)
+    root = "find-root"
+    named = context(f"{root}.a1.b2", root, parent=f"{root}.a1")
+    custom = context("chosen-by-the-workflow", root, parent=root)
+    await write_events(settings, [event_of(T.WORKFLOW_EXECUTION_STARTED, context(root, root), 1),
+                                  event_of(T.WORKFLOW_EXECUTION_STARTED, named, 1),
+                                  event_of(T.WORKFLOW_EXECUTION_STARTED, custom, 1)])
+    assert await find_root(settings, root) == root
+    assert await find_root(settings, f"{root}.a1.b2") == root  # a dot-prefix of the id
+    assert await find_root(settings, "chosen-by-the-workflow") is None  # its partition is not the root's...
+    assert await find_root(settings, "chosen-by-the-workflow", scan=True) == root  # ...a scan finds it
+    assert await find_root(settings, "nobody", scan=True) is None
