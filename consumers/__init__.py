@@ -10,9 +10,10 @@ The HTTP gateway (`treeflow.consumers.gateway`) and the CLI (`treeflow serve`,
 `treeflow tail`) are built on these and need the `serve` extra.
 """
 
-from .cursor import Cursor, CursorError
+from .cursor import Cursor, CursorError, cursor_before
 from .events import TREE_EVENT_MODELS, TreeEvent
 from .filters import EventFilter
+from .lookup import find_root
 from .reader import ConsumedEvent, EventReader, ReaderStats
 from .service import Handler, ServiceOptions, ServiceStats, ServiceSubscription, dead_letter_topic_name, subscribe
 from .subscription import TreeStats, TreeSubscription, subscribe_tree
@@ -21,5 +22,6 @@ from .tree import ExecutionNode, TreeTracker
 __all__ = [
     "TREE_EVENT_MODELS", "ConsumedEvent", "Cursor", "CursorError", "EventFilter", "EventReader", "ExecutionNode",
     "Handler", "ReaderStats", "ServiceOptions", "ServiceStats", "ServiceSubscription", "TreeEvent", "TreeStats",
-    "TreeSubscription", "TreeTracker", "dead_letter_topic_name", "subscribe", "subscribe_tree",
+    "TreeSubscription", "TreeTracker", "cursor_before", "dead_letter_topic_name", "find_root", "subscribe",
+    "subscribe_tree",
 ]

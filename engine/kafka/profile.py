@@ -4,6 +4,13 @@ treeflow's clients behave the same on every broker; a profile only tunes what a
 broker needs tuned. The embedded Tansu broker has gaps (DESIGN.md §8) that the
 `tansu` profile works around; on Apache Kafka the `kafka` profile changes nothing
 the engine relies on.
+
+Found since DESIGN.md §8 was written (consumer library, aiokafka 0.14): Tansu
+acknowledges LeaveGroup but keeps the member until its session times out, so a
+consumer that rejoins a group soon after another member left waits for that: the
+join took 7.2 s at `session_timeout_ms=3000` (2.1 s for a first join) and 4.2 s at
+1500 (1.1 s). Nothing is lost; a restarted service consumer only starts later.
+No setting works around it short of a session timeout too short for a loaded host.
 """
 
 from __future__ import annotations
