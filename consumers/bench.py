@@ -25,11 +25,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -57,7 +57,7 @@ def tree_events(root: str, count: int, now: datetime) -> list[Event]:
     sequences = {root: 0, child: 0}
     events: list[Event] = []
 
-    def emit(exec_id: str, event_type: EventType, payload: m.AvroModel) -> None:
+    def emit(exec_id: str, event_type: EventType, payload: Any) -> None:
         sequences[exec_id] += 1
         events.append(Event(event_id=f"{exec_id}:{sequences[exec_id]}", event_type=event_type, timestamp=now,
                             sequence=sequences[exec_id], workflow_context=contexts[exec_id], payload=payload))
@@ -65,7 +65,8 @@ def tree_events(root: str, count: int, now: datetime) -> list[Event]:
     ids = {"child_workflow_exec_id": child, "child_workflow_name": "payment"}
     emit(root, T.WORKFLOW_EXECUTION_STARTED, m.WorkflowExecutionStarted(input_json=INPUT % root))
     emit(root, T.START_CHILD_WORKFLOW_EXECUTION_INITIATED, m.StartChildWorkflowExecutionInitiated(
-        **ids, task_queue="default", input_json=INPUT % child, parent_close_policy=ParentClosePolicy.TERMINATE))
+        child_workflow_exec_id=child, child_workflow_name="payment", task_queue="default", input_json=INPUT % child,
+        parent_close_policy=ParentClosePolicy.TERMINATE))
     emit(child, T.WORKFLOW_EXECUTION_STARTED, m.WorkflowExecutionStarted(input_json=INPUT % child))
     emit(root, T.CHILD_WORKFLOW_EXECUTION_STARTED, m.ChildWorkflowExecutionStarted(
         **ids, child_workflow_run_id=f"{child}-run"))
@@ -74,8 +75,8 @@ def tree_events(root: str, count: int, now: datetime) -> list[Event]:
         activity = {"activity_id": str(step // 4), "activity_name": "charge"}
         kind = step % 4
         if kind == 0:
-            emit(child, T.ACTIVITY_TASK_SCHEDULED, m.ActivityTaskScheduled(**activity, task_queue="default",
-                                                                           input_json=INPUT % step))
+            emit(child, T.ACTIVITY_TASK_SCHEDULED, m.ActivityTaskScheduled(
+                activity_id=str(step // 4), activity_name="charge", task_queue="default", input_json=INPUT % step))
         elif kind == 1:
             emit(child, T.ACTIVITY_TASK_STARTED, m.ActivityTaskStarted(**activity))
         elif kind == 2:
@@ -263,4 +264,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from treeflow.schemas import Event, EventType
 
 #: What a filter field accepts: one value, several, or None for "any".
-Values = str | Iterable[str] | None
-EventTypes = EventType | str | Iterable[EventType | str] | None
+Values: TypeAlias = str | Iterable[str] | None
+EventTypes: TypeAlias = EventType | str | Iterable[EventType | str] | None
 
 
 def _values(value: Values) -> frozenset[str] | None:
