@@ -258,13 +258,6 @@ def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
         s.reply(False, f"workflow execution {exec_id} is already running (run {existing.context.workflow_run_id})",
                 "WorkflowAlreadyStarted")
         return
-    previous = s.get(exec_id)
-    if previous is not None and previous.closed_at is not None and s.command.timestamp < previous.closed_at:
-        # Sent while the previous execution ran, so it was rejected then; a rejection
-        # leaves no event, and this keeps a re-delivery of it from starting a new run.
-        s.reply(False, f"workflow execution {exec_id} was still running when this start was sent (it closed at "
-                       f"{previous.closed_at.isoformat()})", "WorkflowAlreadyStarted")
-        return
     context = WorkflowContext(workflow_exec_id=exec_id, workflow_run_id=run_id_for(s.command.command_id),
                               workflow_name=p.workflow_name, parent_workflow_exec_id=None,
                               root_workflow_exec_id=exec_id, task_queue=p.task_queue)
