@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -365,7 +366,7 @@ def three_kids(parent: str) -> list[Any]:
 async def test_the_policy_is_applied_at_every_kind_of_parent_close(env: Environment, close: str) -> None:
     root = f"close-{close}"
     then = {"completed": "complete", "failed": "fail"}.get(close, "wait")
-    timeout = {"execution_timeout": __import__("datetime").timedelta(seconds=1.5)} if close == "timed_out" else {}
+    timeout = {"execution_timeout": timedelta(seconds=1.5)} if close == "timed_out" else {}
     handle = await env.client.start_workflow(TreeNode, Node(then=then, kids=three_kids(root)), execution_id=root,
                                              **timeout)
     await children_started(env, root, root, 3)
@@ -574,7 +575,7 @@ async def test_a_start_still_in_flight_when_the_parent_closes_never_creates_the_
     is stale: the child is never created, so nothing is left running."""
     root = f"in-flight-{close}"
     holding, release, sent = held.arm(root)
-    timeout = {"execution_timeout": __import__("datetime").timedelta(seconds=1)} if close == "timed_out" else {}
+    timeout = {"execution_timeout": timedelta(seconds=1)} if close == "timed_out" else {}
     handle = await env.client.start_workflow(
         TreeNode, Node(then="wait", kids=[edge(f"{root}.k", policy=P.TERMINATE, task_queue="default")]),
         execution_id=root, task_queue=HELD_QUEUE, **timeout)
@@ -603,7 +604,7 @@ async def test_a_child_completing_in_the_instant_the_parent_times_out(env: Envir
     naps = [0.9, 0.96, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05]
     handles = [await env.client.start_workflow(
         TreeNode, Node(then="await", kids=[edge(f"si-{i}.k", then="nap", sleep=nap, policy=P.TERMINATE)]),
-        execution_id=f"si-{i}", execution_timeout=__import__("datetime").timedelta(seconds=1))
+        execution_id=f"si-{i}", execution_timeout=timedelta(seconds=1))
         for i, nap in enumerate(naps)]
     outcomes = []
     for i, handle in enumerate(handles):

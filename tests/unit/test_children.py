@@ -17,7 +17,7 @@ from treeflow.payloads import to_json
 from treeflow.processor.engine import PartitionEngine
 from treeflow.schemas import Command, Event, EventType
 from treeflow.schemas import models as m
-from tests.child_tree import ACTIVITIES, CALLS, WORKFLOWS, Attempts, Node, RetriesChild, TreeNode, edge
+from tests.child_tree import ACTIVITIES, CALLS, WORKFLOWS, Attempts, Node, RetriesChild, edge
 from tests.inmemory import EPOCH, InMemory
 
 T = EventType
