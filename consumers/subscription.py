@@ -200,9 +200,10 @@ def subscribe_tree(root_workflow_exec_id: str, *, bootstrap_servers: str | None 
       child's started, and so on), each as a typed `TreeEvent` carrying a `cursor`.
     - Where it starts: after `cursor` when one is given (**exclusive**: the event
       that carried it is not yielded again); else from the tree's first event
-      (`from_beginning=True`, the default), or live: only events appended after the
-      subscription started (`from_beginning=False`; the true end of the partition
-      is looked up, also on brokers whose ListOffsets answers too low).
+      (`from_beginning=True`, the default), or live: only events appended after
+      ``await subscription.start()`` returned (the first iteration starts it too;
+      `from_beginning=False`; the true end of the partition is looked up, also on
+      brokers whose ListOffsets answers too low).
       A cursor of another partition, or past the partition's end, raises `CursorError`.
     - An event id is yielded at most once (duplicate deliveries are dropped, within a
       window of the last 100,000 ids); a record that cannot be decoded is logged,
