@@ -25,6 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
+from treeflow.consumers.lookup import RootCache
 from treeflow.kafka import KafkaSettings, end_offsets, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
 from treeflow.schemas import models as m
@@ -222,7 +223,7 @@ class Client:
         self._waiters: dict[str, list[asyncio.Future[Event]]] = {}
         self._closed: OrderedDict[str, Event] = OrderedDict()
         self._started_here: set[str] = set()
-        self._roots: OrderedDict[str, str] = OrderedDict()
+        self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -292,7 +293,7 @@ class Client:
                 raise WorkflowAlreadyStartedError(error.message)
             raise CommandRejectedError(error.message if error else "rejected")
         self._started_here.add(exec_id)
-        self._remember_root(exec_id, exec_id)
+        self._roots.remember(exec_id, exec_id)
         return WorkflowHandle(self, exec_id, exec_id, definition.return_type if definition else Any,
                               reply.workflow_run_id)
 
@@ -311,72 +312,27 @@ class Client:
         workflow class, types the result.
         """
         return_type = workflow_definition(workflow).return_type if workflow else Any
-        return WorkflowHandle(self, execution_id, root_execution_id or self._roots.get(execution_id), return_type)
+        return WorkflowHandle(self, execution_id, root_execution_id, return_type)
 
     # ------------------------------------------------------------ reading
 
     async def find_root(self, execution_id: str) -> str:
         """The root id of the tree that holds `execution_id`.
 
-        Known at once for executions this client started or already looked up. Otherwise
-        read from the events topic, whose records are keyed by root id: the partitions of
-        the candidate roots first (the id itself and each dot-prefix of it: a child's
-        default id is `<parent id>.<suffix>`, so these hold children and grandchildren
-        with default ids), then the others. Only record headers are looked at (nothing
-        is decoded), and the scan stops at the execution's first event. Cost: the
-        records before that event in its partition; for an id that names none of its
-        ancestors, up to one pass over the whole events topic. Raises
-        `CommandRejectedError` when no event names the execution.
+        Known at once for executions this client started or already looked up; otherwise
+        read from the events topic (`treeflow.consumers.find_root` with `scan=True`): first
+        the partitions of the candidate roots (the id itself and each dot-prefix of it: a
+        child's default id is `<parent id>.<suffix>`), then the others, decoding only the
+        execution's own records and stopping at its first event. Cost: the records ahead
+        of that event in its partition; for an id that names none of its ancestors, up to
+        one pass over the whole events topic. Raises `CommandRejectedError` when no event
+        names the execution.
         """
-        known = self._roots.get(execution_id)
-        if known is not None:
-            return known
-        count = self.settings.partitions
-        parts = execution_id.split(".")
-        candidates = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        first = list(dict.fromkeys(partition_for(c, count) for c in candidates))
-        for group in (first, [p for p in range(count) if p not in first]):
-            root = await self._scan_for_root(execution_id, group) if group else None
-            if root is not None:
-                self._remember_root(execution_id, root)
-                return root
-        raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
-                                   f"{self.settings.topics.events}")
-
-    async def _scan_for_root(self, execution_id: str, partitions: list[int]) -> str | None:
-        topic = self.settings.topics.events
-        wanted = execution_id.encode()
-        assigned = [TopicPartition(topic, p) for p in partitions]
-        ends = await end_offsets(self.settings, assigned)
-        remaining = {tp for tp in assigned if ends[tp] > 0}
-        if not remaining:
-            return None
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
-                                    auto_offset_reset="earliest",
-                                    fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms)
-        await consumer.start()
-        try:
-            consumer.assign(list(remaining))
-            for tp in remaining:
-                consumer.seek(tp, 0)
-            while remaining:
-                batches = await consumer.getmany(*remaining, timeout_ms=200)
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.offset >= ends[tp]:
-                            break
-                        if dict(record.headers or ()).get("tf.exec") == wanted and record.key:
-                            return record.key.decode()
-                remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
-        finally:
-            await consumer.stop()
-        return None
-
-    def _remember_root(self, execution_id: str, root: str) -> None:
-        self._roots[execution_id] = root
-        self._roots.move_to_end(execution_id)
-        while len(self._roots) > KNOWN_ROOTS:
-            self._roots.popitem(last=False)
+        root = await self._roots.find(execution_id)
+        if root is None:
+            raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
+                                       f"{self.settings.topics.events}")
+        return root
 
     async def history(self, execution_id: str, *, root_execution_id: str | None = None) -> list[Event]:
         """Every event of the execution (all its runs), in order; `root_execution_id` saves
