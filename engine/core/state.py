@@ -24,8 +24,11 @@ def updated(state: S, **changes: Any) -> S:
     copy.__dict__.update(changes)
     return copy
 
-#: How long a worker may take over a workflow task before it is given to another.
+#: How long a worker may take over a workflow task before it is given to another; it
+#: doubles with each attempt (a queue no worker serves yet must not fill the history)
+#: up to MAX_WORKFLOW_TASK_TIMEOUT.
 WORKFLOW_TASK_TIMEOUT = timedelta(seconds=10)
+MAX_WORKFLOW_TASK_TIMEOUT = timedelta(minutes=10)
 #: Bound of one activity attempt when the activity sets no timeout.
 DEFAULT_START_TO_CLOSE = timedelta(minutes=5)
 #: How many recent command ids an execution remembers to drop a re-delivered command.
@@ -94,7 +97,7 @@ class WorkflowTaskState:
 
     @property
     def deadline(self) -> datetime:
-        return self.ready_at + WORKFLOW_TASK_TIMEOUT
+        return self.ready_at + min(WORKFLOW_TASK_TIMEOUT * 2 ** min(self.attempt - 1, 16), MAX_WORKFLOW_TASK_TIMEOUT)
 
 
 @dataclass(frozen=True)
