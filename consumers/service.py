@@ -136,6 +136,7 @@ class ServiceSubscription:
         self._stopping = asyncio.Event()
         self._failure: BaseException | None = None
         self._assigned = asyncio.Event()
+        self._revoking: set[TopicPartition] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -212,8 +213,8 @@ class ServiceSubscription:
                 room = self.options.max_buffered - self._buffered
                 if room <= 0:
                     consumer.pause(*consumer.assignment())
-                elif consumer.paused():
-                    consumer.resume(*consumer.paused())
+                elif consumer.paused() - self._revoking:
+                    consumer.resume(*(consumer.paused() - self._revoking))
                 batches = await consumer.getmany(timeout_ms=100, max_records=max(room, 1))
                 for tp, records in batches.items():
                     ledger = self._ledgers.setdefault(tp, OffsetLedger())
@@ -380,6 +381,9 @@ class ServiceSubscription:
                 log.warning("commit of group %s failed, will retry: %r", self.group_id, error)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        if self._consumer is not None and revoked:
+            self._revoking |= revoked
+            self._consumer.pause(*revoked)  # nothing more of them is read while their lanes drain
         await self._stop_lanes([root for root, lane in self._lanes.items() if lane.tp in revoked])
         try:
             await self._commit(revoked)
@@ -389,6 +393,7 @@ class ServiceSubscription:
         for tp in revoked:
             self._ledgers.pop(tp, None)
             self.stats.committed.pop(tp.partition, None)
+        self._revoking -= revoked
 
     def _assigned_now(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:

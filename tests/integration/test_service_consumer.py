@@ -147,3 +147,37 @@ async def test_a_handler_that_keeps_failing_parks_the_event_and_the_stream_goes_
     assert by_error[b"ValueError"].value == EVENTS.encode(trees["dl-a"][1])
     # Everything, the parked records included, is committed: a restart hands nothing again.
     assert subscription.stats.committed[partition] == bad.offset + 1
+
+
+async def test_two_instances_share_the_trees_and_a_rebalance_repeats_nothing(settings: KafkaSettings) -> None:
+    """No engine: trees written by hand in two waves; a second instance joins between them."""
+    await ensure_topics(settings)
+    roots = [f"share-{n}" for n in range(40)]
+    contexts = {root: context(root, root) for root in roots}
+    kinds = [EventType.WORKFLOW_EXECUTION_STARTED, EventType.TIMER_STARTED, EventType.TIMER_FIRED,
+             EventType.ACTIVITY_TASK_SCHEDULED, EventType.ACTIVITY_TASK_STARTED, EventType.WORKFLOW_EXECUTION_COMPLETED]
+    waves = [[event_of(kinds[step], contexts[root], step + 1) for step in steps for root in roots]
+             for steps in (range(0, 3), range(3, 6))]
+    handled: list[tuple[str, str, str]] = []
+
+    def handler_of(instance: str) -> Any:
+        async def handle(event: TreeEvent[Any]) -> None:
+            await asyncio.sleep(0.005)
+            handled.append((instance, event.root_workflow_exec_id, event.event_id))
+        return handle
+
+    options = replace(FAST, max_in_flight=2, max_buffered=20)
+    await write_events(settings, waves[0])
+    async with subscribe(handler_of("first"), group_id="share", settings=settings, options=options) as first:
+        await wait_for(lambda: len(handled) >= 20)
+        async with subscribe(handler_of("second"), group_id="share", settings=settings, options=options) as second:
+            await second.wait_assigned()
+            await write_events(settings, waves[1])
+            await wait_for(lambda: len(handled) >= 240, timeout=40)
+            await asyncio.sleep(0.3)  # anything handled twice would show up now
+    ids = [event_id for _, _, event_id in handled]
+    assert Counter(ids) == Counter(e.event_id for wave in waves for e in wave)
+    for root in roots:
+        assert [event_id for _, r, event_id in handled if r == root] == [f"{root}:{n}" for n in range(1, 7)]
+    assert first.stats.handled + second.stats.handled == 240
+    assert second.stats.handled > 0 and first.stats.handled > 0
