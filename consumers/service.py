@@ -133,7 +133,8 @@ class ServiceSubscription:
         self._slots = asyncio.Semaphore(self.options.max_in_flight)
         self._buffered = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
+        self._stopped = False
+        self._wake = asyncio.Event()  # set by stop() and by a failure: run() returns
         self._failure: BaseException | None = None
         self._assigned = asyncio.Event()
         self._revoking: set[TopicPartition] = set()
@@ -162,9 +163,10 @@ class ServiceSubscription:
     async def stop(self) -> None:
         """Stop reading, hand the events already read to the handler (up to `options.stop_timeout`),
         commit, leave the group. A restart after it hands no event twice."""
-        if self._stopping.is_set():
+        if self._stopped:
             return
-        self._stopping.set()
+        self._stopped = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -189,7 +191,7 @@ class ServiceSubscription:
         """
         await self.start()
         try:
-            await self._stopping.wait()
+            await self._wake.wait()
         finally:
             await self.stop()
         if self._failure is not None:
@@ -227,7 +229,7 @@ class ServiceSubscription:
         except BaseException as error:  # surfaced by run()
             log.exception("service subscription %s stopped", self.group_id)
             self._failure = error
-            self._stopping.set()
+            self._wake.set()
 
     async def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -283,7 +285,7 @@ class ServiceSubscription:
         except BaseException as error:
             log.exception("service subscription %s stopped", self.group_id)
             self._failure = error
-            self._stopping.set()
+            self._wake.set()
         finally:
             self._buffered -= len(lane.items)
             lane.items.clear()

@@ -115,8 +115,11 @@ async def test_a_handler_that_keeps_failing_parks_the_event_and_the_stream_goes_
     options = ServiceOptions(max_attempts=2, initial_backoff=timedelta(milliseconds=10),
                              commit_interval=timedelta(milliseconds=50))
     subscription = subscribe(handler, group_id="dl-group", settings=settings, options=options)
-    async with subscription:
-        await wait_for(lambda: sum(map(len, handled.values())) == 5 and subscription.stats.dead_lettered == 2)
+    running = asyncio.ensure_future(subscription.run())
+    await wait_for(lambda: sum(map(len, handled.values())) == 5 and subscription.stats.dead_lettered == 2)
+    await subscription.stop()
+    async with asyncio.timeout(5):
+        await running  # run() returns once stopped
     assert handled["dl-a"] == [trees["dl-a"][0].event_id, trees["dl-a"][2].event_id]
     assert handled["dl-b"] == [e.event_id for e in trees["dl-b"]]
     assert (subscription.stats.retries, subscription.stats.undecodable) == (1, 1)
