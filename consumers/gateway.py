@@ -71,7 +71,9 @@ class GatewayOptions:
     buffer: int = 256
 
 
-class BadRequest(Exception):
+class _HttpError(Exception):
+    """Answered with `status` and ``{"detail": ...}`` before any stream starts."""
+
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
@@ -118,7 +120,7 @@ class _Gateway:
                 return given
             if exec_id or parent:
                 return await self._root(exec_id or parent or "", None)
-            raise BadRequest(400, "give root_workflow_exec_id (or workflow_exec_id or parent_workflow_exec_id): "
+            raise _HttpError(400, "give root_workflow_exec_id (or workflow_exec_id or parent_workflow_exec_id): "
                                   "a stream follows one tree; a service that wants every tree uses "
                                   "treeflow.consumers.subscribe")
 
@@ -128,11 +130,10 @@ class _Gateway:
 
     async def _root(self, execution_id: str, hint: str | None) -> str:
         if hint:
-            self.roots.remember(execution_id, hint)
-            return hint
+            return hint  # not cached: a wrong hint must not answer later requests
         root = await self.roots.find(execution_id)
         if root is None:
-            raise BadRequest(404, f"workflow execution {execution_id} not found; if it is a child started with an "
+            raise _HttpError(404, f"workflow execution {execution_id} not found; if it is a child started with an "
                                   "id of its own, pass root_workflow_exec_id")
         return root
 
@@ -146,7 +147,7 @@ class _Gateway:
             subscription = TreeSubscription(root, settings=self.settings, cursor=cursor, event_filter=event_filter,
                                             until_closed=query.get("until_closed", "").lower() in TRUE)
             await subscription.start()
-        except BadRequest as error:
+        except _HttpError as error:
             return JSONResponse({"detail": error.detail}, status_code=error.status)
         except (CursorError, ValueError) as error:
             return JSONResponse({"detail": str(error)}, status_code=400)
