@@ -638,11 +638,12 @@ class WorkflowExecutionCompleted(AvroModel):
 
 
 class WorkflowExecutionContinuedAsNew(AvroModel):
-    """The run ended and a new run of the same execution starts."""
+    """The run ended and a new run of the same execution starts: continue-as-new, or a retry of a failed run (then `failure` is set)."""
 
     __avro_name__: ClassVar[str] = "treeflow.events.WorkflowExecutionContinuedAsNew"
     new_workflow_run_id: str = Field(description="The new run's id.")
     input_json: None | str = Field(default=None, description='The input, as JSON text.')
+    failure: None | Failure = Field(default=None, description="Set when the run failed and the execution's retry policy starts another attempt: why the run failed.")
 
 
 class WorkflowExecutionFailed(AvroModel):
@@ -672,6 +673,7 @@ class WorkflowExecutionStarted(AvroModel):
     parent_workflow_run_id: None | str = Field(default=None, description="For a child: the parent's run that started it.")
     continued_from_run_id: None | str = Field(default=None, description='The run this one continues, after continue-as-new.')
     identity: None | str = Field(default=None, description='Who asked for the start (client identity), if known.')
+    first_workflow_task_backoff_ms: None | int = Field(default=None, description='For a retried attempt: how long after this event its first workflow task is given out (the retry backoff).')
 
 
 class WorkflowExecutionTerminated(AvroModel):

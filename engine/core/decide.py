@@ -232,14 +232,23 @@ class _Session:
 
 def _retry_backoff(activity: Any, failure: Failure, now: datetime, final: bool) -> int | None:
     """Milliseconds before the next attempt, or None when the activity fails for good."""
-    policy = activity.retry_policy or DEFAULT_RETRY
-    if final or failure.non_retryable or failure.type in policy.non_retryable_error_types:
+    if final:
         return None
-    if policy.maximum_attempts and activity.attempt >= policy.maximum_attempts:
+    return retry_backoff(activity.retry_policy or DEFAULT_RETRY, activity.attempt, failure, now,
+                         activity.schedule_deadline)
+
+
+def retry_backoff(policy: m.RetryPolicy, attempt: int, failure: Failure, now: datetime,
+                  deadline: datetime | None) -> int | None:
+    """Milliseconds before attempt `attempt + 1` under `policy`, or None when `failure`
+    ends it: not retryable, out of attempts, or the next attempt would begin after
+    `deadline`."""
+    if failure.non_retryable or failure.type in policy.non_retryable_error_types:
+        return None
+    if policy.maximum_attempts and attempt >= policy.maximum_attempts:
         return None
     maximum = policy.maximum_interval_ms or 100 * policy.initial_interval_ms
-    backoff = min(int(policy.initial_interval_ms * policy.backoff_coefficient ** (activity.attempt - 1)), maximum)
-    deadline = activity.schedule_deadline
+    backoff = min(int(policy.initial_interval_ms * policy.backoff_coefficient ** (attempt - 1)), maximum)
     if deadline is not None and now + timedelta(milliseconds=backoff) >= deadline:
         return None
     return backoff
@@ -493,7 +502,24 @@ def _complete(s: _Session, exec_id: str, d: m.CompleteWorkflowExecution) -> None
 
 
 def _fail(s: _Session, exec_id: str, d: m.FailWorkflowExecution) -> None:
-    s.close(exec_id, m.WorkflowExecutionFailed(failure=d.failure), Status.FAILED)
+    state = s.get(exec_id)
+    assert state is not None
+    backoff = None
+    if state.retry_policy is not None and not state.cancel_requested:
+        backoff = retry_backoff(state.retry_policy, state.attempt, d.failure, s.now, state.deadline)
+    if backoff is None:
+        s.close(exec_id, m.WorkflowExecutionFailed(failure=d.failure), Status.FAILED)
+        return
+    # Retried: the run ends like a continue-as-new carrying the failure (the parent
+    # hears of the execution only when its last attempt closes), and a new run of
+    # the same id starts from the same input after the backoff.
+    new_run = run_id_for(s.command.command_id, exec_id, "retry")
+    s.close(exec_id, m.WorkflowExecutionContinuedAsNew(new_workflow_run_id=new_run, input_json=state.input_json,
+                                                       failure=d.failure), Status.CONTINUED_AS_NEW)
+    s.emit(state.context.model_copy(update={"workflow_run_id": new_run}), m.WorkflowExecutionStarted(
+        input_json=state.input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
+        parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id,
+        first_workflow_task_backoff_ms=backoff), attempt=state.attempt + 1)
 
 
 def _cancel(s: _Session, exec_id: str, d: m.CancelWorkflowExecution) -> None:

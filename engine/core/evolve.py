@@ -98,8 +98,10 @@ def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
         input_json=payload.input_json,
         execution_timeout_ms=payload.execution_timeout_ms,
         retry_policy=payload.retry_policy,
+        attempt=event.attempt or 1,
         parent_close_policy=payload.parent_close_policy,
-        workflow_task=WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp),
+        workflow_task=WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp + timedelta(
+            milliseconds=payload.first_workflow_task_backoff_ms or 0)),
         last_trigger_sequence=event.sequence,
         # Kept across runs: a command re-delivered after a continue-as-new or a restart
         # of the same id must still be recognised.

@@ -113,6 +113,8 @@ class ExecutionState:
     input_json: str | None = None
     execution_timeout_ms: int | None = None
     retry_policy: RetryPolicy | None = None
+    #: The run's attempt under `retry_policy` (1 unless a failed run was retried).
+    attempt: int = 1
     parent_close_policy: ParentClosePolicy | None = None
     first_sequence: int = 1
     activities: Mapping[str, ActivityState] = field(default_factory=lambda: EMPTY)

@@ -517,9 +517,6 @@ async def test_a_child_on_a_queue_with_no_worker_stays_pending_visibly_until_one
     assert scheduled.task_queue == REMOTE_QUEUE
 
 
-@pytest.mark.xfail(strict=True, reason="not supported by core: a workflow execution's retry_policy is recorded on "
-                                       "its WORKFLOW_EXECUTION_STARTED event and never acted on, so a failed "
-                                       "child fails its parent at once")
 async def test_a_failed_child_is_retried_per_its_retry_policy_as_the_same_execution(env: Environment) -> None:
     handle = await env.client.start_workflow(RetriesChild, Attempts(key="retry", failures=1), execution_id="retry")
     try:

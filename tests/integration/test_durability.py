@@ -174,8 +174,9 @@ async def settle(settings: KafkaSettings, quiet: float = 1.0, timeout: float = 2
 def check_log(events: list[tuple[int, int, Event]], settings: KafkaSettings,
               closed: bool = True) -> dict[str, list[Event]]:
     """The log-wide invariants of DESIGN §3: every execution's sequences are exactly
-    1..n in log order, event ids are unique, each execution is started once and closed
-    exactly once (by its last event; at most once when not `closed`), and every event
+    1..n in log order, event ids are unique, each run is started once and closed exactly
+    once by its last event (the last run at most once when not `closed`), only a run
+    closed by CONTINUED_AS_NEW is followed by another, and every event
     sits in its root's partition. Returns each execution's events in log order."""
     ids = Counter(event.event_id for _, _, event in events)
     duplicates = {event_id: n for event_id, n in ids.items() if n > 1}
@@ -191,13 +192,23 @@ def check_log(events: list[tuple[int, int, Event]], settings: KafkaSettings,
         assert sequences == list(range(1, len(history) + 1)), \
             f"{exec_id}: sequences in log order are {sequences}, not 1..{len(history)}: " \
             f"{[(e.sequence, e.event_type.value) for e in history]}"
-        kinds = [event.event_type for event in history]
-        assert kinds.count(EventType.WORKFLOW_EXECUTION_STARTED) == 1, f"{exec_id}: {kinds}"
-        closes = [kind for kind in kinds if kind in CLOSING_STATUS]
-        if not closed and not closes:
-            continue
-        assert len(closes) == 1 and kinds[-1] in CLOSING_STATUS, \
-            f"{exec_id} closed {len(closes)} times or not by its last event: {[k.value for k in kinds]}"
+        # Each run starts once and is closed by its last event; a run closed by
+        # CONTINUED_AS_NEW (continue-as-new, or a retried failure) is followed at once
+        # by the next run's start.
+        runs: dict[str, list[EventType]] = defaultdict(list)
+        for event in history:
+            runs[event.workflow_context.workflow_run_id].append(event.event_type)
+        for number, (run_id, kinds) in enumerate(runs.items(), 1):
+            last_run = number == len(runs)
+            assert kinds[0] is EventType.WORKFLOW_EXECUTION_STARTED, f"{exec_id} run {run_id}: {kinds}"
+            assert kinds.count(EventType.WORKFLOW_EXECUTION_STARTED) == 1, f"{exec_id} run {run_id}: {kinds}"
+            closes = [kind for kind in kinds if kind in CLOSING_STATUS]
+            if last_run and not closed and not closes:
+                continue
+            assert len(closes) == 1 and kinds[-1] in CLOSING_STATUS, \
+                f"{exec_id} run {run_id} closed {len(closes)} times or not by its last event: {[k.value for k in kinds]}"
+            assert (kinds[-1] is EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW) == (not last_run), \
+                f"{exec_id} run {run_id}: only a run that continues as new may be followed by another: {kinds}"
     return dict(by_exec)
 
 

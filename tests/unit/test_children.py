@@ -331,8 +331,6 @@ async def test_three_levels_terminate_under_abandon_under_request_cancel() -> No
 # ---------------------------------------------------------------- child retry policies
 
 
-@pytest.mark.xfail(strict=True, reason="core does not retry a failed workflow execution: the retry_policy of "
-                                       "a child start is recorded on its WORKFLOW_EXECUTION_STARTED and never read")
 async def test_a_failed_child_is_retried_per_its_retry_policy_as_the_same_execution() -> None:
     mem = memory()
     await mem.start(RetriesChild, Attempts(key="r", failures=1), exec_id="r")
@@ -340,6 +338,28 @@ async def test_a_failed_child_is_retried_per_its_retry_policy_as_the_same_execut
     runs = {e.workflow_context.workflow_run_id for e in mem.history("r.child")}
     assert len(runs) == 2
     assert mem.state("r").result_json == '"r ok after 2"'
+    child = mem.history("r.child")
+    [retried] = [e for e in child if e.event_type is T.WORKFLOW_EXECUTION_CONTINUED_AS_NEW]
+    assert (retried.payload.failure.type, retried.payload.failure.message) == ("NotYet", "r attempt 1: not yet")
+    [first, second] = [e for e in child if e.event_type is T.WORKFLOW_EXECUTION_STARTED]
+    assert (first.attempt, second.attempt) == (None, 2)
+    assert second.payload.first_workflow_task_backoff_ms == 100 and second.payload.input_json == first.payload.input_json
+    assert [e.sequence for e in child] == list(range(1, len(child) + 1))
+    # The parent hears only of the last attempt.
+    assert [t for t in mem.types("r") if t.startswith("CHILD_WORKFLOW_EXECUTION_")] == [
+        "CHILD_WORKFLOW_EXECUTION_STARTED", "CHILD_WORKFLOW_EXECUTION_COMPLETED"]
+
+
+async def test_a_child_out_of_attempts_fails_the_parent_with_the_last_failure() -> None:
+    mem = memory()
+    await mem.start(RetriesChild, Attempts(key="x", failures=5), exec_id="x")
+    await mem.advance(1)
+    await mem.advance(1)
+    starts = [e for e in mem.history("x.child") if e.event_type is T.WORKFLOW_EXECUTION_STARTED]
+    assert [e.attempt or 1 for e in starts] == [1, 2, 3]
+    assert mem.state("x.child").status is Status.FAILED
+    assert mem.state("x").status is Status.FAILED
+    assert "x attempt 3: not yet" in mem.state("x").failure.cause.message
 
 
 # ---------------------------------------------------------------- a queue nobody serves
