@@ -67,7 +67,8 @@ class RootCache:
         self.size = size
         self._roots: OrderedDict[str, str] = OrderedDict()
 
-    def _remember(self, execution_id: str, root: str) -> None:
+    def remember(self, execution_id: str, root: str) -> None:
+        """Record a root known otherwise (an execution started here is its own root)."""
         self._roots[execution_id] = root
         self._roots.move_to_end(execution_id)
         while len(self._roots) > self.size:
@@ -78,7 +79,7 @@ class RootCache:
         if root is None:
             root = await find_root(self.settings, execution_id, scan=self.scan)
             if root is not None:
-                self._remember(execution_id, root)
+                self.remember(execution_id, root)
         else:
             self._roots.move_to_end(execution_id)
         return root
