@@ -83,6 +83,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._grace = 0.0
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
@@ -99,11 +100,13 @@ class Worker:
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
+        self._grace = grace
         self._stopping.set()
-        if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=grace)
-        for task in self._loops:
-            task.cancel()
+        # Each loop waits for the running tasks, then commits what they finished.
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=grace + 10)
+            for task in late:
+                task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         for task in self._in_flight:
             task.cancel()
@@ -134,8 +137,8 @@ class Worker:
                         await self._take(tp, record, offsets)
                 await self._commit(consumer, offsets)
         finally:
-            if self._in_flight:
-                await asyncio.wait(self._in_flight, timeout=0)
+            if self._in_flight and self._stopping.is_set():
+                await asyncio.wait(self._in_flight, timeout=self._grace)
             await self._commit(consumer, offsets)
 
     async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets) -> None:

@@ -256,6 +256,29 @@ async def test_worker_killed_mid_activity_resumes_from_history(
     assert traces(workdir, "C") == [tag]
 
 
+async def test_worker_stopped_by_sigterm_finishes_its_running_activity_first(
+        settings: KafkaSettings, client: Client, processes: Processes, workdir: Path) -> None:
+    """SIGTERM the worker while B runs: it takes no new task, lets B finish and report,
+    and exits 0; the next worker carries on from there, so B ran exactly once."""
+    processes.processor()
+    first_worker = processes.worker()
+    tag = f"sigterm-{uuid.uuid4().hex[:6]}"
+    handle = await asyncio.wait_for(
+        client.start_workflow(ChainWorkflow, ChainInput(workdir=str(workdir), tag=tag, b_seconds=1.5)), 60)
+    await wait_until(lambda: traces(workdir, "B-started"), 40, "activity B to start", processes.logs)
+    os.killpg(first_worker.pid, signal.SIGTERM)
+    exit_code = await asyncio.to_thread(first_worker.wait, 30)
+    assert exit_code == 0, processes.logs()
+    assert traces(workdir, "B") == [tag], "the worker exited before its running activity finished"
+
+    processes.worker()
+    assert await asyncio.wait_for(handle.result(), 60) == app.chain_result(tag)
+    assert traces(workdir, "B-started") == [tag]  # finished by the first worker, never handed to the second
+    history = await client.history(handle.execution_id)
+    assert activity_counts(history, EventType.ACTIVITY_TASK_COMPLETED) == Counter(
+        ["durable_step_a", "durable_step_b", "durable_step_c"])
+
+
 # ---------------------------------------------------------------- 2. processor killed mid-stream
 
 
