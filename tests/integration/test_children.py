@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -32,6 +31,7 @@ from treeflow.schemas import Event, EventType
 from treeflow.schemas import models as m
 from treeflow.testing import Environment
 from treeflow.worker.worker import Worker
+from tests.polling import eventually
 from tests.child_tree import (
     ACTIVITIES,
     CALLS,
@@ -53,7 +53,6 @@ from .test_durability import check_log, read_events
 pytestmark = pytest.mark.integration
 T = EventType
 P = ParentClosePolicy
-X = TypeVar("X")
 #: A queue whose topic exists and that no worker serves until a test starts one.
 REMOTE_QUEUE = "children-remote"
 #: The queue of the `HoldingWorker`.
@@ -116,17 +115,6 @@ def reset_calls() -> None:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def eventually(probe: Callable[[], Awaitable[X]], accept: Callable[[X], bool], timeout: float = 20) -> X:
-    """Poll `probe` until `accept` holds for its value (asserted on the last value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if accept(value) or time.monotonic() > deadline:
-            assert accept(value), value
-            return value
-        await asyncio.sleep(0.05)
 
 
 async def tree_log(env: Environment, root: str, closed: bool = True, one_run: bool = True) -> list[Event]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,6 +20,7 @@ from treeflow.kafka import ensure_topics, partition_for
 from treeflow.schemas import EventType
 from treeflow.testing import Environment
 from treeflow.worker.worker import Worker
+from tests.polling import eventually
 from tests.control_workflows import (
     CALLS,
     AwaitsChild,
@@ -37,7 +37,6 @@ from tests.control_workflows import (
 
 pytestmark = pytest.mark.integration
 T = EventType
-X = TypeVar("X")
 #: A task queue whose topic exists and that no worker serves.
 NO_WORKER_QUEUE = "nobody-home"
 
@@ -100,17 +99,6 @@ async def env(broker):
 @pytest.fixture(autouse=True)
 def reset_calls() -> None:
     CALLS.clear()
-
-
-async def eventually(probe: Callable[[], Awaitable[X]], accept: Callable[[X], bool], timeout: float = 15) -> X:
-    """Poll `probe` until `accept` holds for its value; the last value otherwise (asserted)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if accept(value) or time.monotonic() > deadline:
-            assert accept(value), value
-            return value
-        await asyncio.sleep(0.1)
 
 
 def types_of(events: list[Any]) -> list[str]:
