@@ -18,7 +18,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -49,12 +49,27 @@ class ProcessorStats:
     local_tasks: int = 0
     remote_tasks: int = 0
     recovered_events: int = 0
+    #: Commands read again after a lost offset commit, skipped (already decided).
+    redelivered: int = 0
 
 
-def _release(messages: list[Any], consumer: Any) -> None:
-    """Let faust commit these commands' offsets."""
-    for message in messages:
-        message.ack(consumer)
+DURABLE_HEADER = "tf.durable"
+
+
+class _DurableUpTo:
+    """The highest `tf.durable` header among the events read back on recovery."""
+
+    def __init__(self) -> None:
+        self.offset = -1
+
+    def see(self, record: Any) -> bool:
+        for key, value in record.headers or ():
+            if key == DURABLE_HEADER:
+                try:
+                    self.offset = max(self.offset, int(value))
+                except ValueError:
+                    log.error("ignoring a malformed %s header %r on an event", DURABLE_HEADER, value)
+        return True
 
 
 def utc_now() -> datetime:
@@ -72,6 +87,8 @@ class Processor:
         self.stats = ProcessorStats()
         self.engines: dict[int, PartitionEngine] = {}
         self._ready: dict[int, asyncio.Event] = {}
+        #: Per commands partition: every command up to this offset has its events in the log.
+        self._durable: dict[int, int] = {}
         self._lock = asyncio.Lock()
         self._local: asyncio.Queue[Command] = asyncio.Queue()
         self._background: set[asyncio.Task[Any]] = set()
@@ -112,7 +129,7 @@ class Processor:
                 for message in messages:
                     message.incref()
                 await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
-                                   functools.partial(_release, messages, app.consumer))
+                                   functools.partial(self._release, messages, app.consumer))
 
         app.agent(topic, name="treeflow-commands")(consume)
         app.on_partitions_assigned.connect(self._on_assigned)
@@ -160,8 +177,10 @@ class Processor:
                 self._ready[partition] = asyncio.Event()
             for partition in new:
                 engine = PartitionEngine(partition)
-                events = [item.event async for item in EventReader(self.settings, [partition])]
+                durable = _DurableUpTo()
+                events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
                 engine.replay(events, utc_now())
+                self._durable[partition] = durable.offset
                 self.stats.recovered_events += len(events)
                 self.engines[partition] = engine
                 self._ready[partition].set()
@@ -177,16 +196,33 @@ class Processor:
                 if tp.topic == self.settings.topics.commands:
                     self._forget(tp.partition)
 
+    def _release(self, messages: list[Any], consumer: Any) -> None:
+        """These commands' events are in the log: let faust commit their offsets."""
+        for message in messages:
+            message.ack(consumer)
+            if message.partition in self._durable:
+                self._durable[message.partition] = max(self._durable[message.partition], message.offset)
+
     def _forget(self, partition: int) -> None:
         self.engines.pop(partition, None)
         self._ready.pop(partition, None)
+        self._durable.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
     async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
+        for partition in {p for p, _, _ in records}:
+            ready = self._ready.get(partition)
+            if ready is not None:
+                await ready.wait()
         commands = []
         for partition, offset, value in records:
+            if offset <= self._durable.get(partition, -1):
+                # Decided before, and its offset commit was lost: a rejection leaves no
+                # event to dedupe it by, so the log's record of durable offsets does.
+                self.stats.redelivered += 1
+                continue
             try:
                 command = COMMANDS.decode(value, RecordPosition(topic, partition, offset))
             except DecodeError as error:
@@ -290,15 +326,22 @@ class Processor:
             on_durable()
 
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
-        """Queue events for one partition; the producer coalesces them into batches."""
+        """Queue events for one partition; the producer coalesces them into batches.
+
+        Each carries `tf.durable`: the commands offset of its partition up to which every
+        command's events are in the log, so that a processor recovering the partition
+        does not decide those again.
+        """
         assert self._producer is not None
         futures = []
+        durable = str(self._durable.get(partition, -1)).encode()
         for event in events:
             context = event.workflow_context
             futures.append(await self._producer.send(
                 self.settings.topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
                 partition=partition,
-                headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode())]))
+                headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
+                         (DURABLE_HEADER, durable)]))
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
