@@ -547,3 +547,37 @@ async def test_command_offsets_are_committed_once_their_events_are_in_the_log(
     finally:
         await admin.close()
     assert offsets == expected
+
+
+async def test_a_second_processor_group_rereading_every_command_appends_nothing(
+        settings: KafkaSettings, client: Client, processor: Processor, workdir: Path) -> None:
+    """A processor that reads the commands topic again from the start (here a new consumer
+    group: the worst case of a lost offset commit) decides nothing twice: every event
+    records up to which commands offset the log is complete, and recovery skips those
+    commands. The case the core alone cannot see: a start rejected while its execution
+    ran, read again after the execution closed, must not start a new run."""
+    exec_id = f"rejected-{uuid.uuid4().hex[:6]}"
+    handle = await client.start_workflow(app.SleeperWorkflow, 1.0, execution_id=exec_id)
+    with pytest.raises(treeflow.WorkflowAlreadyStartedError):
+        await client.start_workflow(app.SleeperWorkflow, 1.0, execution_id=exec_id)
+    assert await asyncio.wait_for(handle.result(), 30) == "echo:before-sleep, slept 1.0"
+    await quiesce(processor)
+    before = await read_events(settings)
+    commands = [TopicPartition(settings.topics.commands, p) for p in range(settings.partitions)]
+    sent = sum((await end_offsets(settings, commands)).values())
+    assert sent == 2
+
+    workflows, activities = collect([app])
+    second = Processor(settings, runner=TaskRunner(workflows, activities), local_queues=QUEUES,
+                       app_id=f"{settings.topic_prefix}-second")
+    await second.start()
+    try:
+        await second.wait_assigned(60)
+        await wait_until(lambda: second.stats.redelivered + second.stats.commands >= sent, 30,
+                         "the second processor to read every command")
+        await quiesce(second)
+        assert (second.stats.redelivered, second.stats.commands, second.stats.events) == (sent, 0, 0)
+    finally:
+        await asyncio.wait_for(second.stop(), 30)
+    after = await read_events(settings)
+    assert [e.event_id for _, _, e in after] == [e.event_id for _, _, e in before]
