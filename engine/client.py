@@ -55,6 +55,8 @@ DEFAULT_QUERY_TIMEOUT = 10.0
 FINAL = {EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
          EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
          EventType.WORKFLOW_EXECUTION_TIMED_OUT}
+#: The `tf.type` headers of FINAL events: the client decodes only those records.
+_FINAL_HEADERS = frozenset(t.value.encode() for t in FINAL)
 
 
 @dataclass(frozen=True)
@@ -413,7 +415,7 @@ class Client:
                     try:
                         if tp.topic == topics.replies:
                             self._on_reply(record, headers, tp)
-                        elif headers.get("tf.type", b"").decode() in {t.value for t in FINAL}:
+                        elif headers.get("tf.type") in _FINAL_HEADERS:
                             self._on_close(EVENTS.decode(record.value, RecordPosition(tp.topic, tp.partition,
                                                                                       record.offset)))
                     except DecodeError as error:

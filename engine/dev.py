@@ -8,14 +8,14 @@ import json
 import os
 import signal
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from types import ModuleType
 
 from treeflow.consumers import ConsumedEvent, EventReader
+from treeflow.consumers.tree import TreeTracker
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.kafka.settings import DEFAULT_PARTITIONS, DEFAULT_PREFIX, PARTITIONS_ENV, PREFIX_ENV
-from treeflow.schemas import CLOSING_STATUS, Event, WorkflowContext
+from treeflow.schemas import Event
 
 from .testing import Environment
 
@@ -91,27 +91,20 @@ def summarize(event: Event) -> str:
 
 def render_tree(root: str, consumed: list[ConsumedEvent], partitions: int) -> str:
     """A tree's executions (indented by depth, with status) and then its events in log order."""
-    contexts: dict[str, WorkflowContext] = {}
-    status: dict[str, str] = {}
+    tracker = TreeTracker(root)
     for item in consumed:
-        ctx = item.event.workflow_context
-        contexts.setdefault(ctx.workflow_exec_id, ctx)
-        if item.event.event_type in CLOSING_STATUS:
-            status[ctx.workflow_exec_id] = CLOSING_STATUS[item.event.event_type]
-    children: dict[str | None, list[str]] = defaultdict(list)
-    for exec_id, ctx in contexts.items():
-        children[ctx.parent_workflow_exec_id].append(exec_id)
+        tracker.observe(item.event)
     depth: dict[str, int] = {}
     lines = [f"tree {root}  (partition {partition_for(root, partitions)}, {len(consumed)} events)"]
 
     def walk(exec_id: str, level: int) -> None:
+        node = tracker.executions[exec_id]
         depth[exec_id] = level
-        lines.append(f"  {'    ' * level}{exec_id}  [{contexts[exec_id].workflow_name}]  "
-                     f"{status.get(exec_id, 'RUNNING')}")
-        for child in children[exec_id]:
+        lines.append(f"  {'    ' * level}{exec_id}  [{node.workflow_name}]  {node.status}")
+        for child in node.children:
             walk(child, level + 1)
 
-    if root in contexts:
+    if tracker.root is not None:
         walk(root, 0)
     lines.append("  events, in log order:")
     for item in consumed:

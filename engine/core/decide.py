@@ -513,13 +513,7 @@ def _fail(s: _Session, exec_id: str, d: m.FailWorkflowExecution) -> None:
     # Retried: the run ends like a continue-as-new carrying the failure (the parent
     # hears of the execution only when its last attempt closes), and a new run of
     # the same id starts from the same input after the backoff.
-    new_run = run_id_for(s.command.command_id, exec_id, "retry")
-    s.close(exec_id, m.WorkflowExecutionContinuedAsNew(new_workflow_run_id=new_run, input_json=state.input_json,
-                                                       failure=d.failure), Status.CONTINUED_AS_NEW)
-    s.emit(state.context.model_copy(update={"workflow_run_id": new_run}), m.WorkflowExecutionStarted(
-        input_json=state.input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
-        parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id,
-        first_workflow_task_backoff_ms=backoff), attempt=state.attempt + 1)
+    _next_run(s, state, "retry", state.input_json, failure=d.failure, backoff_ms=backoff, attempt=state.attempt + 1)
 
 
 def _cancel(s: _Session, exec_id: str, d: m.CancelWorkflowExecution) -> None:
@@ -529,13 +523,20 @@ def _cancel(s: _Session, exec_id: str, d: m.CancelWorkflowExecution) -> None:
 def _continue_as_new(s: _Session, exec_id: str, d: m.ContinueAsNewWorkflowExecution) -> None:
     state = s.get(exec_id)
     assert state is not None
-    new_run = run_id_for(s.command.command_id, exec_id, "continue-as-new")
-    s.close(exec_id, m.WorkflowExecutionContinuedAsNew(new_workflow_run_id=new_run, input_json=d.input_json),
-            Status.CONTINUED_AS_NEW)
-    context = state.context.model_copy(update={"workflow_run_id": new_run})
-    s.emit(context, m.WorkflowExecutionStarted(
-        input_json=d.input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
-        parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id))
+    _next_run(s, state, "continue-as-new", d.input_json)
+
+
+def _next_run(s: _Session, state: ExecutionState, why: str, input_json: str | None, *,
+              failure: Failure | None = None, backoff_ms: int | None = None, attempt: int | None = None) -> None:
+    """Close the current run (CONTINUED_AS_NEW, its children get their close policy) and
+    start the next run of the same execution."""
+    new_run = run_id_for(s.command.command_id, state.exec_id, why)
+    s.close(state.exec_id, m.WorkflowExecutionContinuedAsNew(new_workflow_run_id=new_run, input_json=input_json,
+                                                             failure=failure), Status.CONTINUED_AS_NEW)
+    s.emit(state.context.model_copy(update={"workflow_run_id": new_run}), m.WorkflowExecutionStarted(
+        input_json=input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
+        parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id,
+        first_workflow_task_backoff_ms=backoff_ms), attempt=attempt)
 
 
 _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {

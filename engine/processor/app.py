@@ -196,6 +196,13 @@ class Processor:
                 if tp.topic == self.settings.topics.commands:
                     self._forget(tp.partition)
 
+    async def _recovered(self, partitions: set[int]) -> None:
+        """Wait until these partitions' state has been read back from the log."""
+        for partition in partitions:
+            ready = self._ready.get(partition)
+            if ready is not None:
+                await ready.wait()
+
     def _release(self, messages: list[Any], consumer: Any) -> None:
         """These commands' events are in the log: let faust commit their offsets."""
         for message in messages:
@@ -212,10 +219,7 @@ class Processor:
 
     async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
-        for partition in {p for p, _, _ in records}:
-            ready = self._ready.get(partition)
-            if ready is not None:
-                await ready.wait()
+        await self._recovered({p for p, _, _ in records})
         commands = []
         for partition, offset, value in records:
             if offset <= self._durable.get(partition, -1):
@@ -248,10 +252,7 @@ class Processor:
             if on_durable is not None:
                 on_durable()
             return
-        for partition in {p for p, _ in commands}:
-            ready = self._ready.get(partition)
-            if ready is not None:
-                await ready.wait()
+        await self._recovered({p for p, _ in commands})
         async with self._lock:
             now = utc_now()
             results: list[tuple[int, Effects]] = []
