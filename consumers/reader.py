@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
-from treeflow.kafka import KafkaSettings, end_offsets
+from treeflow.kafka import KafkaSettings, TopicsMissingError, clients, end_offsets, partition_counts
+from treeflow.kafka.clients import stop as stop_shielded
 from treeflow.schemas import EVENTS, DecodeError, Event, RecordPosition
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,11 @@ class EventReader:
 
     async def __aiter__(self) -> AsyncGenerator[ConsumedEvent, None]:
         topic = self.settings.topics.events
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms,
-        )
-        await consumer.start()
+        numbers = self.partitions
+        if numbers is None:
+            numbers = list(range(await partition_count(self.settings)))
+        consumer = await clients.start(clients.consumer(self.settings, "reader"), self.settings)
         try:
-            numbers = self.partitions
-            if numbers is None:
-                numbers = sorted(await topic_partitions(consumer, topic))
             assigned = [TopicPartition(topic, number) for number in numbers]
             consumer.assign(assigned)
             for tp in assigned:
@@ -127,33 +121,6 @@ class EventReader:
             await stop_shielded(consumer)
 
 
-async def stop_shielded(consumer: AIOKafkaConsumer) -> None:
-    """Stop a consumer even when the caller is cancelled meanwhile.
-
-    A reader closed by cancellation (a dropped HTTP stream) can be cancelled again
-    while it stops; an interrupted `stop()` leaves a connection open for good.
-    """
-    stopping = asyncio.ensure_future(consumer.stop())
-    try:
-        await asyncio.shield(stopping)
-    except asyncio.CancelledError:
-        await asyncio.wait([stopping])
-        raise
-
-
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    """The partitions of `topic`; `LookupError` when it does not exist.
-
-    Lists every topic rather than asking for this one: a Metadata request naming a
-    missing topic creates it on brokers that auto-create topics.
-    """
-    await consumer.topics()  # refreshes metadata: the topic may be new to this client
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        raise LookupError(f"topic {topic} does not exist; create it with `treeflow topics create`")
-    return partitions
-
-
 _PARTITION_COUNTS: dict[tuple[str, str], int] = {}
 
 
@@ -162,17 +129,18 @@ async def partition_count(settings: KafkaSettings) -> int:
 
     The count is fixed when the topic is created (changing it is a migration to new
     topics, DESIGN.md §3), so asking once is enough; the configured
-    `settings.partitions` is not trusted for routing.
+    `settings.partitions` is not trusted for routing. Raises `TopicsMissingError` (a
+    `LookupError`) when the topic does not exist; never creates it.
     """
-    key = (settings.bootstrap_servers, settings.topics.events)
+    topic = settings.topics.events
+    key = (settings.bootstrap_servers, topic)
     count = _PARTITION_COUNTS.get(key)
     if count is None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            count = _PARTITION_COUNTS[key] = len(await topic_partitions(consumer, settings.topics.events))
-        finally:
-            await stop_shielded(consumer)
+        counts = await partition_counts(settings, [topic], "reader")
+        if topic not in counts:
+            raise TopicsMissingError(f"topic {topic} does not exist on {settings.bootstrap_servers}; "
+                                     "create it with `treeflow topics create`")
+        count = _PARTITION_COUNTS[key] = counts[topic]
     return count
 
 

@@ -16,14 +16,17 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .errors import KafkaSetupError
 from .profile import PROFILE_ENV, TANSU
 from .settings import BOOTSTRAP_ENV
 
 HOST = "127.0.0.1"
 
 
-class BrokerError(RuntimeError):
+class BrokerError(KafkaSetupError, RuntimeError):
     """The embedded broker is not installed, did not start, or stopped answering."""
+
+    exit_code = 4
 
 
 def broker_binary() -> str:

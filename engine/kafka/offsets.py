@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from . import clients
 from .settings import KafkaSettings
 
 
 async def end_offsets(settings: KafkaSettings, partitions: list[TopicPartition],
                       timeout: float = 10.0) -> dict[TopicPartition, int]:
-    """The offset the next record of each partition will get.
+    """The offset the next record of each partition will get (empty for no partitions).
 
-    On Kafka this is ListOffsets. Tansu answers ListOffsets with the last batch's
-    first offset + 1 (too low when that batch holds several records), so there the
-    last batch is fetched and the high watermark of the fetch response is used.
+    On Kafka this is ListOffsets (latest), which answers the high watermark. Tansu
+    answers ListOffsets with the last batch's first offset + 1 (too low when that
+    batch holds several records), so there the last batch is fetched and the high
+    watermark of the fetch response is used.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
-    await consumer.start()
+    if not partitions:
+        return {}
+    consumer = clients.consumer(settings, "offsets")
+    await clients.start(consumer, settings)
     try:
         reported = await consumer.end_offsets(partitions)
         if settings.profile.exact_list_offsets:
@@ -42,5 +44,4 @@ async def end_offsets(settings: KafkaSettings, partitions: list[TopicPartition],
                         pending.discard(tp)
         return result
     finally:
-        await consumer.stop()
-
+        await clients.stop(consumer)

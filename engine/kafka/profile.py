@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SettingsError
 from .partitioner import key_partitioner
 
 PROFILE_ENV = "TREEFLOW_BROKER_PROFILE"
@@ -87,7 +88,7 @@ def profile_named(name: str) -> BrokerProfile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown broker profile {name!r}; choose one of {sorted(PROFILES)}") from None
+        raise SettingsError(f"unknown broker profile {name!r}; choose one of {sorted(PROFILES)}") from None
 
 
 def current_profile() -> BrokerProfile:

@@ -1,27 +1,44 @@
-"""Create treeflow's topics, idempotently, and refuse a partition count that disagrees."""
+"""treeflow's topics: create them idempotently, read their partition count, watch that they stay.
+
+Every Metadata request here names its topics with ``allow_auto_topic_creation=false``:
+on a broker with ``auto.create.topics.enable=true`` (Kafka's default) naming a missing
+topic would otherwise create it with the broker's default partition count.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.protocol.metadata import MetadataRequest
 
-from .settings import KafkaSettings
+from . import clients
+from .errors import (
+    BrokerRequestError,
+    PartitionMismatchError,
+    TopicConflictError,
+    TopicsMissingError,
+    TopicsResetError,
+)
+from .settings import PARTITIONS_ENV, KafkaSettings
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_TOPIC_OR_PARTITION = 3
+LEADER_NOT_AVAILABLE = 5
+#: How often a running process checks that its topics are still there.
+WATCH_INTERVAL = 5.0
 
 DAY_MS = 24 * 3600 * 1000
 WEEK_MS = 7 * DAY_MS
 #: Workflow tasks carry their run's history: allow records well above Kafka's 1 MiB default.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_TASK_QUEUES = ("default",)
-
-
-class TopicConflictError(RuntimeError):
-    """An existing topic disagrees with the configured layout; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -72,21 +89,26 @@ async def ensure_topics(
 ) -> TopicsReport:
     """Create the commands, events and tasks topics that are missing.
 
-    Safe to run any number of times. Raises `TopicConflictError`, before creating
-    anything, when an existing topic has another partition count than configured:
+    Safe to run any number of times. Without an explicit partition count
+    (`settings.partitions_explicit`), the events topic's count is used when it exists.
+    Raises `TopicConflictError`, before creating anything, when an existing topic has
+    another partition count than configured:
     a tree's records are routed by murmur2(root id) mod partitions, so changing the
     count would silently move trees; it is a migration, not a setting.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="treeflow-admin")
-    await admin.start()
+    admin = await clients.start(clients.admin(settings, "admin"), settings)
     try:
         brokers = len((await admin.describe_cluster())["brokers"])
         replication = settings.replication_factor or min(3, brokers)
         if replication < 3 and settings.profile.name != "tansu":
             log.warning("topics get replication factor %d (the cluster has %d broker(s)); "
                         "production needs 3", replication, brokers)
+        if not settings.partitions_explicit:  # new topics (a new task queue) get the existing count
+            current = await _partition_counts(admin._client, [settings.topics.events])
+            if settings.topics.events in current:
+                settings = replace(settings, partitions=current[settings.topics.events])
         specs = topic_specs(settings, replication, task_queues)
-        existing = await _partition_counts(admin, [s.name for s in specs])
+        existing = await _partition_counts(admin._client, [s.name for s in specs])
         conflicts = [
             f"{s.name} has {existing[s.name]} partitions, {s.partitions} are configured"
             for s in specs
@@ -114,9 +136,9 @@ async def ensure_topics(
                     log.info("topic %s was created concurrently", name)
                 else:
                     message = rest[0] if rest and rest[0] else error.__name__
-                    raise RuntimeError(f"cannot create topic {name}: {message}")
+                    raise BrokerRequestError(f"cannot create topic {name}: {message}")
         # Whoever created them, the counts must now agree (a concurrent creator may differ).
-        final = await _partition_counts(admin, [s.name for s in specs])
+        final = await _partition_counts(admin._client, [s.name for s in specs])
         wrong = [s.name for s in specs if final.get(s.name) != s.partitions]
         if wrong:
             raise TopicConflictError(f"topics {wrong} do not have {settings.partitions} partitions: {final}")
@@ -125,15 +147,95 @@ async def ensure_topics(
         await admin.close()
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
-    """Partition count of each named topic that exists.
+async def partition_counts(settings: KafkaSettings, names: Iterable[str], role: str = "admin") -> dict[str, int]:
+    """The partition count of each named topic that exists (missing ones are left out).
 
-    Asks for the metadata of all topics: a Metadata request that names a missing
-    topic creates it on a broker that auto-creates topics (Tansu always does,
-    Kafka by default), with the broker's default partition count.
+    Never creates a topic (see the module's docstring).
     """
+    client = await clients.start(clients.bare_client(settings, role), settings)
+    try:
+        return await _partition_counts(client, list(names))
+    finally:
+        await client.close()
+
+
+async def _partition_counts(client: AIOKafkaClient, names: list[str]) -> dict[str, int]:
+    node = client.get_random_node()
+    response = await client.send("bootstrap" if node is None else node,
+                                 MetadataRequest(names, allow_auto_topic_creation=False))
     counts = {}
-    for topic in await admin.describe_topics(None):
-        if topic["topic"] in names and topic["error_code"] == 0 and topic["partitions"]:
-            counts[topic["topic"]] = len(topic["partitions"])
+    for topic in response.to_object()["topics"]:
+        code, name = topic["error_code"], topic["topic"]
+        if code == UNKNOWN_TOPIC_OR_PARTITION or name not in names:
+            continue
+        if code not in (0, LEADER_NOT_AVAILABLE):
+            raise BrokerRequestError(f"the broker cannot describe topic {name}: {for_code(code).__name__} "
+                                     "(if the cluster uses ACLs, treeflow's user needs Describe on its topics)")
+        if topic["partitions"]:
+            counts[name] = len(topic["partitions"])
     return counts
+
+
+async def adopt_partitions(settings: KafkaSettings, role: str) -> KafkaSettings:
+    """`settings` with the partition count the commands and events topics have on the broker.
+
+    Raises `TopicsMissingError` when one of them does not exist, and
+    `PartitionMismatchError` when they disagree with each other, or with a count the
+    user set (`partitions_explicit`): records are routed by murmur2(root id) mod the
+    count, so every part must use the topics' own.
+    """
+    names = settings.topics
+    counts = await partition_counts(settings, [names.commands, names.events], role)
+    missing = [name for name in (names.commands, names.events) if name not in counts]
+    if missing:
+        raise TopicsMissingError(
+            f"treeflow's topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'do' if len(missing) > 1 else 'does'} not exist on {settings.bootstrap_servers}: "
+            "create them with `treeflow topics create` (or check TREEFLOW_TOPIC_PREFIX)")
+    if counts[names.commands] != counts[names.events]:
+        raise PartitionMismatchError(
+            f"{names.commands} has {counts[names.commands]} partitions and {names.events} has "
+            f"{counts[names.events]}: they must agree (a tree's commands and events share a partition number); "
+            "recreate them under another prefix")
+    count = counts[names.events]
+    if settings.partitions_explicit and settings.partitions != count:
+        raise PartitionMismatchError(
+            f"{PARTITIONS_ENV} (or --partitions) is {settings.partitions} but {names.events} has {count} "
+            f"partitions: unset it (running parts take the count from the broker) or set it to {count}")
+    return settings if settings.partitions == count else replace(settings, partitions=count)
+
+
+async def watch_topics(settings: KafkaSettings, names: Iterable[str], role: str,
+                       interval: float = WATCH_INTERVAL) -> None:
+    """Return never; raise `TopicsResetError` once one of `names` is gone or has another
+    partition count than when the watch started (a broker restarted under a running
+    process, a topic deleted or recreated). Connection errors are left to the clients
+    that do the work; the watch tries again at its next interval.
+    """
+    wanted = list(dict.fromkeys(names))
+    client = await clients.start(clients.bare_client(settings, role), settings)
+    try:
+        first = await _partition_counts(client, wanted)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = await _partition_counts(client, wanted)
+            except (OSError, asyncio.TimeoutError, BrokerRequestError) as error:
+                log.warning("could not check treeflow's topics: %r", error)
+                continue
+            except Exception as error:  # aiokafka's connection errors
+                log.warning("could not check treeflow's topics: %r", error)
+                continue
+            gone = [name for name in wanted if name in first and name not in now]
+            changed = [f"{name} ({first[name]} -> {now[name]} partitions)" for name in wanted
+                       if name in first and name in now and now[name] != first[name]]
+            if gone or changed:
+                raise TopicsResetError(
+                    "treeflow's topics changed under this process"
+                    + (f"; gone: {', '.join(gone)}" if gone else "")
+                    + (f"; recreated: {', '.join(changed)}" if changed else "")
+                    + f" (on {settings.bootstrap_servers}; an embedded broker forgets everything when it "
+                    "restarts): stopping. Recreate the topics with `treeflow topics create` and restart; "
+                    "what the lost topics held is gone")
+    finally:
+        await client.close()
