@@ -31,9 +31,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 
-from treeflow.kafka import TANSU, EmbeddedBroker, KafkaSettings, current_profile, ensure_topics, partition_for
+from treeflow.kafka import TANSU, EmbeddedBroker, KafkaSettings, clients, current_profile, ensure_topics, partition_for
 from treeflow.kafka.settings import BOOTSTRAP_ENV
 from treeflow.schemas import EVENTS, Event, EventType, ParentClosePolicy, WorkflowContext
 from treeflow.schemas import models as m
@@ -106,9 +105,8 @@ async def produce(settings: KafkaSettings, trees: int, events: int, say: Callabl
     encoded = [[(EVENTS.encode(event), headers(event)) for event in tree_events(root, per_tree, now)]
                for root in roots]
     say(f"encoded {trees * per_tree:,} events in {time.perf_counter() - started:.1f}s")
-    options = {**settings.profile.producer_options(), "linger_ms": 5, "max_batch_size": 256 * 1024}
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **options)
-    await producer.start()
+    producer = await clients.start(clients.producer(settings, "bench", linger_ms=5, max_batch_size=256 * 1024),
+                                   settings)
     sizes: dict[int, int] = {}
     started = time.perf_counter()
     try:
@@ -173,8 +171,7 @@ async def live_latency(settings: KafkaSettings, root: str, samples: int) -> tupl
                 return
 
     following = asyncio.ensure_future(follow())
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **settings.profile.producer_options())
-    await producer.start()
+    producer = await clients.start(clients.producer(settings, "bench"), settings)
     try:
         await asyncio.sleep(0.5)  # the subscriber's first fetch is out
         for event in events:

@@ -22,11 +22,12 @@ from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from treeflow.kafka import KafkaSettings
+from treeflow.kafka import BrokerRequestError, KafkaSettings, clients, end_offsets, partition_counts
+from treeflow.kafka.errors import OptionsError
 from treeflow.schemas import EVENTS, DecodeError, RecordPosition
 
 from .cursor import Cursor
@@ -66,6 +67,29 @@ class ServiceOptions:
     #: read to the handler before it stops them where they are.
     stop_timeout: timedelta = timedelta(seconds=30)
 
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight", "max_buffered", "max_attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionsError(f"ServiceOptions.{name} must be a whole number of at least 1, not {value!r}")
+        if isinstance(self.dedupe_window, bool) or not isinstance(self.dedupe_window, int) or self.dedupe_window < 0:
+            raise OptionsError(f"ServiceOptions.dedupe_window must be a whole number >= 0, not {self.dedupe_window!r}")
+        for name in ("initial_backoff", "max_backoff", "commit_interval", "stop_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, timedelta):
+                raise OptionsError(f"ServiceOptions.{name} must be a datetime.timedelta, not {value!r} "
+                                   f"(e.g. {name}=timedelta(seconds=...))")
+            if value < timedelta(0) or (name == "commit_interval" and not value):
+                raise OptionsError(f"ServiceOptions.{name} must be positive, not {value}")
+        coefficient = self.backoff_coefficient
+        if isinstance(coefficient, bool) or not isinstance(coefficient, int | float) or coefficient < 1:
+            raise OptionsError(f"ServiceOptions.backoff_coefficient must be a number >= 1, not {coefficient!r}")
+        if not isinstance(self.from_beginning, bool):
+            raise OptionsError(f"ServiceOptions.from_beginning must be True or False, not {self.from_beginning!r}")
+        if self.dead_letter_topic is not None and (not isinstance(self.dead_letter_topic, str)
+                                                   or not self.dead_letter_topic):
+            raise OptionsError(f"ServiceOptions.dead_letter_topic must be a topic name, not {self.dead_letter_topic!r}")
+
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
         seconds = self.initial_backoff.total_seconds() * self.backoff_coefficient ** (attempt - 1)
@@ -89,6 +113,9 @@ class ServiceStats:
     duplicates: int = 0
     #: The last committed position of each partition.
     committed: dict[int, int] = field(default_factory=dict)
+    #: What stopped the subscription, when something did (it is also raised by `run()`,
+    #: `wait_assigned()` and at the end of ``async with``).
+    failure: str | None = None
 
 
 def dead_letter_topic_name(settings: KafkaSettings, group_id: str) -> str:
@@ -144,21 +171,23 @@ class ServiceSubscription:
     async def start(self) -> None:
         """Create the dead-letter topic if needed, join the group and start handling events."""
         await self._ensure_dead_letter_topic()
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
-                                          **self.settings.profile.producer_options())
-        await self._producer.start()
-        options = self.settings.profile.consumer_options()
-        options["auto_offset_reset"] = "earliest" if self.options.from_beginning else "latest"
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=self.group_id,
-                                          **options)
-        await self._consumer.start()
+        self._producer = await clients.start(clients.producer(self.settings, "service"), self.settings)
+        # "earliest" only for a committed offset that fell out of the log; where a new group
+        # starts is decided in `_assigned_now` (treeflow never relies on "latest", see there).
+        self._consumer = await clients.start(clients.consumer(self.settings, "service", group_id=self.group_id),
+                                             self.settings)
         self._consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
         self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._commit_every_interval())]
 
     async def wait_assigned(self, timeout: float = 30.0) -> None:
         """Wait until the group gave this member its first partitions."""
         async with asyncio.timeout(timeout):
-            await self._assigned.wait()
+            await asyncio.wait([asyncio.ensure_future(self._assigned.wait()),
+                                asyncio.ensure_future(self._wake.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if self._failure is not None:
+            raise self._failure
+        if not self._assigned.is_set():
+            raise RuntimeError("the subscription was stopped before it got partitions")
 
     async def stop(self) -> None:
         """Stop reading, hand the events already read to the handler (up to `options.stop_timeout`),
@@ -204,6 +233,8 @@ class ServiceSubscription:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+        if self._failure is not None and exc is None:
+            raise self._failure
 
     # ---------------------------------------------------------------- reading
 
@@ -227,9 +258,14 @@ class ServiceSubscription:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # surfaced by run()
-            log.exception("service subscription %s stopped", self.group_id)
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("service subscription %s stopped: %r", self.group_id, error, exc_info=error)
+        if self._failure is None:
             self._failure = error
-            self._wake.set()
+            self.stats.failure = f"{type(error).__name__}: {error}"
+        self._wake.set()
 
     async def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -283,9 +319,7 @@ class ServiceSubscription:
         except asyncio.CancelledError:
             raise
         except BaseException as error:
-            log.exception("service subscription %s stopped", self.group_id)
-            self._failure = error
-            self._wake.set()
+            self._fail(error)
         finally:
             self._buffered -= len(lane.items)
             lane.items.clear()
@@ -397,19 +431,48 @@ class ServiceSubscription:
             self.stats.committed.pop(tp.partition, None)
         self._revoking -= revoked
 
-    def _assigned_now(self, assigned: set[TopicPartition]) -> None:
+    async def _assigned_now(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self._ledgers[tp] = OffsetLedger()
+        try:
+            if not self.options.from_beginning and assigned:
+                await self._start_new_partitions_at_the_end(assigned)
+        except BaseException as error:
+            if self._consumer is not None:
+                self._consumer.pause(*assigned)  # read nothing from a start that is not known
+            self._fail(error)
+            raise
         self._assigned.set()
+
+    async def _start_new_partitions_at_the_end(self, assigned: set[TopicPartition]) -> None:
+        """`from_beginning=False`: a partition the group never committed starts at its true end.
+
+        Not ``auto_offset_reset="latest"``: on Kafka that is the end too, but Tansu answers
+        ListOffsets too low (DESIGN.md §8), and a reset happens lazily, at the first fetch.
+        Here the end is looked up with `end_offsets` (right on every broker), sought to and
+        committed at once, so a restart before the first event does not move the start.
+        """
+        assert self._consumer is not None
+        fresh = [tp for tp in sorted(assigned) if await self._consumer.committed(tp) is None]
+        if not fresh:
+            return
+        ends = await end_offsets(self.settings, fresh)
+        for tp in fresh:
+            self._consumer.seek(tp, ends[tp])
+        try:
+            await self._consumer.commit({tp: OffsetAndMetadata(ends[tp], "") for tp in fresh})
+            for tp in fresh:
+                self.stats.committed[tp.partition] = ends[tp]
+        except KafkaError as error:  # the seek holds; the first handled event commits
+            log.warning("could not commit the start of group %s (%r); it starts at the end all the same",
+                        self.group_id, error)
 
     async def _ensure_dead_letter_topic(self) -> None:
         partitions = await partition_count(self.settings)
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
-        await admin.start()
+        if self.dead_letter_topic in await partition_counts(self.settings, [self.dead_letter_topic], "service"):
+            return
+        admin = await clients.start(clients.admin(self.settings, "service"), self.settings)
         try:
-            existing = {topic["topic"] for topic in await admin.describe_topics(None)}
-            if self.dead_letter_topic in existing:
-                return
             brokers = len((await admin.describe_cluster())["brokers"])
             replication = self.settings.replication_factor or min(3, brokers)
             response = await admin.create_topics([NewTopic(
@@ -417,7 +480,8 @@ class ServiceSubscription:
                 topic_configs={"cleanup.policy": "delete", "retention.ms": "-1"})])
             for name, code, *_ in response.topic_errors:
                 if code and for_code(code) is not TopicAlreadyExistsError:
-                    raise RuntimeError(f"cannot create the dead-letter topic {name}: {for_code(code).__name__}")
+                    raise BrokerRequestError(f"cannot create the dead-letter topic {name}: "
+                                             f"{for_code(code).__name__}")
         finally:
             await admin.close()
 
@@ -430,7 +494,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.subscription._revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.subscription._assigned_now(set(assigned))
+        await self.subscription._assigned_now(set(assigned))
 
 
 def subscribe(handler: Handler, *, group_id: str, bootstrap_servers: str | None = None,

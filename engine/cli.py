@@ -194,8 +194,11 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.halted.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         await running.stop()
+        if running.failed is not None:
+            raise running.failed
 
     asyncio.run(run())
 

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
 from treeflow.consumers.lookup import RootCache
-from treeflow.kafka import KafkaSettings, end_offsets, partition_for
+from treeflow.kafka import KafkaSettings, adopt_partitions, clients, end_offsets, partition_for, watch_topics
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
 from treeflow.schemas import models as m
 
@@ -236,21 +236,17 @@ class Client:
         return client
 
     async def start(self) -> None:
+        self.settings = await adopt_partitions(self.settings, "client")  # routing uses the topics' own count
         topics = self.settings.topics
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
-                                          **self.settings.profile.producer_options())
-        await self._producer.start()
+        self._producer = await clients.start(clients.producer(self.settings, "client"), self.settings)
         partitions = [TopicPartition(topic, p) for topic in (topics.events, topics.replies)
                       for p in range(self.settings.partitions)]
         ends = await end_offsets(self.settings, partitions)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
-                                          enable_auto_commit=False, auto_offset_reset="earliest",
-                                          fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms)
-        await self._consumer.start()
+        self._consumer = await clients.start(clients.consumer(self.settings, "client"), self.settings)
         self._consumer.assign(partitions)
         for tp, offset in ends.items():
             self._consumer.seek(tp, offset)
-        self._follower = asyncio.ensure_future(self._follow())
+        self._follower = asyncio.ensure_future(self._follow_while_topics_stay())
 
     async def close(self) -> None:
         if self._follower is not None:
@@ -403,6 +399,24 @@ class Client:
                 waiters.remove(waiter)
             if not waiters:
                 self._waiters.pop(exec_id, None)
+
+    async def _follow_while_topics_stay(self) -> None:
+        """Follow the topics; if they vanish (or following fails), fail every waiting call with why."""
+        topics = self.settings.topics
+        tasks = [asyncio.ensure_future(self._follow()), asyncio.ensure_future(
+            watch_topics(self.settings, [topics.commands, topics.events, topics.replies], "client"))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        error = next(task.exception() for task in done if task.exception() is not None)
+        log.error("the client stopped following treeflow's topics: %s", error)
+        waiting = [*self._replies.values(), *(w for ws in self._waiters.values() for w in ws)]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
 
     async def _follow(self) -> None:
         assert self._consumer is not None

@@ -70,3 +70,9 @@ class TopicsResetError(TopicsMissingError):
     """A topic changed under a running process: it disappeared, or came back with
     another partition count. The process stops instead of working on a layout that
     is no longer there."""
+
+
+class OptionsError(TreeflowError, ValueError):
+    """An options object was built with a value it cannot use (wrong type or range)."""
+
+    exit_code = 2

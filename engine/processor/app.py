@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import EventReader
-from treeflow.kafka import KafkaSettings, partition_for
+from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, partition_for, watch_topics
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
 from ..ids import new_id
@@ -96,6 +96,8 @@ class Processor:
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
+        #: Set when the processor stopped by itself (`failed` says why).
+        self.halted = asyncio.Event()
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -116,6 +118,7 @@ class Processor:
             broker_max_poll_records=BATCH_SIZE,
             broker_commit_interval=1.0,
             stream_buffer_maxsize=4 * BATCH_SIZE,
+            **clients.faust_options(self.settings, "processor"),
         )
         app.treeflow_fetch_max_wait_ms = profile.fetch_max_wait_ms
         topic = app.topic(self.settings.topics.commands, key_serializer="raw", value_serializer="raw")
@@ -137,11 +140,10 @@ class Processor:
         return app
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
-                                          max_request_size=16 * 1024 * 1024,
-                                          **self.settings.profile.producer_options())
-        await self._producer.start()
-        for coroutine in (self._clock(), self._local_loop()):
+        self.settings = await adopt_partitions(self.settings, "processor")
+        self._producer = await clients.start(clients.producer(self.settings, "processor",
+                                                              max_request_size=16 * 1024 * 1024), self.settings)
+        for coroutine in (self._clock(), self._local_loop(), self._watch_topics()):
             self._spawn(coroutine)
         await self._app.start()
 
@@ -154,6 +156,17 @@ class Processor:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._producer is not None:
             await self._producer.stop()
+
+    async def _watch_topics(self) -> None:
+        """Stop the processor when its topics vanish (deleted, a restarted embedded broker)."""
+        topics = self.settings.topics
+        try:
+            await watch_topics(self.settings, [topics.commands, topics.events, topics.replies], "processor")
+        except TopicsResetError as exc:
+            log.critical("%s", exc)
+            self.failed = exc
+            self.halted.set()
+            self._spawn(self._app.stop())
 
     async def wait_assigned(self, timeout: float = 60) -> None:
         """Wait until this processor owns partitions and has recovered them."""
@@ -366,6 +379,7 @@ class Processor:
         except Exception as exc:
             log.critical("appending to the log failed (%r): stopping the processor; restart it to recover", exc)
             self.failed = exc
+            self.halted.set()
             self._spawn(self._app.stop())
             raise
 

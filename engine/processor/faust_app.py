@@ -1,8 +1,13 @@
-"""The faust app class of the processor, with the broker profile's fetch wait.
+"""The faust app class of the processor: the broker profile's fetch wait, no topic auto-creation.
 
 faust 0.15 hard-codes `fetch_max_wait_ms=1500` for its consumer. On a broker that
 wakes waiting fetches (Kafka) that costs nothing; on Tansu, which does not, every
 command would wait up to 1.5 s. This is the one place treeflow changes it.
+
+faust builds its own aiokafka clients; security and client id reach them through
+the App's `broker_credentials` and `broker_client_id` (`treeflow.kafka.clients.faust_options`).
+Their metadata requests are made not to auto-create topics here, as every client
+built by `treeflow.kafka.clients` is.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as driver
 
+from treeflow.kafka.clients import forbid_auto_creation
+
 # faust logs through the module of the App class: keep its rebalance chatter quiet.
 logging.getLogger(__name__).setLevel(logging.ERROR)
 
@@ -22,6 +29,7 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher.
         consumer._fetch_max_wait_ms = self.app.treeflow_fetch_max_wait_ms
+        forbid_auto_creation(consumer._client)
         return consumer
 
 
@@ -30,8 +38,16 @@ class _Consumer(driver.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class _Producer(driver.Producer):
+    def _new_producer(self, transactional_id: str | None = None) -> Any:
+        producer = super()._new_producer(transactional_id)
+        forbid_auto_creation(producer.client)
+        return producer
+
+
 class Transport(driver.Transport):
     Consumer = _Consumer
+    Producer = _Producer
 
 
 class ProcessorApp(faust.App):

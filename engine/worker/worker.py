@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from treeflow.kafka import KafkaSettings
+from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, watch_topics
 from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPosition, Task
 from treeflow.schemas import models as m
 
@@ -84,24 +84,37 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._grace = 0.0
+        self._watch: asyncio.Task[None] | None = None
+        #: Why the worker stopped by itself (its topics vanished), else None.
+        self.failed: BaseException | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
-                                          **self.settings.profile.producer_options())
-        await self._producer.start()
+        self.settings = await adopt_partitions(self.settings, "worker")
+        self._producer = await clients.start(clients.producer(self.settings, "worker"), self.settings)
         for queue in self.task_queues:
-            consumer = AIOKafkaConsumer(
-                self.settings.topics.tasks(queue), bootstrap_servers=self.settings.bootstrap_servers,
+            consumer = await clients.start(clients.consumer(
+                self.settings, "worker", self.settings.topics.tasks(queue),
                 group_id=f"{self.settings.topic_prefix}.workers.{queue}",
-                max_partition_fetch_bytes=16 * 1024 * 1024, **self.settings.profile.consumer_options())
-            await consumer.start()
+                max_partition_fetch_bytes=16 * 1024 * 1024), self.settings)
             self._consumers.append(consumer)
             self._loops.append(asyncio.ensure_future(self._consume(consumer)))
+        self._watch = asyncio.ensure_future(self._watch_topics())
+
+    async def _watch_topics(self) -> None:
+        topics = self.settings.topics
+        try:
+            await watch_topics(self.settings, [topics.commands, *map(topics.tasks, self.task_queues)], "worker")
+        except TopicsResetError as error:
+            log.critical("%s", error)
+            self.failed = error
+            self._stopping.set()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
         self._grace = grace
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
         # Each loop waits for the running tasks, then commits what they finished.
         if self._loops:
             _, late = await asyncio.wait(self._loops, timeout=grace + 10)
@@ -122,9 +135,12 @@ class Worker:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._stopping.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping: finishing %d running task(s)", len(self._in_flight))
         await self.stop()
+        if self.failed is not None:
+            raise self.failed
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         offsets = _Offsets()

@@ -48,7 +48,7 @@ async def test_the_event_log_is_kept_forever(settings: KafkaSettings) -> None:
 async def test_refuses_a_different_partition_count_and_changes_nothing(settings: KafkaSettings) -> None:
     await ensure_topics(settings)
     before = await partition_counts(settings)
-    conflicting = dataclasses.replace(settings, partitions=6)
+    conflicting = dataclasses.replace(settings, partitions=6, partitions_explicit=True)
     with pytest.raises(TopicConflictError, match=r"\.events has 4 partitions, 6 are configured.*migrat"):
         await ensure_topics(conflicting, task_queues=("default", "other"))
     assert await partition_counts(settings) == before  # tasks.other was not created either
