@@ -234,6 +234,13 @@ async def _translate(error: BaseException, settings: KafkaSettings, client: Any)
                 "(TREEFLOW_SSL_*, TREEFLOW_SASL_*)")
         return BrokerUnreachableError(
             f"cannot connect to Kafka at {address}: check TREEFLOW_BOOTSTRAP_SERVERS and that the broker runs")
+    if isinstance(error, KeyError | ValueError) and (settings.sasl_mechanism or "").startswith("SCRAM-"):
+        # aiokafka 0.14 does not parse a SCRAM error ("e=...") from the broker: it fails on the
+        # missing server signature instead.
+        return AuthenticationError(
+            f"the broker at {address} refused the SASL {settings.sasl_mechanism} login of "
+            f"{settings.sasl_username!r} (unknown user or wrong password): check TREEFLOW_SASL_USERNAME "
+            "and TREEFLOW_SASL_PASSWORD")
     if isinstance(error, UnknownError) and isinstance(client, AIOKafkaProducer) and settings.profile.idempotent_producer:
         return WrongProfileError(
             f"the broker at {address} refused an idempotent producer (InitProducerId failed with "

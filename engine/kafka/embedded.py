@@ -89,8 +89,10 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
-                 startup_timeout: float = 20.0) -> None:
+                 startup_timeout: float = 20.0, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        #: The port clients are told to connect to (a TLS/SASL front in the security tests).
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"treeflow-broker-{self.port}.log"
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
@@ -114,10 +116,11 @@ class EmbeddedBroker:
         if _port_taken(self.port):
             raise BrokerError(f"cannot start the embedded broker: {HOST}:{self.port} is already in use")
         url = f"tcp://{HOST}:{self.port}"
+        advertised = f"tcp://{HOST}:{self.advertised_port}"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
