@@ -26,7 +26,15 @@ from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from treeflow.kafka import BrokerRequestError, KafkaSettings, clients, end_offsets, partition_counts
+from treeflow.kafka import (
+    BrokerRequestError,
+    KafkaSettings,
+    TopicsResetError,
+    clients,
+    end_offsets,
+    partition_counts,
+    watch_topics,
+)
 from treeflow.kafka.errors import OptionsError
 from treeflow.schemas import EVENTS, DecodeError, RecordPosition
 
@@ -165,6 +173,10 @@ class ServiceSubscription:
         self._failure: BaseException | None = None
         self._assigned = asyncio.Event()
         self._revoking: set[TopicPartition] = set()
+        #: Partitions paused while `from_beginning=False` looks up where they start.
+        self._positioning: set[TopicPartition] = set()
+        #: The first offset to hand out of each partition that started at its end.
+        self._starts: dict[TopicPartition, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -177,7 +189,8 @@ class ServiceSubscription:
         self._consumer = await clients.start(clients.consumer(self.settings, "service", group_id=self.group_id),
                                              self.settings)
         self._consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
-        self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._commit_every_interval())]
+        self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._commit_every_interval()),
+                       asyncio.ensure_future(self._watch_topics())]
 
     async def wait_assigned(self, timeout: float = 30.0) -> None:
         """Wait until the group gave this member its first partitions."""
@@ -201,7 +214,8 @@ class ServiceSubscription:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_lanes(list(self._lanes))
         try:
-            if self._consumer is not None:
+            # A commit to a vanished topic would be retried forever.
+            if self._consumer is not None and not isinstance(self._failure, TopicsResetError):
                 await self._commit()
         except KafkaError as error:
             log.warning("final commit of group %s failed (the records will be handled again): %r",
@@ -246,12 +260,15 @@ class ServiceSubscription:
                 room = self.options.max_buffered - self._buffered
                 if room <= 0:
                     consumer.pause(*consumer.assignment())
-                elif consumer.paused() - self._revoking:
-                    consumer.resume(*(consumer.paused() - self._revoking))
+                elif consumer.paused() - self._revoking - self._positioning:
+                    consumer.resume(*(consumer.paused() - self._revoking - self._positioning))
                 batches = await consumer.getmany(timeout_ms=100, max_records=max(room, 1))
                 for tp, records in batches.items():
                     ledger = self._ledgers.setdefault(tp, OffsetLedger())
+                    start = self._starts.get(tp, 0)
                     for record in records:
+                        if record.offset < start:  # read before the start was known
+                            continue
                         ledger.add(record.offset)
                         self._buffered += 1
                         await self._dispatch(tp, record)
@@ -266,6 +283,12 @@ class ServiceSubscription:
             self._failure = error
             self.stats.failure = f"{type(error).__name__}: {error}"
         self._wake.set()
+
+    async def _watch_topics(self) -> None:
+        try:
+            await watch_topics(self.settings, [self.settings.topics.events], "service")
+        except TopicsResetError as error:
+            self._fail(error)
 
     async def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -434,14 +457,19 @@ class ServiceSubscription:
     async def _assigned_now(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self._ledgers[tp] = OffsetLedger()
-        try:
-            if not self.options.from_beginning and assigned:
+            self._starts.pop(tp, None)
+        if not self.options.from_beginning and assigned and self._consumer is not None:
+            # Nothing is read from these partitions until their start is known (the fetcher
+            # would meanwhile begin where auto_offset_reset says).
+            self._positioning |= assigned
+            self._consumer.pause(*assigned)
+            try:
                 await self._start_new_partitions_at_the_end(assigned)
-        except BaseException as error:
-            if self._consumer is not None:
-                self._consumer.pause(*assigned)  # read nothing from a start that is not known
-            self._fail(error)
-            raise
+            except BaseException as error:
+                self._fail(error)  # they stay paused
+                raise
+            self._positioning -= assigned
+            self._consumer.resume(*(assigned - self._revoking))
         self._assigned.set()
 
     async def _start_new_partitions_at_the_end(self, assigned: set[TopicPartition]) -> None:
@@ -459,6 +487,7 @@ class ServiceSubscription:
         ends = await end_offsets(self.settings, fresh)
         for tp in fresh:
             self._consumer.seek(tp, ends[tp])
+            self._starts[tp] = ends[tp]
         try:
             await self._consumer.commit({tp: OffsetAndMetadata(ends[tp], "") for tp in fresh})
             for tp in fresh:

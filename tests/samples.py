@@ -8,9 +8,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 
-from treeflow.kafka import KafkaSettings
+from treeflow.kafka import KafkaSettings, clients
 from treeflow.schemas import EVENTS, EVENT_TYPES, PAYLOAD_MODELS, AvroModel, Event, EventType, WorkflowContext
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -67,8 +66,7 @@ def event_of(event_type: EventType, ctx: WorkflowContext, sequence: int) -> Even
 
 async def write_events(settings: KafkaSettings, events: list[Event]) -> None:
     """Produce events keyed by their root id, in order (as the processor would)."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **settings.profile.producer_options())
-    await producer.start()
+    producer = await clients.start(clients.producer(settings, "test"), settings)
     try:
         for event in events:
             await producer.send(settings.topics.events, EVENTS.encode(event),

@@ -206,18 +206,19 @@ async def adopt_partitions(settings: KafkaSettings, role: str) -> KafkaSettings:
 
 
 async def watch_topics(settings: KafkaSettings, names: Iterable[str], role: str,
-                       interval: float = WATCH_INTERVAL) -> None:
+                       interval: float | None = None) -> None:
     """Return never; raise `TopicsResetError` once one of `names` is gone or has another
     partition count than when the watch started (a broker restarted under a running
     process, a topic deleted or recreated). Connection errors are left to the clients
-    that do the work; the watch tries again at its next interval.
+    that do the work; the watch tries again at its next interval (`WATCH_INTERVAL`
+    seconds unless given).
     """
     wanted = list(dict.fromkeys(names))
     client = await clients.start(clients.bare_client(settings, role), settings)
     try:
         first = await _partition_counts(client, wanted)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(WATCH_INTERVAL if interval is None else interval)
             try:
                 now = await _partition_counts(client, wanted)
             except (OSError, asyncio.TimeoutError, BrokerRequestError) as error:

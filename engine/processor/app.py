@@ -98,6 +98,7 @@ class Processor:
         self.failed: BaseException | None = None
         #: Set when the processor stopped by itself (`failed` says why).
         self.halted = asyncio.Event()
+        self._app_stop: asyncio.Future[None] | None = None
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -150,7 +151,7 @@ class Processor:
     async def stop(self) -> None:
         if self._last_publish is not None:
             await asyncio.gather(self._last_publish, return_exceptions=True)
-        await self._app.stop()
+        await self._stop_app()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -166,7 +167,16 @@ class Processor:
             log.critical("%s", exc)
             self.failed = exc
             self.halted.set()
-            self._spawn(self._app.stop())
+            self._app.treeflow_halted = True  # commits to vanished topics would retry forever
+            self._stop_app()
+
+    def _stop_app(self) -> asyncio.Future[None]:
+        """Stop the faust app once; every caller waits for the same stop (a second
+        `App.stop()` returns at once, and cancelling the first would leave faust's
+        consumer thread running)."""
+        if self._app_stop is None:
+            self._app_stop = asyncio.ensure_future(self._app.stop())
+        return self._app_stop
 
     async def wait_assigned(self, timeout: float = 60) -> None:
         """Wait until this processor owns partitions and has recovered them."""
@@ -380,7 +390,7 @@ class Processor:
             log.critical("appending to the log failed (%r): stopping the processor; restart it to recover", exc)
             self.failed = exc
             self.halted.set()
-            self._spawn(self._app.stop())
+            self._stop_app()
             raise
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:

@@ -12,6 +12,7 @@ built by `treeflow.kafka.clients` is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -31,6 +32,20 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = self.app.treeflow_fetch_max_wait_ms
         forbid_auto_creation(consumer._client)
         return consumer
+
+    async def _commit(self, offsets: Any) -> bool:
+        """faust's commit, given up once the processor halted (its topics vanished): aiokafka
+        retries a commit to a missing topic forever, which would hold `App.stop()` for good."""
+        if self.app.treeflow_halted:
+            return False
+        commit = asyncio.ensure_future(super()._commit(offsets))
+        while not commit.done():
+            await asyncio.wait([commit], timeout=0.2)
+            if self.app.treeflow_halted and not commit.done():
+                commit.cancel()
+                await asyncio.gather(commit, return_exceptions=True)
+                return False
+        return commit.result()
 
 
 class _Consumer(driver.Consumer):
@@ -52,6 +67,8 @@ class Transport(driver.Transport):
 
 class ProcessorApp(faust.App):
     treeflow_fetch_max_wait_ms: int = 500
+    #: Set by the processor when it stops because its topics vanished: commit nothing more.
+    treeflow_halted: bool = False
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)

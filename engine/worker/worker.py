@@ -197,7 +197,7 @@ class Worker:
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: _Offsets) -> None:
         ready = offsets.committable()
-        if not ready:
+        if not ready or self.failed is not None:  # a commit to a vanished topic would retry forever
             return
         assert self._producer is not None
         await self._producer.flush()  # the reports go out before their tasks are marked done

@@ -13,6 +13,13 @@ connection a client opens, bootstrap or not, goes through it.
 
 Before a connection authenticated, only ApiVersions is relayed; any other request
 closes it (as Kafka does), and is counted in `refused`.
+
+With `kafka_metadata=True` (no TLS or SASL needed) the front also gives Tansu Apache
+Kafka's Metadata semantics, which Tansu lacks (DESIGN.md §8): a Metadata request (v1+)
+with an EMPTY topic list is answered with no topics (Tansu answers every topic), and
+each request that names topics with ``allow_auto_topic_creation=true`` is recorded in
+`auto_create_requests` (Kafka with its default ``auto.create.topics.enable=true`` would
+create a missing one).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
-API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+METADATA, API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 3, 18, 17, 36
 ILLEGAL_SASL_STATE, UNSUPPORTED_SASL_MECHANISM, SASL_AUTHENTICATION_FAILED = 34, 33, 58
 SCRAM_HASHES = {"SCRAM-SHA-256": hashlib.sha256, "SCRAM-SHA-512": hashlib.sha512}
 MECHANISMS = ["PLAIN", *SCRAM_HASHES]
@@ -45,6 +52,11 @@ class SecureFront:
     #: Connections closed for a request sent before authenticating, or a failed login.
     refused: int = 0
     failed_logins: int = 0
+    kafka_metadata: bool = False
+    #: (client_id, topics) of each Metadata request that allowed auto-creation.
+    auto_create_requests: list[tuple[str, list[str]]] = field(default_factory=list)
+    #: Metadata requests with an empty topic list, answered with no topics.
+    empty_metadata_requests: int = 0
     _server: asyncio.AbstractServer | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -65,7 +77,12 @@ class SecureFront:
         self._tasks.add(task)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         try:
-            if await self._authenticate(reader, writer, up_reader, up_writer):
+            ok, first = await self._authenticate(reader, writer, up_reader, up_writer)
+            if ok and self.kafka_metadata:
+                await self._relay_frames(reader, writer, up_reader, up_writer, first)
+            elif ok:
+                if first is not None:
+                    up_writer.write(struct.pack(">i", len(first)) + first)
                 await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
@@ -75,16 +92,17 @@ class SecureFront:
                 w.close()
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> bool:
+                            up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter
+                            ) -> tuple[bool, bytes | None]:
+        """Whether the connection may go on, and a first request read but not relayed yet."""
         mechanism: str | None = None
         scram: _ScramServer | None = None
         while True:
             frame = await _read_frame(reader)
             api_key, version, correlation, client_id, body = _parse_request(frame)
-            if self.users is None:  # TLS only: the handshake already happened
+            if self.users is None:  # TLS only (or nothing): the handshake already happened
                 self.authenticated.append((client_id, ""))
-                up_writer.write(struct.pack(">i", len(frame)) + frame)
-                return True
+                return True, frame
             if api_key == API_VERSIONS:
                 up_writer.write(struct.pack(">i", len(frame)) + frame)
                 writer.write(await _read_frame_with_size(up_reader))
@@ -97,7 +115,7 @@ class SecureFront:
                 _respond(writer, correlation, struct.pack(">hi", error, len(MECHANISMS)) + names)
                 if error:
                     self.refused += 1
-                    return False
+                    return False, None
                 if mechanism in SCRAM_HASHES:
                     scram = _ScramServer(SCRAM_HASHES[mechanism], self.users)
                 continue
@@ -111,13 +129,78 @@ class SecureFront:
                 _respond_authenticate(writer, correlation, version, error, reply)
                 if error:
                     self.failed_logins += 1
-                    return False
+                    return False, None
                 if user is not None:
                     self.authenticated.append((client_id, user))
-                    return True
+                    return True, None
                 continue
             self.refused += 1  # a request before authenticating: Kafka closes the connection
-            return False
+            return False, None
+
+
+    async def _relay_frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                            first: bytes | None) -> None:
+        """Relay request by request (responses come back in order on a connection)."""
+        pending: asyncio.Queue[tuple[int, int, bool]] = asyncio.Queue()
+
+        async def requests() -> None:
+            frame = first
+            while True:
+                if frame is None:
+                    frame = await _read_frame(reader)
+                api_key, version, _, client_id, body = _parse_request(frame)
+                empty = False
+                if api_key == METADATA and version >= 1:
+                    topics, allow = _metadata_request(version, body)
+                    empty = topics == []
+                    self.empty_metadata_requests += empty
+                    if topics and allow:
+                        self.auto_create_requests.append((client_id, topics))
+                await pending.put((api_key, version, empty))
+                up_writer.write(struct.pack(">i", len(frame)) + frame)
+                await up_writer.drain()
+                frame = None
+
+        async def responses() -> None:
+            while True:
+                frame = await _read_frame(up_reader)
+                api_key, version, empty = await pending.get()
+                if empty:
+                    frame = _without_topics(version, frame)
+                writer.write(struct.pack(">i", len(frame)) + frame)
+                await writer.drain()
+
+        await asyncio.gather(requests(), responses())
+
+
+def _metadata_request(version: int, body: bytes) -> tuple[list[str] | None, bool]:
+    (count,) = struct.unpack_from(">i", body)
+    offset, names = 4, []
+    for _ in range(max(count, 0)):
+        (length,) = struct.unpack_from(">h", body, offset)
+        names.append(body[offset + 2:offset + 2 + length].decode())
+        offset += 2 + length
+    allow = True if version < 4 else bool(body[offset])
+    return (None if count < 0 else names), allow
+
+
+def _without_topics(version: int, frame: bytes) -> bytes:
+    """A Metadata response (v1-v5) with its topic array emptied."""
+    offset = 4 + (4 if version >= 3 else 0)  # correlation id, throttle time
+    (brokers,) = struct.unpack_from(">i", frame, offset)
+    offset += 4
+    for _ in range(brokers):
+        offset += 4  # node id
+        (length,) = struct.unpack_from(">h", frame, offset)
+        offset += 2 + length + 4  # host, port
+        (length,) = struct.unpack_from(">h", frame, offset)
+        offset += 2 + max(length, 0)  # rack
+    if version >= 2:
+        (length,) = struct.unpack_from(">h", frame, offset)
+        offset += 2 + max(length, 0)  # cluster id
+    offset += 4  # controller id
+    return frame[:offset] + struct.pack(">i", 0)
 
 
 class _ScramServer:

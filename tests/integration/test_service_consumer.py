@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from treeflow.consumers import ServiceOptions, TreeEvent, subscribe, subscribe_tree
+from treeflow.consumers import EventFilter, ServiceOptions, ServiceSubscription, TreeEvent, subscribe, subscribe_tree
 from treeflow.kafka import KafkaSettings, ensure_topics, partition_for
 from treeflow.schemas import EVENTS, EventType
 from treeflow.testing import Environment
@@ -184,3 +184,59 @@ async def test_two_instances_share_the_trees_and_a_rebalance_repeats_nothing(set
         assert [event_id for _, r, event_id in handled if r == root] == [f"{root}:{n}" for n in range(1, 7)]
     assert first.stats.handled + second.stats.handled == 240
     assert second.stats.handled > 0 and first.stats.handled > 0
+
+
+async def test_a_new_group_starting_live_gets_only_new_events(settings: KafkaSettings) -> None:
+    """`from_beginning=False`: the true end, also where the broker's ListOffsets is too low
+    (Tansu after a multi-record batch); and the start is committed, so a restart keeps it."""
+    await ensure_topics(settings)
+    ctx = context("live-1", "live-1")
+    old = [event_of(EventType.ACTIVITY_TASK_SCHEDULED, ctx, n) for n in range(1, 7)]
+    await write_events(settings, old)  # one batch of six records
+    handled: list[str] = []
+
+    async def handler(event: TreeEvent[Any]) -> None:
+        handled.append(event.event_id)
+
+    options = replace(FAST, from_beginning=False)
+    async with subscribe(handler, group_id="live-group", settings=settings, options=options) as subscription:
+        await subscription.wait_assigned()
+        new = [event_of(EventType.ACTIVITY_TASK_SCHEDULED, ctx, n) for n in (7, 8)]
+        await write_events(settings, new)
+        await wait_for(lambda: len(handled) >= 2)
+        await asyncio.sleep(0.3)
+    assert handled == [e.event_id for e in new]
+    handled.clear()
+    async with subscribe(handler, group_id="live-group", settings=settings, options=options) as again:
+        await again.wait_assigned()
+        await asyncio.sleep(0.5)
+    assert handled == []
+
+
+def test_service_options_are_checked_when_built() -> None:
+    with pytest.raises(ValueError, match=r"initial_backoff must be a datetime.timedelta, not 0.05"):
+        ServiceOptions(initial_backoff=0.05)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_attempts"):
+        ServiceOptions(max_attempts=0)
+    with pytest.raises(ValueError, match="backoff_coefficient"):
+        ServiceOptions(backoff_coefficient=0.5)
+
+
+async def test_a_failed_subscription_raises_out_of_async_with(settings: KafkaSettings) -> None:
+    await ensure_topics(settings)
+    ctx = context("boom-1", "boom-1")
+    await write_events(settings, [event_of(EventType.WORKFLOW_EXECUTION_STARTED, ctx, 1)])
+
+    class Exploding(EventFilter):
+        def matches(self, event: Any) -> bool:
+            raise RuntimeError("the filter broke")
+
+    async def handler(event: TreeEvent[Any]) -> None:
+        pass
+
+    subscription = ServiceSubscription(handler, group_id="boom-group", settings=settings,
+                                       event_filter=Exploding(), options=FAST)
+    with pytest.raises(RuntimeError, match="the filter broke"):
+        async with subscription:
+            await wait_for(lambda: subscription.stats.failure is not None)
+    assert subscription.stats.failure == "RuntimeError: the filter broke"
