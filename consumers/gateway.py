@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from treeflow.kafka import KafkaSettings, partition_for
+from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
 
 from . import sse
 from .cursor import Cursor, CursorError, cursor_before
@@ -151,7 +151,7 @@ class _Gateway:
             return JSONResponse({"detail": error.detail}, status_code=error.status)
         except (CursorError, ValueError) as error:
             return JSONResponse({"detail": str(error)}, status_code=400)
-        except (KafkaError, LookupError, OSError) as error:
+        except (KafkaError, KafkaSetupError, LookupError, OSError) as error:
             log.warning("cannot stream: %r", error)
             return JSONResponse({"detail": f"the event log is unavailable: {error}"}, status_code=503)
         return StreamingResponse(self._frames(request, subscription), media_type="text/event-stream",

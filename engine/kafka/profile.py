@@ -3,7 +3,33 @@
 treeflow's clients behave the same on every broker; a profile only tunes what a
 broker needs tuned. The embedded Tansu broker has gaps (DESIGN.md §8) that the
 `tansu` profile works around; on Apache Kafka the `kafka` profile changes nothing
-the engine relies on.
+the engine relies on. Every Kafka call is written to Apache Kafka's protocol; a
+Tansu gap is worked around here, or in `treeflow.kafka.offsets` keyed by
+`exact_list_offsets`, never by weakening what the engine does on Kafka.
+
+The profile is chosen, not detected (`TREEFLOW_BROKER_PROFILE`, `kafka` when unset):
+a guess would cost a probe on every start and could be wrong on other brokers. The
+wrong profile's one symptom, the broker refusing an idempotent producer, is turned
+into `WrongProfileError` naming the fix (`treeflow.kafka.clients.start`).
+
+Tansu 0.6.0 deviations found and handled (beside DESIGN.md §8's list):
+
+- Metadata (v1+) with an EMPTY topic list answers every topic; Kafka answers none.
+  Handled everywhere, not here: treeflow reads partition counts with Metadata
+  requests naming its topics (`treeflow.kafka.topics.partition_counts`), never from
+  a client's cluster view.
+- Metadata naming a missing topic with ``allow_auto_topic_creation=true`` creates it
+  (4 partitions); with ``false`` it answers UNKNOWN_TOPIC_OR_PARTITION as Kafka does.
+  aiokafka 0.14 always sends ``true``: every client treeflow builds sends ``false``
+  (`treeflow.kafka.clients`), on every broker.
+- InitProducerId fails with UnknownError: `idempotent_producer=False` below.
+- TLS cannot be enabled from the command line (`--cert` and `--key` are in one clap
+  group that admits only one); with `--authentication`, SASL PLAIN is not offered and
+  SCRAM users cannot be created on the in-memory store. The security tests put a
+  TLS/SASL front before it.
+- Not Tansu's, aiokafka's (on Kafka too): a commit to a deleted topic fails with a
+  retriable error that aiokafka retries forever; treeflow stops committing once its
+  topics vanished.
 
 Found since DESIGN.md §8 was written (consumer library, aiokafka 0.14): Tansu
 acknowledges LeaveGroup but keeps the member until its session times out, so a

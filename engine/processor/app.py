@@ -25,7 +25,15 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from treeflow.consumers import EventReader
-from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, partition_for, watch_topics
+from treeflow.kafka import (
+    KafkaSettings,
+    TopicsResetError,
+    adopt_partitions,
+    clients,
+    ensure_topics,
+    partition_for,
+    watch_topics,
+)
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
 from ..ids import new_id
@@ -99,6 +107,8 @@ class Processor:
         #: Set when the processor stopped by itself (`failed` says why).
         self.halted = asyncio.Event()
         self._app_stop: asyncio.Future[None] | None = None
+        #: Task queues whose topic is known to exist.
+        self._queues: set[str] = set()
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -339,6 +349,7 @@ class Processor:
                     self._run_locally(dispatch)
                 else:
                     self.stats.remote_tasks += 1
+                    await self._ensure_queue(dispatch.item.task_queue)
                     outgoing.append((topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
                                      dispatch.context.root_workflow_exec_id.encode(), None, []))
         if appended or outgoing:
@@ -348,6 +359,13 @@ class Processor:
                                                            on_durable))
         elif on_durable is not None:
             on_durable()
+
+    async def _ensure_queue(self, queue: str) -> None:
+        """Create the tasks topic of a queue the first time work goes there (treeflow never
+        lets a broker auto-create one; a task queue needs no set-up, as in Temporal)."""
+        if queue not in self._queues:
+            await ensure_topics(self.settings, [queue])
+            self._queues.add(queue)
 
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
         """Queue events for one partition; the producer coalesces them into batches.

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, watch_topics
+from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, ensure_topics, watch_topics
 from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPosition, Task
 from treeflow.schemas import models as m
 
@@ -90,6 +90,7 @@ class Worker:
 
     async def start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "worker")
+        await ensure_topics(self.settings, self.task_queues)  # its queues' topics; nothing else is missing
         self._producer = await clients.start(clients.producer(self.settings, "worker"), self.settings)
         for queue in self.task_queues:
             consumer = await clients.start(clients.consumer(

@@ -38,6 +38,8 @@ from treeflow.kafka import (
 from treeflow.kafka.embedded import free_port
 from treeflow.kafka.settings import BOOTSTRAP_ENV
 from treeflow.client import Client
+from treeflow.definitions import collect
+from treeflow.worker.worker import Worker
 from treeflow.testing import Environment
 from tests.integration import tree_app
 from tests.integration.secure_front import SecureFront
@@ -75,6 +77,18 @@ async def test_trees_and_lookups_work_with_kafkas_metadata_semantics() -> None:
                 assert await env.client.find_root(child) == root
                 every = [item async for item in EventReader(env.settings)]  # all partitions, from the broker
                 assert {e.event_id for e in tree} <= {item.event.event_id for item in every}
+                # A task queue nobody created: the processor creates its topic (deliberately, with
+                # treeflow's layout) for the first task, and a worker for it gets the task.
+                handle = await env.client.start_workflow(tree_app.Grandchild, "q", task_queue="fresh-queue")
+                workflows, activities = collect([tree_app])
+                worker = Worker(env.settings, workflows, activities, ["fresh-queue"])
+                await worker.start()
+                try:
+                    assert await handle.result() == "leaf:q"
+                finally:
+                    await worker.stop(grace=1)
+                fresh = env.settings.topics.tasks("fresh-queue")
+                assert await partition_counts(env.settings, [fresh]) == {fresh: 3}
         assert front.empty_metadata_requests > 0  # the semantics were in force
         assert front.auto_create_requests == []
 
