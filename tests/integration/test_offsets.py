@@ -43,3 +43,34 @@ async def test_the_tansu_list_offsets_gap_is_still_there(settings: KafkaSettings
     await ensure_topics(settings)
     await produce_one_batch(settings, 2, 10)
     assert await list_offsets(settings, TopicPartition(settings.topics.events, 2)) == 1
+
+
+SCRIPT = """
+import asyncio, sys
+from treeflow.kafka import KAFKA, KafkaSettings, clients, end_offsets
+
+async def main() -> None:
+    settings = KafkaSettings(sys.argv[1], profile=KAFKA)
+    assert await end_offsets(settings, []) == {}
+    for _ in range(3):
+        consumer = clients.consumer(settings, "test")
+        await consumer.start()
+        assert await consumer.end_offsets([]) == {}
+        await clients.stop(consumer)
+
+asyncio.run(main())
+"""
+
+
+def test_a_consumer_stopped_right_after_it_started_stops_cleanly(settings: KafkaSettings) -> None:
+    """aiokafka 0.14's stop() of a consumer without a group, before the loop ran its
+    committed-offsets task once, raises that task's CancelledError (GroupCoordinator.close
+    awaits the task it cancelled); it surfaced from `end_offsets(settings, [])`. The
+    factory's stop() runs in a task of its own, which lets that task start first. A fresh
+    event loop shows the race (a long-lived one hides it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SCRIPT, settings.bootstrap_servers], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
