@@ -28,9 +28,7 @@ LONG_RUNNING = frozenset({"broker", "demo", "dev", "processor", "worker", "serve
 #: Exit codes of the errors raised outside treeflow's own classes (these have `exit_code`).
 INTERRUPTED = 130
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (SettingsError, 3), (TopicConflictError, 3), (BrokerError, 4), (CursorError, 2),
-    (LookupError, 5),  # the consumer library's "topic ... does not exist"
-    (TimeoutError, 6),
+    (SettingsError, 3), (TopicConflictError, 3), (BrokerError, 4), (CursorError, 2), (TimeoutError, 6),
 )
 
 bootstrap_option = click.option(
@@ -71,6 +69,8 @@ def failure_of(error: BaseException) -> tuple[str, int] | None:
     for kind, code in _EXIT_CODES:
         if isinstance(error, kind):
             return message, code
+    if type(error) is LookupError:  # the consumer library's "topic ... does not exist" (not a KeyError)
+        return message, 5
     return None
 
 
