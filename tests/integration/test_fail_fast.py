@@ -214,23 +214,21 @@ def test_dev_serve_prints_the_export_lines_of_a_second_terminal(settings: KafkaS
             async def run(self) -> str:
                 return "ok"
     '''))
-    env = {**os.environ, **env_of(settings), "TREEFLOW_PARTITIONS": str(settings.partitions)}
-    process = subprocess.Popen([sys.executable, "-m", "treeflow.cli", "dev", str(app), "--serve"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, **env_of(settings)}
+    output = tmp_path / "dev.out"
+    with open(output, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "treeflow.cli", "dev", str(app), "--serve"],
+                                   stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines: list[str] = []
-        assert process.stdout is not None
-        while not any(line.startswith("export TREEFLOW_BROKER_PROFILE") for line in lines):
-            line = process.stdout.readline()
-            assert line, process.stderr.read() if process.stderr else ""
-            lines.append(line.strip())
-        while len([line for line in lines if line.startswith("export")]) < 4:
-            lines.append(process.stdout.readline().strip())
-        exports = [line for line in lines if line.startswith("export")]
+        deadline = time.monotonic() + 60
+        exports: list[str] = []
+        while len(exports) < 4 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            exports = [line for line in output.read_text().splitlines() if line.startswith("export ")]
         assert exports == [f"export TREEFLOW_BOOTSTRAP_SERVERS={settings.bootstrap_servers}",
                            f"export TREEFLOW_BROKER_PROFILE={settings.profile.name}",
                            f"export TREEFLOW_TOPIC_PREFIX={settings.topic_prefix}",
-                           f"export TREEFLOW_PARTITIONS={settings.partitions}"]
+                           f"export TREEFLOW_PARTITIONS={settings.partitions}"], output.read_text()
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
