@@ -59,6 +59,9 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
     server = GatewayServer(create_app(settings, options=options), host=host, port=port)
 
     async def run() -> None:
+        from .reader import partition_count
+
+        await partition_count(settings)  # fail now, in one line, when Kafka or the events topic is missing
         await server.start()
         click.echo(f"treeflow gateway on {server.url} streaming {settings.topics.events} "
                    f"from {settings.bootstrap_servers}", err=True)

@@ -83,8 +83,8 @@ class EventReader:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms,
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a failed start is closed too (no "Unclosed AIOKafkaConsumer")
             numbers = self.partitions
             if numbers is None:
                 numbers = sorted(await topic_partitions(consumer, topic))
@@ -168,8 +168,8 @@ async def partition_count(settings: KafkaSettings) -> int:
     count = _PARTITION_COUNTS.get(key)
     if count is None:
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
-        await consumer.start()
         try:
+            await consumer.start()
             count = _PARTITION_COUNTS[key] = len(await topic_partitions(consumer, settings.topics.events))
         finally:
             await stop_shielded(consumer)

@@ -24,7 +24,7 @@ from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV, REPLICATION_ENV
 
 #: Commands that run until stopped: they keep aiokafka's warnings (a lost connection, say).
-LONG_RUNNING = frozenset({"broker", "demo", "dev", "processor", "worker", "serve", "tail"})
+LONG_RUNNING = frozenset({"broker", "demo", "dev", "processor", "worker", "serve"})
 #: Exit codes of the errors raised outside treeflow's own classes (these have `exit_code`).
 INTERRUPTED = 130
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (

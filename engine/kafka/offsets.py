@@ -20,8 +20,8 @@ async def end_offsets(settings: KafkaSettings, partitions: list[TopicPartition],
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
                                 enable_auto_commit=False,
                                 fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a failed start is closed too
         reported = await consumer.end_offsets(partitions)
         if settings.profile.exact_list_offsets:
             return reported

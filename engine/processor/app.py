@@ -28,6 +28,7 @@ from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
+from ..deadlines import processor_group
 from ..ids import new_id
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
@@ -96,7 +97,7 @@ class Processor:
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
-        self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
+        self._app = self._make_app(app_id or processor_group(settings))
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
