@@ -9,6 +9,7 @@ class `TreeflowGroup` does that for every command, `serve` and `tail` included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -224,7 +225,8 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
         try:
             await running.run_until_signalled()
         except BaseException:
-            await running.stop(grace=0)  # close the Kafka clients that did start
+            with contextlib.suppress(Exception):
+                await running.stop(grace=0)  # close the Kafka clients that did start
             raise
 
     asyncio.run(run())
@@ -261,7 +263,8 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
         try:
             await running.start()
         except BaseException:
-            await running.stop()  # close the Kafka clients that did start
+            with contextlib.suppress(Exception):
+                await running.stop()  # close the Kafka clients that did start
             raise
         click.echo(f"processor: consuming {settings.topics.commands} on {settings.bootstrap_servers}", err=True)
         stop = asyncio.Event()
@@ -323,7 +326,7 @@ def describe(bootstrap_servers: str | None, execution_id: str, root: str | None,
             continue
         if hasattr(value, "message"):  # a Failure
             value = f"{value.type}: {value.message}"
-        click.echo(f"{name:28} {value.value if hasattr(value, 'value') else value}")
+        click.echo(f"{name:20} {value.value if hasattr(value, 'value') else value}")
 
 
 def tree_lines(executions: list[Any]) -> list[str]:

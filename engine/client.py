@@ -240,6 +240,10 @@ class WorkflowHandle:
 
     async def _no_answer(self, name: str, timeout: float) -> str:
         message = f"no answer to query {name!r} of {self.execution_id} within {timeout:g}s"
+        settings = self.client.settings
+        why = await why_no_answer(settings, partition_for(await self.root(), settings.partitions), None)
+        if why is not None and why.startswith("no processor"):  # else the worker is the likely cause
+            return f"{message}: {why}"
         try:
             found = await asyncio.wait_for(self.describe(), 10)
         except Exception:  # the explanation is best effort; the timeout is the error

@@ -22,6 +22,7 @@ from treeflow.definitions import workflow_definition
 from treeflow.errors import (
     CommandTimeoutError,
     DeadlineExceededError,
+    QueryTimeoutError,
     WorkflowAlreadyStartedError,
     WorkflowNotRegisteredError,
 )
@@ -127,6 +128,17 @@ async def test_the_client_timeout_comes_from_the_environment(settings: KafkaSett
         assert client.command_timeout == 1
         with pytest.raises(CommandTimeoutError, match="within 1s"):
             await client.get_handle("ff-env", root_execution_id="ff-env").cancel()
+    finally:
+        await client.close()
+
+
+async def test_a_query_with_no_processor_names_the_processor(settings: KafkaSettings) -> None:
+    await ensure_topics(settings)
+    client = Client(settings)
+    await client.start()
+    try:
+        with pytest.raises(QueryTimeoutError, match="within 1s: no processor is running"):
+            await client.get_handle("ff-query", root_execution_id="ff-query").query("status", timeout=1)
     finally:
         await client.close()
 
