@@ -9,31 +9,24 @@ so `treeflow --help` stays light.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import deque
 from typing import Any
 
 import click
 
 from treeflow.cli import bootstrap_option, fail_cleanly, main, prefix_option
-from treeflow.kafka import KafkaSettings, SettingsError
-
-from .cursor import CursorError
+from treeflow.kafka import KafkaSettings
 
 #: Events shown under the tree by `treeflow tail`.
 RECENT_EVENTS = 15
 
 
 def _settings(bootstrap_servers: str | None, prefix: str | None) -> KafkaSettings:
-    try:
-        return KafkaSettings.resolve(bootstrap_servers, topic_prefix=prefix)
-    except SettingsError as error:
-        fail_cleanly(error)
-        raise  # unreachable: fail_cleanly raises
+    return KafkaSettings.resolve(bootstrap_servers, topic_prefix=prefix)
 
 
 def _serve_extra(error: ImportError) -> None:
-    fail_cleanly(ImportError(f"{error.name} is missing: pip install 'treeflow[serve]'"))
+    fail_cleanly(ImportError(f"{error.name} is missing: pip install 'treeflow[serve]'"), exit_code=3)
 
 
 @click.command()
@@ -66,6 +59,9 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
     server = GatewayServer(create_app(settings, options=options), host=host, port=port)
 
     async def run() -> None:
+        from .reader import partition_count
+
+        await partition_count(settings)  # fail now, in one line, when Kafka or the events topic is missing
         await server.start()
         click.echo(f"treeflow gateway on {server.url} streaming {settings.topics.events} "
                    f"from {settings.bootstrap_servers}", err=True)
@@ -90,18 +86,11 @@ def tail(bootstrap_servers: str | None, prefix: str | None, root_id: str, as_jso
     from .subscription import TreeSubscription
 
     if live and from_cursor:
-        fail_cleanly(click.UsageError("--live and --from-cursor exclude each other"))
+        raise click.UsageError("--live and --from-cursor exclude each other")
     settings = _settings(bootstrap_servers, prefix)
     subscription = TreeSubscription(root_id, settings=settings, cursor=from_cursor, from_beginning=not live,
                                     until_closed=until_closed, track_tree=not as_json)
-    try:
-        asyncio.run(_print_json(subscription) if as_json else _draw(subscription))
-    except CursorError as error:
-        fail_cleanly(error)
-    except LookupError as error:
-        fail_cleanly(error)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    asyncio.run(_print_json(subscription) if as_json else _draw(subscription))
 
 
 async def _print_json(subscription: Any) -> None:

@@ -1,16 +1,37 @@
-"""The `treeflow` command line."""
+"""The `treeflow` command line.
+
+An expected failure (no broker, no processor, bad settings, unknown execution...)
+ends a command with ONE line on stderr, `error: <what is wrong and what to do>`, and
+the exit code of README.md's table; `--verbose` prints the traceback too. The group
+class `TreeflowGroup` does that for every command, `serve` and `tail` included.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 import click
 
+from treeflow.consumers.cursor import CursorError
+from treeflow.errors import TreeflowError, WorkflowQueryError
+from treeflow.kafka.errors import from_kafka_error
 from treeflow.kafka import BrokerError, EmbeddedBroker, KafkaSettings, SettingsError, TopicConflictError
+from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV, REPLICATION_ENV
+
+#: Commands that run until stopped: they keep aiokafka's warnings (a lost connection, say).
+LONG_RUNNING = frozenset({"broker", "demo", "dev", "processor", "worker", "serve"})
+#: Exit codes of the errors raised outside treeflow's own classes (these have `exit_code`).
+INTERRUPTED = 130
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (SettingsError, 3), (TopicConflictError, 3), (BrokerError, 4), (CursorError, 2), (TimeoutError, 6),
+)
 
 bootstrap_option = click.option(
     "--bootstrap-servers", metavar="HOST:PORT[,...]",
@@ -26,17 +47,78 @@ root_option = click.option(
     help="The tree's root execution id (a top-level execution is its own). Default: looked up in the events topic.")
 
 
-def fail_cleanly(error: Exception) -> None:
-    raise click.ClickException(str(error))
+class CommandFailed(TreeflowError):
+    """Ends a command with its message and `exit_code` (see `fail_cleanly`)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log at debug level.")
+def failure_of(error: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code of an expected failure; None for a bug."""
+    from aiokafka.errors import KafkaError
+
+    if isinstance(error, KafkaError):
+        error = from_kafka_error(error, os.environ.get(BOOTSTRAP_ENV) or "the configured address",
+                                  os.environ.get(PROFILE_ENV, "kafka"))
+    message = " ".join(str(error).split()) or type(error).__name__  # one line
+    if isinstance(error, WorkflowQueryError):
+        message = f"{error.type}: {message}"
+    code = getattr(error, "exit_code", None)
+    if isinstance(code, int):
+        return message, code
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return message, code
+    if type(error) is LookupError:  # the consumer library's "topic ... does not exist" (not a KeyError)
+        return message, 5
+    return None
+
+
+def fail_cleanly(error: BaseException, exit_code: int | None = None) -> NoReturn:
+    """End the command with `error` as one `error: ...` line (the exit code: `exit_code`,
+    else the error's)."""
+    if isinstance(error, click.ClickException):
+        raise error
+    found = failure_of(error)
+    message = found[0] if found else str(error)
+    raise CommandFailed(message, exit_code or (found[1] if found else 1)) from error
+
+
+class TreeflowGroup(click.Group):
+    """A click group whose commands end an expected failure with one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(INTERRUPTED)
+        except Exception as error:
+            found = failure_of(error)
+            if found is None:
+                raise  # not an expected failure: a bug, with its traceback
+            if ctx.find_root().params.get("verbose"):
+                traceback.print_exception(error)
+            click.echo(f"error: {found[0]}", err=True)
+            ctx.exit(found[1])
+
+
+@click.group(cls=TreeflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level; print the traceback of a failure.")
 @click.version_option(package_name="treeflow")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """treeflow: durable workflows whose source of truth is a keyed Kafka topic."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose and ctx.invoked_subcommand not in LONG_RUNNING:
+        # A short command reports a Kafka failure as its one `error:` line; aiokafka's own
+        # log lines about it would only repeat it.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 @main.group()
@@ -60,12 +142,9 @@ def topics_create(bootstrap_servers: str | None, prefix: str | None, partitions:
     """
     from treeflow.kafka import ensure_topics
 
-    try:
-        settings = KafkaSettings.resolve(bootstrap_servers, topic_prefix=prefix, partitions=partitions,
-                                         replication_factor=replication_factor)
-        report = asyncio.run(ensure_topics(settings, task_queues or ("default",)))
-    except (SettingsError, TopicConflictError) as error:
-        fail_cleanly(error)
+    settings = KafkaSettings.resolve(bootstrap_servers, topic_prefix=prefix, partitions=partitions,
+                                     replication_factor=replication_factor)
+    report = asyncio.run(ensure_topics(settings, task_queues or ("default",)))
     for spec in report.specs:
         state = "created" if spec.name in report.created else "exists"
         configs = ", ".join(f"{k}={v}" for k, v in spec.configs.items())
@@ -77,22 +156,19 @@ def topics_create(bootstrap_servers: str | None, prefix: str | None, partitions:
 @click.option("--port", type=click.IntRange(1, 65535), help="Port on 127.0.0.1. Default: a free one.")
 def broker(port: int | None) -> None:
     """Run the embedded (in-memory) broker until interrupted."""
-    try:
-        with EmbeddedBroker(port=port) as running:
-            click.echo(f"embedded broker on {running.bootstrap_servers} (log: {running.log_path})")
-            for name, value in running.environment().items():
-                click.echo(f"export {name}={value}")
-            stop = asyncio.Event()
+    with EmbeddedBroker(port=port) as running:
+        click.echo(f"embedded broker on {running.bootstrap_servers} (log: {running.log_path})")
+        for name, value in running.environment().items():
+            click.echo(f"export {name}={value}")
+        stop = asyncio.Event()
 
-            async def wait() -> None:
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, stop.set)
-                await stop.wait()
+        async def wait() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
 
-            asyncio.run(wait())
-    except BrokerError as error:
-        fail_cleanly(error)
+        asyncio.run(wait())
     click.echo("stopped")
 
 
@@ -104,10 +180,7 @@ def demo() -> None:
     """
     from treeflow.dev import run_demo
 
-    try:
-        asyncio.run(run_demo(click.echo))
-    except (BrokerError, SettingsError, TopicConflictError) as error:
-        fail_cleanly(error)
+    asyncio.run(run_demo(click.echo))
 
 
 @main.command()
@@ -125,10 +198,7 @@ def dev(file: str, serve: bool) -> None:
     from treeflow.loading import load_module
 
     module = load_module(file)
-    try:
-        asyncio.run(run_file(module, serve, click.echo))
-    except (BrokerError, SettingsError, TopicConflictError) as error:
-        fail_cleanly(error)
+    asyncio.run(run_file(module, serve, click.echo))
 
 
 @main.command()
@@ -146,15 +216,21 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
     from treeflow.worker.worker import Worker
 
     workflows, activities = collect(load_module(target) for target in modules)
-    try:
-        settings = KafkaSettings.resolve(bootstrap_servers)
-    except SettingsError as error:
-        fail_cleanly(error)
+    settings = KafkaSettings.resolve(bootstrap_servers)
     running = Worker(settings, workflows, activities, task_queues or ("default",),
                      max_concurrent_activities=max_concurrent_activities)
     click.echo(f"worker: {len(workflows)} workflow(s), {len(activities)} activity(ies) on "
                f"{list(task_queues or ('default',))} via {settings.bootstrap_servers}", err=True)
-    asyncio.run(running.run_until_signalled())
+
+    async def run() -> None:
+        try:
+            await running.run_until_signalled()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await running.stop(grace=0)  # close the Kafka clients that did start
+            raise
+
+    asyncio.run(run())
 
 
 @main.command()
@@ -174,10 +250,7 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
     from treeflow.processor.app import Processor
     from treeflow.worker.runner import TaskRunner
 
-    try:
-        settings = KafkaSettings.resolve(bootstrap_servers)
-    except SettingsError as error:
-        fail_cleanly(error)
+    settings = KafkaSettings.resolve(bootstrap_servers)
     runner = None
     if modules:
         workflows, activities = collect(load_module(target) for target in modules)
@@ -188,7 +261,12 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
 
         await ensure_topics(settings, task_queues or ("default",))
         running = Processor(settings, runner=runner, local_queues=task_queues or ("default",))
-        await running.start()
+        try:
+            await running.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await running.stop()  # close the Kafka clients that did start
+            raise
         click.echo(f"processor: consuming {settings.topics.commands} on {settings.bootstrap_servers}", err=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -211,15 +289,12 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
 def history(bootstrap_servers: str | None, execution_id: str, root: str | None, as_json: bool) -> None:
     """Print an execution's event history."""
     from treeflow.dev import summarize
-    from treeflow.errors import CommandRejectedError
+    from treeflow.errors import ExecutionNotFoundError
 
-    try:
-        events = asyncio.run(_with_client(bootstrap_servers,
-                                          lambda c: c.history(execution_id, root_execution_id=root)))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    events = asyncio.run(_with_client(bootstrap_servers, lambda c: c.history(execution_id, root_execution_id=root)))
     if not events:
-        fail_cleanly(LookupError(f"no events for {execution_id} in the tree of {root or execution_id}"))
+        raise ExecutionNotFoundError(f"no events for {execution_id} in the tree of {root or execution_id} "
+                                     "(check the id and --root)")
     for event in events:
         if as_json:
             click.echo(event.model_dump_json())
@@ -240,24 +315,22 @@ def describe(bootstrap_servers: str | None, execution_id: str, root: str | None,
     With --tree, print every execution of its tree instead, one per line, each
     child indented under its parent: id, workflow name, status.
     """
-    from treeflow.errors import CommandRejectedError
-
     async def call(client: Any) -> Any:
         if tree:
             return await client.describe_tree(execution_id, root_execution_id=root)
         return await client.describe(execution_id, root_execution_id=root)
 
-    try:
-        found = asyncio.run(_with_client(bootstrap_servers, call))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    found = asyncio.run(_with_client(bootstrap_servers, call))
     if tree:
         for line in tree_lines(found):
             click.echo(line)
         return
     for name, value in vars(found).items():
-        if value not in (None, []):
-            click.echo(f"{name:20} {value.value if hasattr(value, 'value') else value}")
+        if value in (None, []):
+            continue
+        if hasattr(value, "message"):  # a Failure
+            value = f"{value.type}: {value.message}"
+        click.echo(f"{name:20} {value.value if hasattr(value, 'value') else value}")
 
 
 def tree_lines(executions: list[Any]) -> list[str]:
@@ -271,13 +344,18 @@ def tree_lines(executions: list[Any]) -> list[str]:
 
     def add(parent: str | None, depth: int) -> None:
         for execution in children.get(parent, []):
+            stuck = execution.workflow_task_failure_cause
             lines.append(f"{'  ' * depth}{execution.execution_id}  {execution.workflow_name}  "
-                         f"{execution.status.value}")
+                         f"{execution.status.value}" + (f"  (workflow task failing: {stuck})" if stuck else ""))
             add(execution.execution_id, depth + 1)
 
     add(None, 0)
     return lines
 
+
+command_timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+    help="How long to wait for the processor's answer. Default: $TREEFLOW_COMMAND_TIMEOUT or 30.")
 
 input_option = click.option("--input", "input_json", metavar="JSON",
                             help="The payload, as JSON text (e.g. '{\"name\": \"x\"}' or '3').")
@@ -300,14 +378,16 @@ def parse_input(input_json: str | None) -> Any:
 @click.argument("name")
 @input_option
 @root_option
+@command_timeout_option
 def signal_command(bootstrap_servers: str | None, execution_id: str, name: str, input_json: str | None,
-                   root: str | None) -> None:
+                   root: str | None, timeout: float | None) -> None:
     """Send signal NAME to any execution (root, child, grandchild).
 
-    Returns once the signal is in the execution's history; fails if it is closed.
+    Returns once the signal is in the execution's history; fails if it is closed,
+    or when no processor answered within --timeout (the signal may still be applied later).
     """
     payload = parse_input(input_json)
-    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.signal(name, payload))
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.signal(name, payload, timeout=timeout))
     click.echo(f"signal {name} sent to {execution_id}")
 
 
@@ -339,13 +419,15 @@ def query_command(bootstrap_servers: str | None, execution_id: str, name: str, i
 @click.argument("execution_id")
 @click.option("--reason", default="canceled from the command line", show_default=True)
 @root_option
-def cancel_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None) -> None:
+@command_timeout_option
+def cancel_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None,
+                   timeout: float | None) -> None:
     """Request the cancellation of any execution.
 
     Its code gets asyncio.CancelledError at its current await, may clean up, and ends
     CANCELED; the cancel reaches the activities and children it awaits.
     """
-    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.cancel(reason))
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.cancel(reason, timeout=timeout))
     click.echo(f"cancel requested for {execution_id}")
 
 
@@ -354,28 +436,23 @@ def cancel_command(bootstrap_servers: str | None, execution_id: str, reason: str
 @click.argument("execution_id")
 @click.option("--reason", default="terminated from the command line", show_default=True)
 @root_option
-def terminate_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None) -> None:
+@command_timeout_option
+def terminate_command(bootstrap_servers: str | None, execution_id: str, reason: str, root: str | None,
+                      timeout: float | None) -> None:
     """Terminate any execution at once.
 
     It ends TERMINATED with --reason and no workflow code runs; its open children get
     their parent close policy.
     """
-    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.terminate(reason))
+    on_handle(bootstrap_servers, execution_id, root, lambda handle: handle.terminate(reason, timeout=timeout))
     click.echo(f"terminated {execution_id}")
 
 
 def on_handle(bootstrap_servers: str | None, execution_id: str, root: str | None, call: Any) -> Any:
-    """`await call(handle)` on a handle of the execution; a rejection or a query without
-    answer ends the command with its reason (exit code 1)."""
-    from treeflow.errors import CommandRejectedError, WorkflowQueryError
-
-    try:
-        return asyncio.run(_with_client(bootstrap_servers, lambda client: call(
-            client.get_handle(execution_id, root_execution_id=root))))
-    except WorkflowQueryError as error:
-        fail_cleanly(RuntimeError(f"{error.type}: {error}"))
-    except CommandRejectedError as error:
-        fail_cleanly(error)
+    """`await call(handle)` on a handle of the execution (a failure ends the command:
+    `TreeflowGroup`)."""
+    return asyncio.run(_with_client(bootstrap_servers, lambda client: call(
+        client.get_handle(execution_id, root_execution_id=root))))
 
 
 async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:

@@ -13,31 +13,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import typing
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from treeflow.consumers import EventReader
 from treeflow.consumers.lookup import RootCache
 from treeflow.kafka import KafkaSettings, adopt_partitions, clients, end_offsets, partition_for, watch_topics
+from treeflow.kafka.errors import from_kafka_error
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
 from treeflow.schemas import models as m
 
 from .core import ExecutionState, Status, fold
+from .deadlines import command_timeout as _command_timeout, wait_arg, why_no_answer
 from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_definition
 from .ids import new_id
 from .errors import (
     CommandRejectedError,
+    CommandTimeoutError,
+    DeadlineExceededError,
+    ExecutionNotFoundError,
     QueryTimeoutError,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
+    WorkflowNotRegisteredError,
     WorkflowQueryError,
     exception_from_failure,
 )
@@ -55,8 +63,15 @@ DEFAULT_QUERY_TIMEOUT = 10.0
 FINAL = {EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
          EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
          EventType.WORKFLOW_EXECUTION_TIMED_OUT}
-#: The `tf.type` headers of FINAL events: the client decodes only those records.
+#: The `tf.type` headers of FINAL events: the client decodes only those records (and
+#: the workflow-task failures of executions it waits for).
 _FINAL_HEADERS = frozenset(t.value.encode() for t in FINAL)
+_TASK_FAILED = EventType.WORKFLOW_TASK_FAILED.value.encode()
+_TASK_COMPLETED = EventType.WORKFLOW_TASK_COMPLETED.value.encode()
+#: The workflow-task failure cause of a workflow no worker of the queue registers.
+UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
+#: What `start_workflow` does when the execution id is already running.
+IdConflictPolicy = Literal["fail", "use_existing"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +92,41 @@ class ExecutionDescription:
     open_children: list[str] = field(default_factory=list)
     result_json: str | None = None
     failure: m.Failure | None = None
+    #: The last workflow task of the current run failed (and is being retried): its
+    #: cause (e.g. UNKNOWN_WORKFLOW, NON_DETERMINISTIC) and failure. None once a
+    #: later workflow task completed.
+    workflow_task_failure_cause: str | None = None
+    workflow_task_failure: m.Failure | None = None
 
     @classmethod
-    def of(cls, state: ExecutionState) -> ExecutionDescription:
+    def of(cls, state: ExecutionState, events: list[Event] = ()) -> ExecutionDescription:  # type: ignore[assignment]
+        """`state`, and from `events` (the execution's, in order) its last workflow-task failure."""
         context = state.context
+        found = _pending_task_failure(events, context.workflow_run_id) if state.open else None
+        failed: m.WorkflowTaskFailed | None = found.payload if found else None  # type: ignore[assignment]
         return cls(context.workflow_exec_id, context.workflow_run_id, context.workflow_name, state.status,
                    context.parent_workflow_exec_id, context.root_workflow_exec_id, context.task_queue,
                    state.run_started_at, state.closed_at, state.last_sequence,
                    sorted(a.activity_name + "#" + a.activity_id for a in state.activities.values()),
-                   sorted(state.children), state.result_json, state.failure)
+                   sorted(state.children), state.result_json, state.failure,
+                   failed.cause if failed else None, failed.failure if failed else None)
+
+
+def _of(events: Iterable[Event], execution_id: str) -> list[Event]:
+    return [e for e in events if e.workflow_context.workflow_exec_id == execution_id]
+
+
+def _pending_task_failure(events: Iterable[Event], run_id: str) -> Event | None:
+    """The WORKFLOW_TASK_FAILED event of run `run_id` not followed by a completed workflow task."""
+    found = None
+    for event in events:
+        if event.workflow_context.workflow_run_id != run_id:
+            continue
+        if event.event_type is EventType.WORKFLOW_TASK_FAILED:
+            found = event
+        elif event.event_type is EventType.WORKFLOW_TASK_COMPLETED:
+            found = None
+    return found
 
 
 class WorkflowHandle:
@@ -114,9 +155,25 @@ class WorkflowHandle:
             self.root_execution_id = await self.client.find_root(self.execution_id)
         return self.root_execution_id
 
-    async def result(self, timeout: float | None = None) -> Any:
-        """The result; raises `WorkflowFailureError` when the execution did not complete."""
-        event = await asyncio.wait_for(self.client._closing_event(self), timeout)
+    async def result(self, timeout: float | None = None, *, wait_for_registration: bool = False) -> Any:
+        """The result; raises `WorkflowFailureError` when the execution did not complete.
+
+        Waits as long as the execution runs unless `timeout` (seconds) is given: then
+        raises `DeadlineExceededError` (the execution goes on). Cancelling the awaiting
+        task stops the wait, not the execution.
+
+        When a worker takes the execution's workflow task but registers no workflow of
+        its name (an UNKNOWN_WORKFLOW workflow-task failure), raises
+        `WorkflowNotRegisteredError` at once: the execution stays open and its workflow
+        task is retried with backoff. `wait_for_registration=True` waits instead (for a
+        worker that registers it to be deployed).
+        """
+        try:
+            event = await asyncio.wait_for(self.client._closing_event(self, not wait_for_registration), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(
+                f"workflow execution {self.execution_id} did not close within {timeout:g}s; it goes on: "
+                f"wait again, or see what it waits on with treeflow describe {self.execution_id}") from None
         payload = event.payload
         if event.event_type is EventType.WORKFLOW_EXECUTION_COMPLETED:
             return from_json(payload.result_json, self.return_type)  # type: ignore[union-attr]
@@ -135,18 +192,20 @@ class WorkflowHandle:
         """Every event of the execution (all its runs), in order."""
         return await self.client.history(self.execution_id, root_execution_id=await self.root())
 
-    async def signal(self, signal: str | Callable[..., Any], payload: Any = None) -> None:
+    async def signal(self, signal: str | Callable[..., Any], payload: Any = None, *,
+                     timeout: float | None = None) -> None:
         """Send signal `signal` (a name, or the workflow's `@workflow.signal` method) with
         `payload` (a pydantic model or JSON-able value).
 
         Returns once the signal is in the execution's history (a WORKFLOW_EXECUTION_SIGNALED
         event): it is then delivered to the handler exactly once, after every signal
-        accepted before it. Raises `CommandRejectedError` when the execution is closed or
-        unknown.
+        accepted before it. Raises `CommandRejectedError` when the execution is closed
+        (`ExecutionNotFoundError` when unknown), `CommandTimeoutError` when no processor
+        answered within `timeout` seconds (default: the client's `command_timeout`).
         """
         await self.client._request(self.execution_id, await self.root(), m.SignalWorkflowExecution(
             signal_name=_handler_name(signal, "__treeflow_signal__"),
-            input_json=None if payload is None else to_json(payload), identity=self.client.identity))
+            input_json=None if payload is None else to_json(payload), identity=self.client.identity), timeout)
 
     async def query(self, query: str | Callable[..., Any], payload: Any = None, *,
                     timeout: float = DEFAULT_QUERY_TIMEOUT, result_type: Any = None) -> Any:
@@ -169,7 +228,7 @@ class WorkflowHandle:
         request = m.QueryWorkflow(query_name=name, input_json=None if payload is None else to_json(payload),
                                   deadline=deadline, identity=self.client.identity)
         try:
-            reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request), timeout)
+            reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request, math.inf), timeout)
         except asyncio.TimeoutError:
             raise QueryTimeoutError(await self._no_answer(name, timeout)) from None
         if not reply.accepted:
@@ -181,6 +240,10 @@ class WorkflowHandle:
 
     async def _no_answer(self, name: str, timeout: float) -> str:
         message = f"no answer to query {name!r} of {self.execution_id} within {timeout:g}s"
+        settings = self.client.settings
+        why = await why_no_answer(settings, partition_for(await self.root(), settings.partitions), None)
+        if why is not None and why.startswith("no processor"):  # else the worker is the likely cause
+            return f"{message}: {why}"
         try:
             found = await asyncio.wait_for(self.describe(), 10)
         except Exception:  # the explanation is best effort; the timeout is the error
@@ -188,18 +251,18 @@ class WorkflowHandle:
         return (f"{message}: no worker of task queue {found.task_queue!r} answered (is one running?); "
                 f"the execution is {found.status.value}")
 
-    async def cancel(self, reason: str = "cancel requested") -> None:
+    async def cancel(self, reason: str = "cancel requested", *, timeout: float | None = None) -> None:
         """Ask the execution to cancel: it gets `asyncio.CancelledError` at its current
         await, may clean up, and ends CANCELED (or keeps running if it ignores it).
-        Returns once the request is in its history."""
+        Returns once the request is in its history; `timeout` as for `signal`."""
         await self.client._request(self.execution_id, await self.root(), m.RequestCancelWorkflowExecution(
-            reason=reason, identity=self.client.identity))
+            reason=reason, identity=self.client.identity), timeout)
 
-    async def terminate(self, reason: str = "terminated") -> None:
+    async def terminate(self, reason: str = "terminated", *, timeout: float | None = None) -> None:
         """End the execution at once (TERMINATED, with `reason`); no workflow code runs.
-        Its open children get their parent close policy."""
+        Its open children get their parent close policy. `timeout` as for `signal`."""
         await self.client._request(self.execution_id, await self.root(), m.TerminateWorkflowExecution(
-            reason=reason, identity=self.client.identity))
+            reason=reason, identity=self.client.identity), timeout)
 
 
 def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
@@ -213,29 +276,53 @@ def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
 
 
 class Client:
-    """A connection to treeflow's topics. Use `await Client.connect()` (or `treeflow.connect()`)."""
+    """A connection to treeflow's topics. Use `await Client.connect()` (or `treeflow.connect()`).
 
-    def __init__(self, settings: KafkaSettings, identity: str | None = None) -> None:
+    `command_timeout` (seconds; default `TREEFLOW_COMMAND_TIMEOUT`, else 30; `math.inf`
+    for none) bounds every call that waits for the processor's answer: starts, signals,
+    cancels, terminates. Each of those calls also takes its own `timeout=`.
+    """
+
+    def __init__(self, settings: KafkaSettings, identity: str | None = None, *,
+                 command_timeout: float | None = None) -> None:
         self.settings = settings
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
+        self.command_timeout = _command_timeout(command_timeout)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
         self._replies: dict[str, asyncio.Future[Reply]] = {}
         self._waiters: dict[str, list[asyncio.Future[Event]]] = {}
         self._closed: OrderedDict[str, Event] = OrderedDict()
+        #: UNKNOWN_WORKFLOW failures of executions waited for or started here, until a workflow task completes.
+        self._unregistered: OrderedDict[str, Event] = OrderedDict()
         self._started_here: set[str] = set()
         self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
-                      **settings: Any) -> Client:
-        """Connect to the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`."""
-        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity)
+                      command_timeout: float | None = None, **settings: Any) -> Client:
+        """Connect to the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`.
+
+        Raises `BrokerUnreachableError` (or another `treeflow.kafka.errors` error) when Kafka does not answer there (nothing is left open).
+        """
+        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity, command_timeout=command_timeout)
         await client.start()
         return client
 
     async def start(self) -> None:
+        """Connect; raises `BrokerUnreachableError` (or another `treeflow.kafka.errors` error) (having closed what it opened) when Kafka
+        does not answer or answers with an error."""
+        try:
+            await self._start()
+        except KafkaError as error:
+            await self.close()
+            raise from_kafka_error(error, self.settings.bootstrap_servers, self.settings.profile.name) from error
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "client")  # routing uses the topics' own count
         topics = self.settings.topics
         self._producer = await clients.start(clients.producer(self.settings, "client"), self.settings)
@@ -249,13 +336,15 @@ class Client:
         self._follower = asyncio.ensure_future(self._follow_while_topics_stay())
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        follower, consumer, producer = self._follower, self._consumer, self._producer
+        self._follower = self._consumer = self._producer = None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
 
     async def __aenter__(self) -> Client:
         return self
@@ -267,10 +356,15 @@ class Client:
 
     async def start_workflow(self, workflow: type | str, params: Any = None, *, execution_id: str | None = None,
                              execution_timeout: timedelta | None = None, task_queue: str | None = None,
-                             retry_policy: RetryPolicy | None = None) -> WorkflowHandle:
+                             retry_policy: RetryPolicy | None = None, timeout: float | None = None,
+                             id_conflict_policy: IdConflictPolicy = "fail") -> WorkflowHandle:
         """Start a top-level execution; returns once the processor accepted it.
 
-        Raises `WorkflowAlreadyStartedError` when `execution_id` is already running.
+        When `execution_id` is already running, raises `WorkflowAlreadyStartedError`, or
+        with `id_conflict_policy="use_existing"` returns a handle on the running execution.
+        Raises `CommandTimeoutError` when no processor answered within `timeout` seconds
+        (default: the client's `command_timeout`): the start may still be applied later,
+        so retry it with the same `execution_id` (see README, "Deadlines").
         """
         definition = None if isinstance(workflow, str) else workflow_definition(workflow)
         name = workflow if isinstance(workflow, str) else definition.name  # type: ignore[union-attr]
@@ -279,15 +373,19 @@ class Client:
 
             params = validate(params, definition.param_type)  # fail here, not in the worker
         exec_id = execution_id or new_id()
-        timeout = execution_timeout or (definition.execution_timeout if definition else None)
+        run_timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
         reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
             workflow_name=name, task_queue=queue, input_json=None if params is None else to_json(params),
-            execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
-            identity=self.identity))
+            execution_timeout_ms=millis(run_timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
+            identity=self.identity), timeout)
         if not reply.accepted:
             error = reply.error
             if error is not None and error.type == "WorkflowAlreadyStarted":
+                if id_conflict_policy == "use_existing":
+                    self._roots.remember(exec_id, exec_id)
+                    return WorkflowHandle(self, exec_id, exec_id, definition.return_type if definition else Any,
+                                          reply.workflow_run_id)
                 raise WorkflowAlreadyStartedError(error.message)
             raise CommandRejectedError(error.message if error else "rejected")
         self._started_here.add(exec_id)
@@ -296,10 +394,15 @@ class Client:
                               reply.workflow_run_id)
 
     async def execute_workflow(self, workflow: type | str, params: Any = None, *, wait: bool = True,
-                               **options: Any) -> Any:
-        """Start an execution; with `wait=True` return its result, else its handle."""
+                               result_timeout: float | None = None, **options: Any) -> Any:
+        """Start an execution; with `wait=True` return its result, else its handle.
+
+        `options` are `start_workflow`'s (its `timeout` bounds the start); `result_timeout`
+        bounds the wait for the result as in `WorkflowHandle.result`, which also says
+        when an unregistered workflow name raises `WorkflowNotRegisteredError`.
+        """
         handle = await self.start_workflow(workflow, params, **options)
-        return await handle.result() if wait else handle
+        return await handle.result(result_timeout) if wait else handle
 
     def get_handle(self, execution_id: str, *, root_execution_id: str | None = None,
                    workflow: type | None = None) -> WorkflowHandle:
@@ -323,13 +426,13 @@ class Client:
         child's default id is `<parent id>.<suffix>`), then the others, decoding only the
         execution's own records and stopping at its first event. Cost: the records ahead
         of that event in its partition; for an id that names none of its ancestors, up to
-        one pass over the whole events topic. Raises `CommandRejectedError` when no event
+        one pass over the whole events topic. Raises `ExecutionNotFoundError` when no event
         names the execution.
         """
         root = await self._roots.find(execution_id)
         if root is None:
-            raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
-                                       f"{self.settings.topics.events}")
+            raise ExecutionNotFoundError(f"workflow execution {execution_id} not found: no event of it in "
+                                         f"{self.settings.topics.events} (check the id and the topic prefix)")
         return root
 
     async def history(self, execution_id: str, *, root_execution_id: str | None = None) -> list[Event]:
@@ -341,18 +444,20 @@ class Client:
     async def describe(self, execution_id: str, *, root_execution_id: str | None = None) -> ExecutionDescription:
         """The execution as folded from its events; `root_execution_id` saves a `find_root` lookup."""
         root = root_execution_id or await self.find_root(execution_id)
-        states = fold(await self._tree_events(root))
+        events = await self._tree_events(root)
+        states = fold(events)
         if execution_id not in states:
-            raise CommandRejectedError(f"workflow execution {execution_id} not found in the tree of {root}")
-        return ExecutionDescription.of(states[execution_id])
+            raise ExecutionNotFoundError(f"workflow execution {execution_id} not found in the tree of {root} "
+                                         "(check the id and --root)")
+        return ExecutionDescription.of(states[execution_id], _of(events, execution_id))
 
     async def describe_tree(self, execution_id: str, *, root_execution_id: str | None = None
                             ) -> list[ExecutionDescription]:
         """Every execution of the tree that holds `execution_id` (usually its root id),
         parents before their children. Reads the root's partition of the events topic."""
         root = root_execution_id or await self.find_root(execution_id)
-        states = fold(await self._tree_events(root))
-        return [ExecutionDescription.of(state) for state in states.values()]
+        events = await self._tree_events(root)
+        return [ExecutionDescription.of(state, _of(events, exec_id)) for exec_id, state in fold(events).items()]
 
     async def _tree_events(self, root: str) -> list[Event]:
         reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)], key=root)
@@ -360,25 +465,70 @@ class Client:
 
     # ------------------------------------------------------------ internals
 
-    async def _request(self, exec_id: str, root: str, payload: Any) -> None:
-        reply = await self._send(exec_id, root, payload)
+    async def _request(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> None:
+        reply = await self._send(exec_id, root, payload, timeout)
         if not reply.accepted:
-            raise CommandRejectedError(reply.error.message if reply.error else "rejected")
+            error = reply.error
+            kind = ExecutionNotFoundError if error is not None and error.type == "WorkflowNotFound" \
+                else CommandRejectedError
+            raise kind(error.message if error else "rejected")
 
-    async def _send(self, exec_id: str, root: str, payload: Any) -> Reply:
+    async def _send(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> Reply:
+        """Write the command and wait for the processor's reply, for at most `timeout`
+        seconds (default `command_timeout`); then raise `CommandTimeoutError`."""
         assert self._producer is not None, "call start() (or use Client.connect()) first"
+        seconds = self.command_timeout if timeout is None else _command_timeout(timeout)
         command = Command(command_id=new_id(), timestamp=datetime.now(timezone.utc),
                           root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._replies[command.command_id] = answered
-        try:
-            await self._producer.send_and_wait(self.settings.topics.commands, COMMANDS.encode(command),
-                                               key=root.encode())
+        written: list[Any] = []  # the record's metadata, once the broker acknowledged it
+
+        async def write_and_wait() -> Reply:
+            assert self._producer is not None
+            written.append(await self._producer.send_and_wait(self.settings.topics.commands,
+                                                              COMMANDS.encode(command), key=root.encode()))
             return await answered
+
+        try:
+            return await asyncio.wait_for(write_and_wait(), wait_arg(seconds))
+        except asyncio.TimeoutError:
+            raise await self._no_answer(command, seconds, written[0] if written else None) from None
+        except KafkaError as error:
+            raise from_kafka_error(error, self.settings.bootstrap_servers, self.settings.profile.name) from error
         finally:
             self._replies.pop(command.command_id, None)
 
-    async def _closing_event(self, handle: WorkflowHandle) -> Event:
+    async def _no_answer(self, command: Command, seconds: float, written: Any) -> CommandTimeoutError:
+        topic = self.settings.topics.commands
+        exec_id = command.workflow_exec_id
+        what = {m.StartWorkflowExecution: "the start of", m.SignalWorkflowExecution: "the signal to",
+                m.RequestCancelWorkflowExecution: "the cancel request for",
+                m.TerminateWorkflowExecution: "the termination of"}.get(type(command.payload), "the command for")
+        retry = {
+            m.StartWorkflowExecution: "Retrying with the same execution id is safe: it starts the execution if "
+                                      "this start was never applied, and is rejected as already started while "
+                                      "it runs (id_conflict_policy='use_existing' returns its handle instead)",
+            m.SignalWorkflowExecution: f"A retry may deliver the signal twice: look for it first "
+                                       f"(treeflow history {exec_id})",
+        }.get(type(command.payload), "Retrying is harmless: a closed execution rejects it")
+        partition = written.partition if written else partition_for(command.root_workflow_exec_id,
+                                                                     self.settings.partitions)
+        why = await why_no_answer(self.settings, partition, written.offset if written else None)
+        if written is None:
+            fate = (f"The broker did not acknowledge the command within {seconds:g}s: it may or may not be in "
+                    f"{topic}, and if it is, it is applied when a processor takes partition {partition}")
+        else:
+            fate = (f"The command stays in {topic} (partition {partition}, offset {written.offset}) and is "
+                    f"applied when a processor takes that partition, even after this error")
+        message = (f"no processor answered {what} workflow execution {exec_id} within {seconds:g}s: "
+                   f"{why or f'no processor answered for partition {partition} of {topic}'}. {fate}. {retry}.")
+        return CommandTimeoutError(message, command_id=command.command_id, delivered=written is not None,
+                                   partition=partition, offset=written.offset if written else None)
+
+    async def _closing_event(self, handle: WorkflowHandle, fail_unregistered: bool = False) -> Event:
+        """The execution's closing event; with `fail_unregistered`, raises
+        `WorkflowNotRegisteredError` once its workflow task failed as UNKNOWN_WORKFLOW."""
         exec_id = handle.execution_id
         if exec_id in self._closed:
             return self._closed[exec_id]
@@ -386,13 +536,29 @@ class Client:
         self._waiters.setdefault(exec_id, []).append(waiter)
         try:
             if exec_id not in self._started_here:
-                # It may have closed before this client connected: look in its history.
-                for event in reversed(await self.history(exec_id, root_execution_id=await handle.root())):
+                # It may have closed (or failed its workflow task) before this client connected.
+                history = await self.history(exec_id, root_execution_id=await handle.root())
+                for event in reversed(history):
                     if event.event_type in FINAL:
                         return event
                     if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
                         break
-            return await waiter
+                failed = _pending_task_failure(history, history[-1].workflow_context.workflow_run_id) \
+                    if history else None
+                if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
+                    self._unregistered.setdefault(exec_id, failed)
+            while True:
+                if fail_unregistered and exec_id in self._unregistered:
+                    raise _not_registered(self._unregistered[exec_id])
+                event = await waiter
+                if event.event_type in FINAL:
+                    return event
+                # Woken by an UNKNOWN_WORKFLOW failure: wait on with a new future.
+                waiters = self._waiters.setdefault(exec_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                waiter = asyncio.get_running_loop().create_future()
+                waiters.append(waiter)
         finally:
             waiters = self._waiters.get(exec_id, [])
             if waiter in waiters:
@@ -429,11 +595,33 @@ class Client:
                     try:
                         if tp.topic == topics.replies:
                             self._on_reply(record, headers, tp)
-                        elif headers.get("tf.type") in _FINAL_HEADERS:
+                            continue
+                        kind = headers.get("tf.type")
+                        if kind in _FINAL_HEADERS:
                             self._on_close(EVENTS.decode(record.value, RecordPosition(tp.topic, tp.partition,
                                                                                       record.offset)))
+                        elif kind in (_TASK_FAILED, _TASK_COMPLETED):
+                            self._on_workflow_task(kind, record, headers, tp)
                     except DecodeError as error:
                         log.error("client skipped a record: %s", error)
+
+    def _on_workflow_task(self, kind: bytes, record: Any, headers: dict[str, bytes], tp: TopicPartition) -> None:
+        """Track UNKNOWN_WORKFLOW failures of the executions waited for or started here."""
+        exec_id = headers.get("tf.exec", b"").decode()
+        if kind == _TASK_COMPLETED:
+            self._unregistered.pop(exec_id, None)
+            return
+        if exec_id not in self._waiters and exec_id not in self._started_here:
+            return
+        event = EVENTS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+        if event.payload.cause != UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
+            return
+        self._unregistered[exec_id] = event
+        while len(self._unregistered) > KNOWN_ROOTS:
+            self._unregistered.popitem(last=False)
+        for waiter in self._waiters.get(exec_id, []):
+            if not waiter.done():
+                waiter.set_result(event)
 
     def _on_reply(self, record: Any, headers: dict[str, bytes], tp: TopicPartition) -> None:
         command_id = headers.get("tf.command", b"").decode()
@@ -446,6 +634,7 @@ class Client:
 
     def _on_close(self, event: Event) -> None:
         exec_id = event.workflow_context.workflow_exec_id
+        self._unregistered.pop(exec_id, None)
         self._closed[exec_id] = event
         self._closed.move_to_end(exec_id)
         while len(self._closed) > RECENT_CLOSES:
@@ -453,6 +642,13 @@ class Client:
         for waiter in self._waiters.pop(exec_id, []):
             if not waiter.done():
                 waiter.set_result(event)
+
+
+def _not_registered(event: Event) -> WorkflowNotRegisteredError:
+    context = event.workflow_context
+    failure = event.payload.failure  # type: ignore[union-attr]
+    detail = failure.message if failure else f"no worker registers {context.workflow_name!r}"
+    return WorkflowNotRegisteredError(context.workflow_exec_id, context.workflow_name, context.task_queue, detail)
 
 
 _default: dict[tuple[int, KafkaSettings], Client] = {}

@@ -14,7 +14,8 @@ from types import ModuleType
 from treeflow.consumers import ConsumedEvent, EventReader
 from treeflow.consumers.tree import TreeTracker
 from treeflow.kafka import KafkaSettings, partition_for
-from treeflow.kafka.settings import DEFAULT_PARTITIONS, DEFAULT_PREFIX, PARTITIONS_ENV, PREFIX_ENV
+from treeflow.kafka.profile import PROFILE_ENV
+from treeflow.kafka.settings import BOOTSTRAP_ENV, DEFAULT_PARTITIONS, DEFAULT_PREFIX, PARTITIONS_ENV, PREFIX_ENV
 from treeflow.schemas import Event
 
 from .testing import Environment
@@ -26,8 +27,22 @@ def dev_environment(modules: list[ModuleType]) -> Environment:
                        partitions=int(os.environ.get(PARTITIONS_ENV) or DEFAULT_PARTITIONS))
 
 
+def export_lines(settings: KafkaSettings) -> list[str]:
+    """The `export` lines that point another terminal's treeflow commands at these settings."""
+    variables = {BOOTSTRAP_ENV: settings.bootstrap_servers, PROFILE_ENV: settings.profile.name}
+    if settings.topic_prefix != DEFAULT_PREFIX:
+        variables[PREFIX_ENV] = settings.topic_prefix
+    if settings.partitions != DEFAULT_PARTITIONS:
+        variables[PARTITIONS_ENV] = str(settings.partitions)
+    return [f"export {name}={value}" for name, value in variables.items()]
+
+
 async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None]) -> None:
-    """Run the processor hosting `module`'s workflows and activities, then its `main()`."""
+    """Run the processor hosting `module`'s workflows and activities, then its `main()`.
+
+    When it serves (with `serve`, or when the file has no `main()`), it first prints the
+    `export` lines another terminal needs to reach it (`treeflow signal`, `describe`...).
+    """
     async with dev_environment([module]) as env:
         settings = env.settings
         assert settings is not None
@@ -35,11 +50,16 @@ async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None])
              f"{len(env.workflows)} workflow(s) {sorted(env.workflows)}, "
              f"{len(env.activities)} activity(ies) {sorted(env.activities)} on {env.task_queues}")
         main = getattr(module, "main", None)
-        if main is not None and inspect.iscoroutinefunction(main):
-            await main()
-        elif not serve:
+        has_main = main is not None and inspect.iscoroutinefunction(main)
+        if not has_main and not serve:
             echo("treeflow dev: the file has no `async def main()`; serving until interrupted (Ctrl-C)")
             serve = True
+        if serve:
+            echo("treeflow dev: to use it from another terminal:")
+            for line in export_lines(settings):
+                echo(line)
+        if has_main:
+            await main()  # type: ignore[misc]
         if serve:
             await _until_signalled()
 

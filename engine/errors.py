@@ -8,7 +8,15 @@ from treeflow.schemas import Failure
 
 
 class TreeflowError(Exception):
-    """Base of the errors treeflow raises."""
+    """Base of the errors treeflow raises.
+
+    `exit_code` is what the `treeflow` command exits with when the error ends it (the
+    table in README.md, "Errors and exit codes"): 1 failed or rejected, 2 usage or bad
+    input, 3 configuration, 4 Kafka unreachable or broker error, 5 topics missing or
+    reset, 6 deadline expired, 7 not found, 130 interrupted.
+    """
+
+    exit_code: int = 1
 
 
 class ApplicationError(TreeflowError):
@@ -83,6 +91,55 @@ class CommandRejectedError(TreeflowError):
     """The processor rejected a request (e.g. a signal to a closed execution)."""
 
 
+class ExecutionNotFoundError(CommandRejectedError, LookupError):
+    """No execution has this id (no event of it in the events topic, or the processor
+    knows none)."""
+
+    exit_code = 7
+
+
+class WorkflowNotRegisteredError(TreeflowError):
+    """A worker took the execution's workflow task but registers no workflow of its name.
+
+    Raised to a caller waiting for the result after the first such workflow-task failure
+    (UNKNOWN_WORKFLOW). The execution itself stays open and its workflow task is retried
+    with backoff, so a worker that registers the workflow later still runs it.
+    """
+
+    def __init__(self, execution_id: str, workflow_name: str, task_queue: str, detail: str) -> None:
+        super().__init__(
+            f"workflow execution {execution_id} waits for a worker: {detail}. Its workflow task is retried "
+            f"with backoff; start a worker that registers {workflow_name!r} on task queue {task_queue!r}, "
+            f"or terminate it (treeflow terminate {execution_id})")
+        self.execution_id = execution_id
+        self.workflow_name = workflow_name
+        self.task_queue = task_queue
+
+
+class DeadlineExceededError(TreeflowError, TimeoutError):
+    """A call did not get its answer within its deadline (a `TimeoutError` too)."""
+
+    exit_code = 6
+
+
+class CommandTimeoutError(DeadlineExceededError):
+    """No processor answered a command (start, signal, cancel, terminate) within its deadline.
+
+    `delivered` is True when the broker acknowledged the command: it then stays in the
+    commands topic (at `partition`, `offset`) and is applied when a processor takes
+    that partition, possibly after this error. The message says why no answer came
+    and what a retry does.
+    """
+
+    def __init__(self, message: str, *, command_id: str, delivered: bool, partition: int | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.delivered = delivered
+        self.partition = partition
+        self.offset = offset
+
+
 class NonDeterminismError(TreeflowError):
     """Workflow code did not do on replay what its history says it did."""
 
@@ -101,6 +158,7 @@ class WorkflowQueryError(TreeflowError):
     def __init__(self, message: str, type: str, cause: ApplicationError | None = None) -> None:
         super().__init__(message)
         self.type = type
+        self.exit_code = 7 if type == "WorkflowNotFound" else 1
         self.__cause__ = cause
 
     @property
@@ -114,6 +172,7 @@ class QueryTimeoutError(WorkflowQueryError, TimeoutError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "QueryTimeout")
+        self.exit_code = 6
 
 
 class ContinueAsNewError(BaseException):

@@ -76,3 +76,19 @@ class OptionsError(TreeflowError, ValueError):
     """An options object was built with a value it cannot use (wrong type or range)."""
 
     exit_code = 2
+
+
+def from_kafka_error(error: Exception, bootstrap_servers: str, profile: str | None = None) -> KafkaSetupError:
+    """The treeflow error for an aiokafka error met while talking to `bootstrap_servers`
+    after start-up (start-up errors are translated by `treeflow.kafka.clients.start`)."""
+    from aiokafka.errors import KafkaConnectionError, UnknownError
+
+    if isinstance(error, KafkaConnectionError):
+        return BrokerUnreachableError(
+            f"cannot reach Kafka at {bootstrap_servers} ({error}): is the broker running? "
+            "Check TREEFLOW_BOOTSTRAP_SERVERS or --bootstrap-servers")
+    if isinstance(error, UnknownError) and profile == "kafka":
+        return WrongProfileError(
+            f"Kafka at {bootstrap_servers} answered {error!r}; if this is the embedded broker, set "
+            "TREEFLOW_BROKER_PROFILE=tansu (it has no idempotent producer)")
+    return BrokerRequestError(f"Kafka at {bootstrap_servers} answered with an error: {error!r}")

@@ -36,6 +36,7 @@ from treeflow.kafka import (
 )
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
+from ..deadlines import processor_group
 from ..ids import new_id
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
@@ -109,7 +110,7 @@ class Processor:
         self._app_stop: asyncio.Future[None] | None = None
         #: Task queues whose topic is known to exist.
         self._queues: set[str] = set()
-        self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
+        self._app = self._make_app(app_id or processor_group(settings))
         self.started = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle

@@ -57,6 +57,8 @@ class TaskRunner:
         self.activities = activities
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], WorkflowInstance] = OrderedDict()
+        #: Executions already warned about as naming no registered workflow (logged once each).
+        self._warned_unknown: OrderedDict[str, None] = OrderedDict()
         self.replays = 0
         self.query_replays = 0
 
@@ -68,6 +70,14 @@ class TaskRunner:
         history_length = history[-1].sequence if history else 0
         definition = self.workflows.get(context.workflow_name)
         if definition is None:
+            if context.workflow_exec_id not in self._warned_unknown:
+                log.warning("workflow execution %s names workflow %r, which is not registered here (task queue %r; "
+                            "registered: %s): its workflow task fails as UNKNOWN_WORKFLOW and is retried",
+                            context.workflow_exec_id, context.workflow_name, context.task_queue,
+                            sorted(self.workflows) or "none")
+                self._warned_unknown[context.workflow_exec_id] = None
+                while len(self._warned_unknown) > self.cache_size:
+                    self._warned_unknown.popitem(last=False)
             return self._command(context, m.FailWorkflowTask(
                 task_id=task_id, workflow_run_id=context.workflow_run_id, cause="UNKNOWN_WORKFLOW",
                 failure=Failure(type="WorkflowNotRegistered", message=(

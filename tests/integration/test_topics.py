@@ -66,5 +66,5 @@ def test_cli_create_is_idempotent_and_refuses_a_conflict(settings: KafkaSettings
     assert second.exit_code == 0, second.output
     assert second.output.count("exists") == 4
     conflict = runner.invoke(main, ["topics", "create", "--partitions", "8"], env=env)
-    assert conflict.exit_code == 1
+    assert conflict.exit_code == 3  # configuration
     assert "has 4 partitions, 8 are configured" in conflict.output
