@@ -23,7 +23,7 @@ topics, partitioning), `treeflow.consumers` (the consumer library), `treeflow.co
 from treeflow.schemas import ParentClosePolicy
 
 from . import workflow
-from .activities import activity
+from .activities import activity, activity_heartbeat
 from .client import Client, ExecutionDescription, WorkflowHandle, connect
 from .errors import (
     ActivityError,
@@ -38,7 +38,7 @@ from .errors import (
     WorkflowQueryError,
 )
 from .options import RetryPolicy
-from .workflow import execute_workflow
+from .workflow import execute_workflow, get_execution_id
 
 __version__ = "0.1.0"
 
@@ -46,5 +46,5 @@ __all__ = [
     "ActivityError", "ApplicationError", "ChildWorkflowError", "Client", "CommandRejectedError",
     "ContinueAsNewError", "ExecutionDescription", "ParentClosePolicy", "QueryTimeoutError", "RetryPolicy",
     "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowFailureError", "WorkflowHandle", "WorkflowQueryError",
-    "__version__", "activity", "connect", "execute_workflow", "workflow",
+    "__version__", "activity", "activity_heartbeat", "connect", "execute_workflow", "get_execution_id", "workflow",
 ]

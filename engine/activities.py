@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,25 +38,57 @@ class ActivityContext:
 
     info: ActivityInfo
     send: Callable[[Any], Awaitable[None]]
+    #: The loop the attempt's reports are sent from (a sync activity runs in a thread).
+    loop: asyncio.AbstractEventLoop = dataclasses.field(default_factory=asyncio.get_running_loop)
 
 
 _context: contextvars.ContextVar[ActivityContext | None] = contextvars.ContextVar("treeflow_activity", default=None)
 
 
-def activity(name: str | None = None, *, retry_policy: RetryPolicy | None = None,
-             start_to_close_timeout: timedelta | None = None, schedule_to_close_timeout: timedelta | None = None,
-             heartbeat_timeout: timedelta | None = None,
+#: The retry policy of an activity that sets none (Mistral's: 3 attempts, delays from 1 s
+#: doubling). The engine's own default, for commands that carry no policy, is Temporal's
+#: (unlimited attempts).
+DEFAULT_ACTIVITY_RETRY = RetryPolicy(maximum_attempts=3)
+#: Bound of one attempt when the activity sets none (Mistral's and treeflow's).
+DEFAULT_START_TO_CLOSE = timedelta(minutes=5)
+
+
+def activity(start_to_close_timeout: timedelta | float | str | None = None,
+             retry_policy_max_attempts: int | None = None, retry_policy_backoff_coefficient: float | None = None,
+             name: str | None = None, sticky_to_worker: bool = False, rate_limit: Any = None,
+             heartbeat_timeout: timedelta | None = None, *, retry_policy: RetryPolicy | None = None,
+             schedule_to_close_timeout: timedelta | None = None,
              task_queue: str | None = None) -> Callable[[Callable[..., Any]], ActivityDefinition]:
     """Decorator: the function is an activity named `name` (default: its name).
 
-    Called inside a workflow it is run durably by a worker: at least once, retried by
-    `retry_policy` (default: unlimited attempts, 1 s doubling to 100 s), each attempt
-    bounded by `start_to_close_timeout` (default 5 minutes), all attempts by
+    The positional arguments are Mistral's, in Mistral's order (`@activity(timedelta(
+    seconds=30), 5)`); `@activity("name")` also names it. Called inside a workflow it is
+    run durably by a worker: at least once, each attempt bounded by
+    `start_to_close_timeout` (default 5 minutes), all attempts by
     `schedule_to_close_timeout`, and, when set, failing after `heartbeat_timeout`
-    without a `activity.heartbeat()`. Raise `ApplicationError(non_retryable=True)`
-    to fail at once.
+    without an `activity_heartbeat()`. A failed attempt is retried up to
+    `retry_policy_max_attempts` attempts in all (default 3, Mistral's), the delay
+    growing from 1 s by `retry_policy_backoff_coefficient` (default 2); a full
+    `retry_policy` replaces both. Raise `ApplicationError(non_retryable=True)` to fail
+    at once. `sticky_to_worker` and `rate_limit` are accepted for Mistral's programs and
+    not enforced.
     """
-    options = ActivityOptions(retry_policy=retry_policy, start_to_close_timeout=start_to_close_timeout,
+    if isinstance(start_to_close_timeout, str):
+        start_to_close_timeout, name = None, name or start_to_close_timeout
+    if isinstance(start_to_close_timeout, (int, float)):
+        start_to_close_timeout = timedelta(seconds=start_to_close_timeout)
+    if retry_policy is not None and (retry_policy_max_attempts is not None
+                                     or retry_policy_backoff_coefficient is not None):
+        raise ValueError("give either retry_policy or retry_policy_max_attempts / retry_policy_backoff_coefficient")
+    if retry_policy is None:
+        retry_policy = dataclasses.replace(
+            DEFAULT_ACTIVITY_RETRY,
+            maximum_attempts=DEFAULT_ACTIVITY_RETRY.maximum_attempts if retry_policy_max_attempts is None
+            else retry_policy_max_attempts,
+            backoff_coefficient=DEFAULT_ACTIVITY_RETRY.backoff_coefficient if retry_policy_backoff_coefficient is None
+            else retry_policy_backoff_coefficient)
+    options = ActivityOptions(retry_policy=retry_policy,
+                              start_to_close_timeout=start_to_close_timeout or DEFAULT_START_TO_CLOSE,
                               schedule_to_close_timeout=schedule_to_close_timeout,
                               heartbeat_timeout=heartbeat_timeout, task_queue=task_queue)
 
@@ -76,12 +110,47 @@ def info() -> ActivityInfo:
     return _current().info
 
 
-async def heartbeat(details: Any = None) -> None:
-    """Tell the engine the attempt is alive (resets its heartbeat timeout)."""
+async def heartbeat(*details: Any) -> None:
+    """Tell the engine the attempt is alive (resets its heartbeat timeout); `details`
+    (JSON-able) say how far it got."""
     context = _current()
     await context.send(m.RecordActivityHeartbeat(
         activity_id=context.info.activity_id, workflow_run_id=context.info.workflow_run_id,
-        attempt=context.info.attempt, details_json=None if details is None else to_json(details)))
+        attempt=context.info.attempt, details_json=_details(details)))
+
+
+def activity_heartbeat(*details: Any) -> None:
+    """`heartbeat()` for code that cannot await (Mistral's): sends the heartbeat in the
+    background, from async or from sync activities (which run in a thread)."""
+    context = _current()
+    coroutine = heartbeat(*details)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is context.loop:
+        task = loop.create_task(coroutine)
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+    else:
+        asyncio.run_coroutine_threadsafe(_in_context(context, coroutine), context.loop)
+
+
+async def _in_context(context: ActivityContext, coroutine: Any) -> None:
+    token = _context.set(context)
+    try:
+        await coroutine
+    finally:
+        _context.reset(token)
+
+
+_pending: set[asyncio.Task[None]] = set()
+
+
+def _details(details: tuple[Any, ...]) -> str | None:
+    if not details:
+        return None
+    return to_json(details[0] if len(details) == 1 else list(details))
 
 
 class CustomTask:
@@ -146,4 +215,5 @@ def custom_task(custom_task_id: str, type: str = "custom") -> CustomTask:
 
 activity.info = info  # type: ignore[attr-defined]
 activity.heartbeat = heartbeat  # type: ignore[attr-defined]
+activity.activity_heartbeat = activity_heartbeat  # type: ignore[attr-defined]
 activity.custom_task = custom_task  # type: ignore[attr-defined]

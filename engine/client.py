@@ -278,10 +278,8 @@ class Client:
         """
         definition = None if isinstance(workflow, str) else workflow_definition(workflow)
         name = workflow if isinstance(workflow, str) else definition.name  # type: ignore[union-attr]
-        if definition is not None and definition.param_type is not None and params is not None:
-            from .payloads import validate
-
-            params = validate(params, definition.param_type)  # fail here, not in the worker
+        if definition is not None and params is not None:
+            definition.parameters.bind(to_json(params))  # fail here, not in the worker
         exec_id = execution_id or new_id()
         timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE

@@ -20,7 +20,6 @@ import contextvars
 import inspect
 import logging
 import random
-import typing
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator
@@ -43,7 +42,7 @@ from ..errors import (
     failure_from_exception,
 )
 from ..options import RetryPolicy, millis
-from ..payloads import from_json, to_json
+from ..payloads import Parameters, from_json, to_json
 
 log = logging.getLogger(__name__)
 T = EventType
@@ -176,6 +175,11 @@ class ChildHandle:
         self.workflow_name = workflow_name
         self._instance = instance
         self._result = result
+
+    @property
+    def id(self) -> str:
+        """The child's execution id (Temporal's and Mistral's name for it)."""
+        return self.execution_id
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._instance.child_result(self.execution_id, self._result).__await__()
@@ -397,10 +401,8 @@ class WorkflowInstance:
             if self._start_error is not None:
                 raise self._start_error
             run = getattr(self.workflow_object, definition.run_method)
-            if definition.param_type is None:
-                result = await run()
-            else:
-                result = await run(from_json(input_json, definition.param_type))
+            args, kwargs = definition.parameters.bind(input_json)
+            result = await run(*args, **kwargs)
         except asyncio.CancelledError:
             if self.cancel_requested:
                 self._issue(m.CancelWorkflowExecution(), None)
@@ -435,9 +437,10 @@ class WorkflowInstance:
             return
         self.loop.create_task(self._signal(name, handler, args), name=f"signal {name}")
 
-    async def _signal(self, name: str, handler: Callable[..., Any], args: list[Any]) -> None:
+    async def _signal(self, name: str, handler: Callable[..., Any],
+                      args: tuple[list[Any], dict[str, Any]]) -> None:
         try:
-            result = handler(*args)
+            result = handler(*args[0], **args[1])
             if inspect.isawaitable(result):
                 await result
         except asyncio.CancelledError:
@@ -490,13 +493,13 @@ class WorkflowInstance:
         if self.workflow_object is None:
             raise WorkflowQueryError(f"workflow {self.context.workflow_exec_id} has not started", "QueryFailed")
         handler = getattr(self.workflow_object, method)
-        args = _handler_args(handler, input_json)
+        args, kwargs = _handler_args(handler, input_json)
         random_state, counters = self.random.getstate(), dict(self._counters)
         outer = asyncio._get_running_loop()
         asyncio._set_running_loop(self.loop)
         self._querying = True
         try:
-            return handler(*args)
+            return handler(*args, **kwargs)
         finally:
             self._querying = False
             asyncio._set_running_loop(outer)
@@ -603,14 +606,10 @@ def _settle(future: asyncio.Future[Any], value: Callable[[], Any]) -> None:
         future.set_exception(exc)
 
 
-def _handler_args(handler: Callable[..., Any], input_json: str | None) -> list[Any]:
-    """The arguments of a (bound) signal or query handler: none, or its payload
-    validated against the annotation of its one parameter."""
-    params = list(inspect.signature(handler).parameters.values())
-    if not params:
-        return []
-    hints = typing.get_type_hints(handler)
-    return [from_json(input_json, hints.get(params[0].name, Any))]
+def _handler_args(handler: Callable[..., Any], input_json: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments of a (bound) signal, query or update handler from its payload
+    (`Parameters.bind`: the raw value of one parameter, or an object of them by name)."""
+    return Parameters.of(handler).bind(input_json)
 
 
 def _is_uuid(value: str) -> bool:

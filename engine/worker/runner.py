@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -192,7 +193,9 @@ async def _call(definition: ActivityDefinition, input_json: str | None) -> Any:
     kwargs = {name: validate(value, definition.param_types.get(name, Any)) for name, value in arguments.items()}
     if inspect.iscoroutinefunction(definition.fn):
         return await definition.fn(**kwargs)
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: definition.fn(**kwargs))
+    # The thread runs in a copy of this context, so activity.info() and heartbeats work there.
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: context.run(definition.fn, **kwargs))
 
 
 def _up_to_date(instance: WorkflowInstance, history: list[Event]) -> bool:
