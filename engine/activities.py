@@ -6,11 +6,14 @@ import asyncio
 import contextvars
 import dataclasses
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
 
 from treeflow.schemas import CustomTaskPayload, CustomTaskPayloadKind, EventType
 from treeflow.schemas import models as m
@@ -154,8 +157,10 @@ def _details(details: tuple[Any, ...]) -> str | None:
 
 
 class CustomTask:
-    """A unit of progress reported by an activity, recorded in the execution's history
-    as CUSTOM_TASK_* events (Mistral's custom task events).
+    """A unit of progress reported by an activity or by workflow code, recorded in the
+    execution's history as CUSTOM_TASK_* events (Mistral's custom task events): from an
+    activity with its `activity_id`, from workflow code as decisions of the workflow (no
+    `activity_id`; replayed like any decision).
 
         async with activity.custom_task("summarize", type="llm") as task:
             await task.progress({"tokens": 120})
@@ -173,6 +178,12 @@ class CustomTask:
 
     async def _record(self, event_type: EventType, payload: CustomTaskPayload | None = None,
                       failure: Any = None) -> None:
+        from .worker.instance import current_instance
+
+        instance = current_instance()
+        if instance is not None:
+            instance.record_custom_task(event_type, self.custom_task_id, self.type, payload, failure)
+            return
         context = _current()
         await context.send(m.RecordCustomTaskEvent(
             activity_id=context.info.activity_id, workflow_run_id=context.info.workflow_run_id,
@@ -211,6 +222,115 @@ class CustomTask:
 
 def custom_task(custom_task_id: str, type: str = "custom") -> CustomTask:
     return CustomTask(custom_task_id, type)
+
+
+S = TypeVar("S")
+
+
+class Task(CustomTask, Generic[S]):
+    """Mistral's observable task, in an activity or in workflow code:
+
+        async with workflows.task("export", state={"progress": 0}) as t:
+            await t.update_state({"progress": 50})     # CUSTOM_TASK_IN_PROGRESS, a JSON patch
+            await t.set_state({"progress": 100})
+
+    Entering records CUSTOM_TASK_STARTED with the initial state, each state change
+    CUSTOM_TASK_IN_PROGRESS with an RFC 6902 JSON patch from the previous state, and
+    leaving COMPLETED with the final state (or FAILED / CANCELED / TIMED_OUT when the
+    block raises). The id is `id`, else a fresh one (`workflow.uuid4()` in workflow
+    code, so the same on replay).
+    """
+
+    def __init__(self, type: str, state: S | None = None, id: str | None = None) -> None:
+        super().__init__(id or _new_task_id(), type)
+        self._state = state
+
+    @property
+    def id(self) -> str:
+        return self.custom_task_id
+
+    @property
+    def state(self) -> S | None:
+        return self._state
+
+    async def __aenter__(self) -> Task[S]:
+        await self._record(EventType.CUSTOM_TASK_STARTED, _json_payload(self._state))
+        return self
+
+    async def set_state(self, state: S) -> None:
+        if self._state is None:
+            raise RuntimeError("set_state() needs a task created with a state")
+        previous, self._state = self._state, state
+        await self.progress_patch(json_patch(_plain_json(previous), _plain_json(state)))
+
+    async def update_state(self, updates: dict[str, Any]) -> None:
+        """Change some fields of a dict or pydantic state."""
+        if isinstance(self._state, BaseModel):
+            await self.set_state(self._state.model_copy(update=updates))  # type: ignore[arg-type]
+        elif isinstance(self._state, dict):
+            await self.set_state({**self._state, **updates})  # type: ignore[arg-type]
+        else:
+            raise TypeError(f"update_state() needs a dict or pydantic state, got {type(self._state).__name__}")
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc is None:
+            self.complete(self._state)
+        await super().__aexit__(exc_type, exc, tb)
+
+
+def task(type: str, state: Any = None, *, id: str | None = None) -> Task[Any]:
+    """Mistral's `task(type, state=None, id=None)`: see `Task`."""
+    return Task(type, state, id)
+
+
+def task_from(state: Any, type: str | None = None, *, id: str | None = None) -> Task[Any]:
+    """Mistral's `task_from(state)`: a `Task` whose type is the state's class name (or
+    its pydantic `model_config["title"]`) unless `type` is given."""
+    if type is None:
+        if isinstance(state, BaseModel):
+            type = state.model_config.get("title") or state.__class__.__name__
+        elif dataclasses.is_dataclass(state):
+            type = state.__class__.__name__
+        else:
+            raise ValueError("cannot infer a task type from this state: pass type=")
+    return Task(type, state, id)
+
+
+def _new_task_id() -> str:
+    from .worker.instance import current_instance
+
+    instance = current_instance()
+    return str(instance.uuid4() if instance is not None else uuid.uuid4())
+
+
+def _plain_json(value: Any) -> Any:
+    return json.loads(to_json(value))
+
+
+def _json_payload(value: Any) -> CustomTaskPayload | None:
+    if value is None:
+        return None
+    return CustomTaskPayload(kind=CustomTaskPayloadKind.JSON, value_json=to_json(value))
+
+
+def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
+    """RFC 6902 operations that turn JSON value `old` into `new` (objects are compared
+    key by key, anything else is replaced whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops: list[dict[str, Any]] = []
+        for key in old:
+            pointer = f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}"
+            if key not in new:
+                ops.append({"op": "remove", "path": pointer})
+            elif old[key] != new[key]:
+                ops.extend(json_patch(old[key], new[key], pointer))
+        for key in new:
+            if key not in old:
+                ops.append({"op": "add", "path": f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}",
+                            "value": new[key]})
+        return ops
+    return [] if old == new else [{"op": "replace", "path": path, "value": new}]
 
 
 activity.info = info  # type: ignore[attr-defined]

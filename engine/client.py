@@ -39,6 +39,7 @@ from .errors import (
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
     WorkflowQueryError,
+    WorkflowUpdateError,
     exception_from_failure,
 )
 from .options import RetryPolicy, millis
@@ -188,6 +189,39 @@ class WorkflowHandle:
         return (f"{message}: no worker of task queue {found.task_queue!r} answered (is one running?); "
                 f"the execution is {found.status.value}")
 
+    async def update(self, update: str | Callable[..., Any], *args: Any, timeout: float | None = None,
+                     result_type: Any = None, **kwargs: Any) -> Any:
+        """Run the execution's update handler `update` (a name, or the workflow's
+        `@workflow.update` method) and return its result, validated as `result_type`
+        (default: the method's return annotation, else plain JSON values).
+
+        The input is `args`/`kwargs` as for the handler's parameters: one positional
+        value is sent raw, keywords as a JSON object of them, several positional values
+        as a JSON array. The worker runs the update's validator first: a rejected update
+        leaves no trace in the history. Raises `WorkflowUpdateError` whose `type` says why
+        there is no result: UpdateNotFound, UpdateRejected, UpdateFailed (the handler
+        raised; `cause` holds its error), WorkflowClosed / WorkflowNotFound, or
+        UpdateTimeout after `timeout` seconds (by default it waits as long as the
+        handler runs; the update itself goes on).
+        """
+        name = _handler_name(update, "__treeflow_update__")
+        if result_type is None:
+            result_type = typing.get_type_hints(update).get("return", Any) if callable(update) else Any
+        request = m.UpdateWorkflowExecution(update_name=name, input_json=handler_input(args, kwargs),
+                                            identity=self.client.identity)
+        root = await self.root()
+        try:
+            reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request), timeout)
+        except asyncio.TimeoutError:
+            raise WorkflowUpdateError(f"no answer to update {name!r} of {self.execution_id} within {timeout:g}s",
+                                      "UpdateTimeout") from None
+        if not reply.accepted:
+            error = reply.error
+            cause = exception_from_failure(error.cause) if error and error.cause else None
+            raise WorkflowUpdateError(error.message if error else "update rejected",
+                                      error.type if error else "UpdateRejected", cause)
+        return from_json(reply.result_json, result_type)
+
     async def cancel(self, reason: str = "cancel requested") -> None:
         """Ask the execution to cancel: it gets `asyncio.CancelledError` at its current
         await, may clean up, and ends CANCELED (or keeps running if it ignores it).
@@ -202,12 +236,24 @@ class WorkflowHandle:
             reason=reason, identity=self.client.identity))
 
 
+def handler_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The JSON input of a handler called with `args`/`kwargs`: one positional value raw,
+    keywords as an object, several positional values as an array (`Parameters.bind`)."""
+    if kwargs:
+        if args:
+            raise TypeError("give the input as positional values or as keywords, not both")
+        return to_json(kwargs)
+    if not args:
+        return None
+    return to_json(args[0] if len(args) == 1 else list(args))
+
+
 def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
     if isinstance(handler, str):
         return handler
     name = getattr(handler, marker, None)
     if not name:
-        kind = "signal" if "signal" in marker else "query"
+        kind = marker.strip("_").removeprefix("treeflow_")
         raise TypeError(f"{handler!r} is not a @workflow.{kind} method; pass its name or the decorated method")
     return name
 

@@ -8,6 +8,9 @@ starts the embedded broker; creates the topics under its own prefix; and runs th
 processor with the given workflows and activities hosted in-process. While it runs,
 `TREEFLOW_*` variables point at it, so `treeflow.execute_workflow` and
 `treeflow.connect()` need no arguments.
+
+`Replayer` (from `treeflow.replay`) checks changed workflow code against recorded
+histories.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 from .client import Client, close_default_clients
 from .definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, collect, workflow_definition
 from .processor.app import Processor
+from .replay import Replayer, ReplayResult
 from .worker.runner import TaskRunner
+
+__all__ = ["Environment", "ReplayResult", "Replayer"]
 
 
 class Environment:

@@ -9,10 +9,11 @@ I/O only in activities.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import typing
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from random import Random
@@ -279,19 +280,22 @@ def uuid4() -> uuid.UUID:
     return _instance().uuid4()
 
 
-async def sleep(duration: timedelta | float) -> None:
-    """A durable timer: the workflow resumes after `duration`, even across worker restarts."""
+async def sleep(duration: timedelta | float, *, summary: str | None = None) -> None:
+    """A durable timer: the workflow resumes after `duration`, even across worker restarts.
+    (`summary`, Mistral's timer label, is accepted and not recorded.)"""
     await asyncio.sleep(_seconds(duration))
 
 
-async def wait_condition(predicate: Callable[[], bool], *, timeout: timedelta | float | None = None) -> None:
+async def wait_condition(predicate: Callable[[], bool], timeout: timedelta | float | None = None,
+                         timeout_summary: str | None = None) -> None:
     """Wait until `predicate()` is true.
 
     The predicate is evaluated now and again each time the workflow's code has run
     (after a signal handler, an activity result, a timer...), in the same order on
     replay, so it must only read workflow state. With `timeout`, a durable timer bounds
     the wait: `asyncio.TimeoutError` is raised when it fires first (the timer is
-    canceled when the condition holds first).
+    canceled when the condition holds first). `timeout_summary` (Mistral's timer label)
+    is accepted and not recorded.
     """
     if predicate():
         return
@@ -300,6 +304,31 @@ async def wait_condition(predicate: Callable[[], bool], *, timeout: timedelta | 
         await future
     else:
         await asyncio.wait_for(future, _seconds(timeout))
+
+
+def patched(patch_id: str) -> bool:
+    """Temporal's versioning: guard changed workflow code so that executions that
+    started under the old code replay deterministically.
+
+        if workflow.patched("send-receipt"):
+            await send_receipt(order)      # the new code
+        # else: what the old code did (here: nothing)
+
+    Returns True when the code decides anew (new executions, and running ones past
+    their recorded history), recording a MARKER_RECORDED event ("version",
+    `patch_id`); on replay it returns True iff the replayed workflow task recorded that
+    marker, so histories written by the old code take the old branch. The first answer
+    holds for the rest of the run. Once no execution that predates the patch is running,
+    replace the call with `deprecate_patch(patch_id)` and drop the old branch.
+    """
+    return _instance().patched(patch_id)
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """Mark `patch_id` as fully deployed: the old branch is gone. Histories recorded with
+    or without the patch's marker replay; new executions record a deprecated marker.
+    Remove the call once no execution recorded before it is running."""
+    _instance().patched(patch_id, deprecated=True)
 
 
 def continue_as_new(params: Any = None) -> NoReturn:
@@ -371,3 +400,18 @@ async def execute_workflow(
 
 def _definition(workflow: type | str) -> WorkflowDefinition | str:
     return workflow if isinstance(workflow, str) else workflow_definition(workflow)
+
+
+class unsafe:  # noqa: N801 - Mistral's (and Temporal's) name
+    """Mistral's `workflow.unsafe`: treeflow runs workflow code without a sandbox, so
+    both context managers do nothing (imports inside them are ordinary imports)."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def imports_passed_through() -> Iterator[None]:
+        yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def skip_determinism_enforcement() -> Iterator[None]:
+        yield

@@ -18,7 +18,7 @@ from treeflow.schemas import models as m
 from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
-from ..errors import NonDeterminismError, WorkflowQueryError, failure_from_exception
+from ..errors import NonDeterminismError, WorkflowQueryError, WorkflowUpdateError, failure_from_exception
 from ..payloads import to_json, validate
 from .instance import RESOLVING, WorkflowInstance
 
@@ -87,6 +87,15 @@ class TaskRunner:
             return self._command(context, m.FailWorkflowTask(
                 task_id=task_id, workflow_run_id=context.workflow_run_id, cause="NON_DETERMINISTIC",
                 failure=failure_from_exception(exc)))
+        if instance.task_failure is not None:
+            # The code raised an exception that fails the task, not the workflow: the task
+            # is retried (by a fresh replay) after a backoff; a fixed deployment lets it pass.
+            exc = instance.task_failure
+            log.error("workflow %s: the workflow task failed (%s: %s); it will be retried", context.workflow_exec_id,
+                      type(exc).__name__, exc)
+            return self._command(context, m.FailWorkflowTask(
+                task_id=task_id, workflow_run_id=context.workflow_run_id, cause="WORKFLOW_CODE_ERROR",
+                failure=failure_from_exception(exc)))
         instance.last_task_id = task_id
         if not instance.closed:
             self._cache[key] = instance
@@ -99,10 +108,12 @@ class TaskRunner:
     # ------------------------------------------------------------ query tasks
 
     def run_query_task(self, context: WorkflowContext, task: m.QueryTask) -> Command:
-        """Run the query's handler on the run's current state; a RespondQueryTask command."""
+        """Run the query's handler on the run's current state; a RespondQueryTask command.
+        For an update's validation (`task.update`): an AcceptWorkflowUpdate command, or a
+        RespondQueryTask carrying the rejection."""
         return self._command(context, self._answer(context, task))
 
-    def _answer(self, context: WorkflowContext, task: m.QueryTask) -> m.RespondQueryTask:
+    def _answer(self, context: WorkflowContext, task: m.QueryTask) -> Any:
         def refuse(error_type: str, message: str, cause: Failure | None = None) -> m.RespondQueryTask:
             return m.RespondQueryTask(query_id=task.query_id, failure=Failure(
                 type=error_type, message=message, non_retryable=True, cause=cause))
@@ -121,6 +132,13 @@ class TaskRunner:
                 instance.activate(task.history)
             except NonDeterminismError as exc:
                 return refuse("NonDeterministic", f"cannot rebuild the workflow's state: {exc}")
+        if task.update:
+            try:
+                instance.validate_update(task.query_name, task.input_json)
+            except WorkflowUpdateError as exc:
+                return refuse(exc.type, str(exc), failure_from_exception(exc.cause) if exc.cause else None)
+            return m.AcceptWorkflowUpdate(update_id=task.query_id, workflow_run_id=context.workflow_run_id,
+                                          update_name=task.query_name, input_json=task.input_json)
         try:
             result = instance.query(task.query_name, task.input_json)
             return m.RespondQueryTask(query_id=task.query_id, result_json=to_json(result))

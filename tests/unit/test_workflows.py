@@ -77,7 +77,7 @@ class CatchesChild:
         return "no error"
 
 
-@workflow.define(name="failing")
+@workflow.define(name="failing", failure_exception_types=[KeyError])
 class Failing:
     @workflow.entrypoint
     async def run(self) -> str:
