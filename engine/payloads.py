@@ -74,7 +74,8 @@ class Parameters:
       `{"item": "apple", "qty": 2}`; a parameter left out takes its default.
 
     A callable with several parameters takes the object form (or a JSON array, by
-    position). One with a single parameter `p` takes the object form only when the
+    position; or, when all but the first have defaults, a raw value that is neither an
+    object nor an array, for the first). One with a single parameter `p` takes the object form only when the
     payload is an object whose one key is `"p"` and `p`'s annotation has no field
     named `p` (a pydantic model, dataclass or TypedDict that has one takes the payload
     raw); anything else is the raw value. So a handler `def add(self, item: dict)` sent
@@ -126,6 +127,8 @@ class Parameters:
             return [validate(value, annotation)], {}
         if value is None:
             value = {}
+        if not isinstance(value, (dict, list)) and all(self.defaults[1:]):
+            value = {self.names[0]: value}  # a raw value: the first parameter's, the others default
         if isinstance(value, list):
             if len(value) > len(self.names):
                 raise _unfit(f"{len(value)} arguments for parameters {', '.join(self.names)}")

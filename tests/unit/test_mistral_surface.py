@@ -114,8 +114,9 @@ def test_a_payload_maps_to_parameters_raw_or_as_an_object_of_them() -> None:
     assert Parameters.of(many).bind('{"item": "apple"}') == ([], {"item": "apple"})
     assert Parameters.of(many).bind('{"item": "apple", "qty": "3"}') == ([], {"item": "apple", "qty": 3})
     assert Parameters.of(many).bind('["apple", 2]') == ([], {"item": "apple", "qty": 2})
+    assert Parameters.of(many).bind('"apple"') == ([], {"item": "apple"})
     assert Parameters.of(none).bind('{"anything": 1}') == ([], {})
-    for bad in ('{"qty": 2}', '{"item": "a", "colour": "red"}', '"apple"', '{"item": "a", "qty": "many"}'):
+    for bad in ('{"qty": 2}', '{"item": "a", "colour": "red"}', '["a", 1, 2]', '{"item": "a", "qty": "many"}'):
         with pytest.raises(workflows.ApplicationError, match="does not fit") as caught:
             Parameters.of(many).bind(bad)
         assert caught.value.type == "PayloadValidationError"
