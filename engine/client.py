@@ -136,9 +136,11 @@ class WorkflowHandle:
         """Every event of the execution (all its runs), in order."""
         return await self.client.history(self.execution_id, root_execution_id=await self.root())
 
-    async def signal(self, signal: str | Callable[..., Any], payload: Any = None) -> None:
+    async def signal(self, signal: str | Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Send signal `signal` (a name, or the workflow's `@workflow.signal` method) with
-        `payload` (a pydantic model or JSON-able value).
+        its input: one value (a pydantic model or JSON-able value) sent as it is, or the
+        handler's parameters by keyword (a JSON object of them, Mistral's form), or
+        several values by position (a JSON array).
 
         Returns once the signal is in the execution's history (a WORKFLOW_EXECUTION_SIGNALED
         event): it is then delivered to the handler exactly once, after every signal
@@ -147,13 +149,14 @@ class WorkflowHandle:
         """
         await self.client._request(self.execution_id, await self.root(), m.SignalWorkflowExecution(
             signal_name=_handler_name(signal, "__treeflow_signal__"),
-            input_json=None if payload is None else to_json(payload), identity=self.client.identity))
+            input_json=handler_input(args, kwargs), identity=self.client.identity))
 
-    async def query(self, query: str | Callable[..., Any], payload: Any = None, *,
-                    timeout: float = DEFAULT_QUERY_TIMEOUT, result_type: Any = None) -> Any:
+    async def query(self, query: str | Callable[..., Any], *args: Any, timeout: float = DEFAULT_QUERY_TIMEOUT,
+                    result_type: Any = None, **kwargs: Any) -> Any:
         """Ask the running execution's query handler `query` (a name, or the workflow's
         `@workflow.query` method) and return its answer, validated as `result_type`
-        (default: the method's return annotation, else plain JSON values).
+        (default: the method's return annotation, else plain JSON values). Its input is
+        given as a signal's.
 
         The answer reflects every event accepted before the query (signals sent before
         it included) and appends nothing to the history. Raises `WorkflowQueryError`
@@ -167,7 +170,7 @@ class WorkflowHandle:
             result_type = typing.get_type_hints(query).get("return", Any) if callable(query) else Any
         root = await self.root()
         deadline = datetime.now(timezone.utc) + timedelta(seconds=timeout)
-        request = m.QueryWorkflow(query_name=name, input_json=None if payload is None else to_json(payload),
+        request = m.QueryWorkflow(query_name=name, input_json=handler_input(args, kwargs),
                                   deadline=deadline, identity=self.client.identity)
         try:
             reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request), timeout)
@@ -243,7 +246,7 @@ def handler_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if args:
             raise TypeError("give the input as positional values or as keywords, not both")
         return to_json(kwargs)
-    if not args:
+    if not args or args == (None,):
         return None
     return to_json(args[0] if len(args) == 1 else list(args))
 
