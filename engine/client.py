@@ -43,7 +43,7 @@ from .errors import (
     exception_from_failure,
 )
 from .options import RetryPolicy, millis
-from .payloads import from_json, to_json
+from .payloads import from_json, handler_input, handler_name, to_json
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class WorkflowHandle:
         unknown.
         """
         await self.client._request(self.execution_id, await self.root(), m.SignalWorkflowExecution(
-            signal_name=_handler_name(signal, "__treeflow_signal__"),
+            signal_name=handler_name(signal, "__treeflow_signal__"),
             input_json=handler_input(args, kwargs), identity=self.client.identity))
 
     async def query(self, query: str | Callable[..., Any], *args: Any, timeout: float = DEFAULT_QUERY_TIMEOUT,
@@ -165,7 +165,7 @@ class WorkflowHandle:
         executions answer: read a closed one's result or history instead), or
         `QueryTimeoutError` when no worker answered within `timeout` seconds.
         """
-        name = _handler_name(query, "__treeflow_query__")
+        name = handler_name(query, "__treeflow_query__")
         if result_type is None:
             result_type = typing.get_type_hints(query).get("return", Any) if callable(query) else Any
         root = await self.root()
@@ -207,7 +207,7 @@ class WorkflowHandle:
         UpdateTimeout after `timeout` seconds (by default it waits as long as the
         handler runs; the update itself goes on).
         """
-        name = _handler_name(update, "__treeflow_update__")
+        name = handler_name(update, "__treeflow_update__")
         if result_type is None:
             result_type = typing.get_type_hints(update).get("return", Any) if callable(update) else Any
         request = m.UpdateWorkflowExecution(update_name=name, input_json=handler_input(args, kwargs),
@@ -237,28 +237,6 @@ class WorkflowHandle:
         Its open children get their parent close policy."""
         await self.client._request(self.execution_id, await self.root(), m.TerminateWorkflowExecution(
             reason=reason, identity=self.client.identity))
-
-
-def handler_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The JSON input of a handler called with `args`/`kwargs`: one positional value raw,
-    keywords as an object, several positional values as an array (`Parameters.bind`)."""
-    if kwargs:
-        if args:
-            raise TypeError("give the input as positional values or as keywords, not both")
-        return to_json(kwargs)
-    if not args or args == (None,):
-        return None
-    return to_json(args[0] if len(args) == 1 else list(args))
-
-
-def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
-    if isinstance(handler, str):
-        return handler
-    name = getattr(handler, marker, None)
-    if not name:
-        kind = marker.strip("_").removeprefix("treeflow_")
-        raise TypeError(f"{handler!r} is not a @workflow.{kind} method; pass its name or the decorated method")
-    return name
 
 
 class Client:

@@ -159,3 +159,26 @@ def _has_field(annotation: Any, name: str) -> bool:
 
 def _unfit(message: str) -> ApplicationError:
     return ApplicationError(f"payload does not fit: {message}", type="PayloadValidationError", non_retryable=True)
+
+
+def handler_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The JSON input of a handler called with `args`/`kwargs`: one positional value raw,
+    keywords as an object, several positional values as an array (`Parameters.bind`)."""
+    if kwargs:
+        if args:
+            raise TypeError("give the input as positional values or as keywords, not both")
+        return to_json(kwargs)
+    if not args or args == (None,):
+        return None
+    return to_json(args[0] if len(args) == 1 else list(args))
+
+
+def handler_name(handler: str | Callable[..., Any], marker: str) -> str:
+    """The handler name of `handler`: a name as it is, or a method's `marker` attribute."""
+    if isinstance(handler, str):
+        return handler
+    name = getattr(handler, marker, None)
+    if not name:
+        kind = marker.strip("_").removeprefix("treeflow_")
+        raise TypeError(f"{handler!r} is not a @workflow.{kind} method; pass its name or the decorated method")
+    return name

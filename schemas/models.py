@@ -74,6 +74,7 @@ class EventType(str, Enum):
     WORKFLOW_EXECUTION_UPDATE_ACCEPTED = "WORKFLOW_EXECUTION_UPDATE_ACCEPTED"
     WORKFLOW_EXECUTION_UPDATE_COMPLETED = "WORKFLOW_EXECUTION_UPDATE_COMPLETED"
     MARKER_RECORDED = "MARKER_RECORDED"
+    EXTERNAL_WORKFLOW_EXECUTION_SIGNALED = "EXTERNAL_WORKFLOW_EXECUTION_SIGNALED"
 
 
 class AcceptWorkflowUpdate(AvroModel):
@@ -138,7 +139,7 @@ class CompleteWorkflowTask(AvroModel):
     task_id: str = Field(description="The workflow task's id.")
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     history_length: int = Field(description='The last event sequence the task saw.')
-    decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask] = Field(description='What the workflow code asked for, in order.')
+    decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask | SignalExternalWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
 
 
 class CompleteWorkflowUpdate(AvroModel):
@@ -291,6 +292,15 @@ class ScheduleActivityTask(AvroModel):
     schedule_to_close_timeout_ms: None | int = Field(default=None, description='Bound of all attempts.')
     start_to_close_timeout_ms: None | int = Field(default=None, description='Bound of one attempt.')
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
+
+
+class SignalExternalWorkflowExecution(AvroModel):
+    """Decision: signal another execution of the same tree (a child's `handle.signal()`)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.SignalExternalWorkflowExecution"
+    target_workflow_exec_id: str = Field(description='The execution to signal.')
+    signal_name: str = Field(description="The signal's name.")
+    input_json: None | str = Field(default=None, description='The input, as JSON text.')
 
 
 class SignalWorkflowExecution(AvroModel):
@@ -611,7 +621,17 @@ class Event(AvroModel):
     sequence: int = Field(description="Position in the execution's history: 1, 2, 3, ... with no gaps.")
     workflow_context: WorkflowContext = Field(description='Where the execution sits in its tree.')
     attempt: None | int = Field(default=None, description='The attempt, where it applies (activities, retried executions).')
-    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied | WorkflowExecutionUpdateAccepted | WorkflowExecutionUpdateCompleted | MarkerRecorded = Field(description='The typed payload; its record is named after event_type.')
+    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied | WorkflowExecutionUpdateAccepted | WorkflowExecutionUpdateCompleted | MarkerRecorded | ExternalWorkflowExecutionSignaled = Field(description='The typed payload; its record is named after event_type.')
+
+
+class ExternalWorkflowExecutionSignaled(AvroModel):
+    """In the sender's history: its code signaled another execution of its tree (a child, through its handle). When `delivered`, the target's history holds the WORKFLOW_EXECUTION_SIGNALED."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ExternalWorkflowExecutionSignaled"
+    target_workflow_exec_id: str = Field(description='The execution signaled.')
+    signal_name: str = Field(description="The signal's name.")
+    input_json: None | str = Field(default=None, description='The input, as JSON text.')
+    delivered: bool = Field(default=True, description='False when the target was not running (closed, or not in this tree): nothing was delivered.')
 
 
 class MarkerRecorded(AvroModel):
@@ -883,6 +903,7 @@ for _model in (
     RequestCancelWorkflowExecution,
     RespondQueryTask,
     ScheduleActivityTask,
+    SignalExternalWorkflowExecution,
     SignalWorkflowExecution,
     StartChildWorkflowExecution,
     StartTimer,
@@ -916,6 +937,7 @@ for _model in (
     CustomTaskStarted,
     CustomTaskTimedOut,
     Event,
+    ExternalWorkflowExecutionSignaled,
     MarkerRecorded,
     ParentClosePolicyApplied,
     StartChildWorkflowExecutionFailed,

@@ -547,6 +547,21 @@ def _complete_update(s: _Session, exec_id: str, d: m.CompleteWorkflowUpdate) -> 
     s.reply_to(d.update_id, d.failure is None, error, d.result_json)
 
 
+def _signal_external(s: _Session, exec_id: str, d: m.SignalExternalWorkflowExecution) -> None:
+    """A workflow signals another execution of its tree (a child, by its handle): both
+    histories record it in the same decision, so the sender learns it was delivered."""
+    target = s.running(d.target_workflow_exec_id)
+    sender = s.get(exec_id)
+    assert sender is not None
+    delivered = target is not None and target.context.root_workflow_exec_id == sender.context.root_workflow_exec_id
+    if delivered:
+        s.emit(target.context, m.WorkflowExecutionSignaled(  # type: ignore[union-attr]
+            signal_name=d.signal_name, input_json=d.input_json, identity=f"workflow {exec_id}"))
+    s.emit_on(exec_id, m.ExternalWorkflowExecutionSignaled(
+        target_workflow_exec_id=d.target_workflow_exec_id, signal_name=d.signal_name, input_json=d.input_json,
+        delivered=delivered))
+
+
 def _record_marker(s: _Session, exec_id: str, d: m.RecordMarker) -> None:
     s.emit_on(exec_id, m.MarkerRecorded(marker_name=d.marker_name, marker_id=d.marker_id, deprecated=d.deprecated,
                                         details_json=d.details_json))
@@ -637,5 +652,6 @@ _DECISIONS: dict[type, Callable[[_Session, str, Any], None]] = {
     m.ContinueAsNewWorkflowExecution: _continue_as_new,
     m.CompleteWorkflowUpdate: _complete_update,
     m.RecordMarker: _record_marker,
+    m.SignalExternalWorkflowExecution: _signal_external,
     m.RecordWorkflowCustomTask: _record_workflow_custom_task,
 }

@@ -44,7 +44,7 @@ from ..errors import (
     failure_from_exception,
 )
 from ..options import RetryPolicy, millis
-from ..payloads import Parameters, from_json, to_json
+from ..payloads import Parameters, from_json, handler_input, handler_name, to_json
 
 log = logging.getLogger(__name__)
 T = EventType
@@ -56,7 +56,7 @@ RESOLVING = {
     T.TIMER_FIRED, T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
     T.CHILD_WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_CANCELED,
     T.CHILD_WORKFLOW_EXECUTION_TERMINATED, T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
-    T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+    T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED, T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
 }
 #: Custom task events: a decision when the workflow code reported them (no activity_id).
 CUSTOM_TASK_EVENTS = {
@@ -79,6 +79,7 @@ EFFECTS = {
     T.WORKFLOW_EXECUTION_CONTINUED_AS_NEW: (m.ContinueAsNewWorkflowExecution, None),
     T.WORKFLOW_EXECUTION_UPDATE_COMPLETED: (m.CompleteWorkflowUpdate, "update_id"),
     T.MARKER_RECORDED: (m.RecordMarker, "marker_id"),
+    T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED: (m.SignalExternalWorkflowExecution, "target_workflow_exec_id"),
     **{t: (m.RecordWorkflowCustomTask, "custom_task_id") for t in CUSTOM_TASK_EVENTS},
 }
 CHILD_CLOSED = {
@@ -204,6 +205,14 @@ class ChildHandle:
         """Ask the child to cancel (a decision: it reaches the child as a cancel request)."""
         self._instance.request_cancel_child(self.execution_id)
 
+    async def signal(self, signal: str | Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Send the child signal `signal` (a name or its `@workflow.signal` method), with
+        its input given as to a client handle's `signal()`. Returns once the signal is in
+        the child's history (EXTERNAL_WORKFLOW_EXECUTION_SIGNALED in this one); raises
+        `ApplicationError` (SignalNotDelivered) when the child is no longer running."""
+        await self._instance.signal_external(self.execution_id, handler_name(signal, "__treeflow_signal__"),
+                                             handler_input(args, kwargs))
+
 
 @dataclass
 class _Child:
@@ -245,6 +254,8 @@ class WorkflowInstance:
         self._timer_ids: dict[int, str] = {}
         self._children: dict[str, _Child] = {}
         self._counters = {"activity": 0, "timer": 0}
+        #: Signals the code sent to other executions and awaits, by target, in order.
+        self._signals_out: dict[str, deque[asyncio.Future[None]]] = {}
         #: `patched()` answers of this run, by patch id.
         self._patches: dict[str, bool] = {}
         #: While replaying a workflow task: the patch ids its decisions recorded (None when
@@ -275,6 +286,8 @@ class WorkflowInstance:
                     self._replay_markers = None
             elif event.event_type in EFFECTS and not _reported_by_activity(event):
                 self._match(event)
+                if event.event_type in RESOLVING:  # a decision whose outcome the code awaits
+                    self._buffer.append(event)
             elif event.event_type in RESOLVING:
                 self._buffer.append(event)
         self._apply_buffer(upto=self.applied_sequence)
@@ -354,6 +367,16 @@ class WorkflowInstance:
                 self.main.cancel()
         elif t is T.WORKFLOW_EXECUTION_SIGNALED:
             self._deliver_signal(p.signal_name, p.input_json)  # type: ignore[union-attr]
+        elif t is T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED:
+            waiting = self._signals_out.get(p.target_workflow_exec_id)  # type: ignore[union-attr]
+            future = waiting.popleft() if waiting else None
+            if future is not None and not future.done():
+                if p.delivered:  # type: ignore[union-attr]
+                    future.set_result(None)
+                else:
+                    future.set_exception(ApplicationError(
+                        f"signal {p.signal_name!r} not delivered: {p.target_workflow_exec_id} is not running",  # type: ignore[union-attr]
+                        type="SignalNotDelivered", non_retryable=True))
         elif t is T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             self._deliver_update(p.update_id, p.update_name, p.input_json)  # type: ignore[union-attr]
         elif t is T.TIMER_FIRED:
@@ -573,6 +596,14 @@ class WorkflowInstance:
             self._issue(m.RecordMarker(marker_name=VERSION_MARKER, marker_id=patch_id, deprecated=deprecated),
                         patch_id)
         return use_new
+
+    def signal_external(self, target: str, name: str, input_json: str | None) -> asyncio.Future[None]:
+        """Signal execution `target` of this tree; the future is done once it is delivered."""
+        self._issue(m.SignalExternalWorkflowExecution(target_workflow_exec_id=target, signal_name=name,
+                                                      input_json=input_json), target)
+        future: asyncio.Future[None] = self.loop.create_future()
+        self._signals_out.setdefault(target, deque()).append(future)
+        return future
 
     def record_custom_task(self, event_type: EventType, custom_task_id: str, custom_task_type: str,
                            payload: Any = None, failure: Any = None) -> None:

@@ -276,6 +276,46 @@ async def test_define_keeps_mistrals_arguments_and_the_helpers_work() -> None:
     replays_cleanly(mem, Described)
 
 
+@workflow.define(name="waits_for_word")
+class WaitsForWord:
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    @workflow.signal
+    def word(self, text: str, times: int = 1) -> None:
+        self.words.extend([text] * times)
+
+    @workflow.entrypoint
+    async def run(self, count: int) -> list[str]:
+        await workflow.wait_condition(lambda: len(self.words) >= count)
+        return self.words
+
+
+@workflow.define(name="signals_its_child")
+class SignalsItsChild:
+    @workflow.entrypoint
+    async def run(self) -> dict[str, Any]:
+        handle = await workflow.execute_workflow(WaitsForWord, 3, wait=False, execution_id="root.w")
+        await handle.signal("word", text="hi", times=2)
+        await handle.signal(WaitsForWord.word, "yo")
+        words = await handle
+        try:
+            await handle.signal("word", "late")
+        except workflows.ApplicationError as error:
+            return {"words": words, "late": error.type}
+        return {"words": words, "late": None}
+
+
+async def test_a_child_handle_signals_the_child_and_learns_it_was_delivered() -> None:
+    mem = InMemory([SignalsItsChild, WaitsForWord], [])
+    await mem.start(SignalsItsChild)
+    assert json.loads(mem.state("root").result_json) == {"words": ["hi", "hi", "yo"], "late": "SignalNotDelivered"}
+    sent = [e.payload for e in mem.history("root") if e.event_type is T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED]
+    assert [(p.target_workflow_exec_id, p.delivered) for p in sent] == [("root.w", True)] * 2 + [("root.w", False)]
+    assert mem.types("root.w").count("WORKFLOW_EXECUTION_SIGNALED") == 2
+    replays_cleanly(mem, SignalsItsChild)
+
+
 # ---------------------------------------------------------------- custom tasks in workflow code
 
 
