@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -96,6 +97,9 @@ class Processor:
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
+        # faust wants a data directory (the tables live in memory): a temporary one, removed
+        # on stop, so that no `<id>-data/` folder is left in the working directory.
+        self._datadir = tempfile.TemporaryDirectory(prefix="treeflow-processor-")
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -107,6 +111,7 @@ class Processor:
             app_id,
             broker=[f"kafka://{server}" for server in self.settings.bootstrap_servers.split(",")],
             store="memory://",
+            datadir=self._datadir.name,
             web_enabled=False,
             topic_allow_declare=False,
             topic_disable_leader=True,
@@ -154,6 +159,7 @@ class Processor:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._producer is not None:
             await self._producer.stop()
+        self._datadir.cleanup()
 
     async def wait_assigned(self, timeout: float = 60) -> None:
         """Wait until this processor owns partitions and has recovered them."""
