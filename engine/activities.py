@@ -56,12 +56,12 @@ DEFAULT_ACTIVITY_RETRY = RetryPolicy(maximum_attempts=3)
 DEFAULT_START_TO_CLOSE = timedelta(minutes=5)
 
 
-def activity(start_to_close_timeout: timedelta | float | str | None = None,
+def activity(start_to_close_timeout: timedelta | float | str | Callable[..., Any] | None = None,
              retry_policy_max_attempts: int | None = None, retry_policy_backoff_coefficient: float | None = None,
              name: str | None = None, sticky_to_worker: bool = False, rate_limit: Any = None,
              heartbeat_timeout: timedelta | None = None, *, retry_policy: RetryPolicy | None = None,
              schedule_to_close_timeout: timedelta | None = None,
-             task_queue: str | None = None) -> Callable[[Callable[..., Any]], ActivityDefinition]:
+             task_queue: str | None = None) -> Any:
     """Decorator: the function is an activity named `name` (default: its name).
 
     The positional arguments are Mistral's, in Mistral's order (`@activity(timedelta(
@@ -74,8 +74,10 @@ def activity(start_to_close_timeout: timedelta | float | str | None = None,
     growing from 1 s by `retry_policy_backoff_coefficient` (default 2); a full
     `retry_policy` replaces both. Raise `ApplicationError(non_retryable=True)` to fail
     at once. `sticky_to_worker` and `rate_limit` are accepted for Mistral's programs and
-    not enforced.
+    not enforced. `@activity` without parentheses takes every default.
     """
+    if callable(start_to_close_timeout):
+        return activity()(start_to_close_timeout)
     if isinstance(start_to_close_timeout, str):
         start_to_close_timeout, name = None, name or start_to_close_timeout
     if isinstance(start_to_close_timeout, (int, float)):

@@ -205,6 +205,10 @@ def test_activity_takes_mistrals_positional_options_and_defaults() -> None:
     assert (defaults.retry_policy.maximum_attempts, defaults.retry_policy.backoff_coefficient) == (3, 2.0)
     assert workflows.activity("named")(lambda: None).name == "named"
 
+    @workflows.activity
+    def bare() -> None: ...
+    assert (bare.name, bare.options.retry_policy.maximum_attempts) == ("bare", 3)
+
 
 async def test_the_activity_options_reach_the_schedule_and_three_attempts_is_the_default() -> None:
     mem = InMemory([UsesActivities], [mistral_style, always_fails])
