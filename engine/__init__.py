@@ -23,7 +23,7 @@ topics, partitioning), `treeflow.consumers` (the consumer library), `treeflow.co
 from treeflow.schemas import ParentClosePolicy
 
 from . import workflow
-from .activities import activity
+from .activities import Task, activity, activity_heartbeat, task, task_from
 from .client import Client, ExecutionDescription, WorkflowHandle, connect
 from .errors import (
     ActivityError,
@@ -34,17 +34,19 @@ from .errors import (
     QueryTimeoutError,
     TreeflowError,
     WorkflowAlreadyStartedError,
+    WorkflowError,
     WorkflowFailureError,
     WorkflowQueryError,
+    WorkflowUpdateError,
 )
 from .options import RetryPolicy
-from .workflow import execute_workflow
+from .workflow import execute_workflow, get_execution_id
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivityError", "ApplicationError", "ChildWorkflowError", "Client", "CommandRejectedError",
     "ContinueAsNewError", "ExecutionDescription", "ParentClosePolicy", "QueryTimeoutError", "RetryPolicy",
-    "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowFailureError", "WorkflowHandle", "WorkflowQueryError",
-    "__version__", "activity", "connect", "execute_workflow", "workflow",
+    "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowError", "WorkflowFailureError", "WorkflowHandle", "WorkflowQueryError", "WorkflowUpdateError",
+    "Task", "__version__", "activity", "activity_heartbeat", "task", "task_from", "connect", "execute_workflow", "get_execution_id", "workflow",
 ]

@@ -414,6 +414,81 @@ def query_command(bootstrap_servers: str | None, execution_id: str, name: str, i
     click.echo(json.dumps(answer))
 
 
+@main.command("update")
+@bootstrap_option
+@click.argument("execution_id")
+@click.argument("name")
+@input_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="How long to wait for the result. Default: as long as the handler runs.")
+@root_option
+def update_command(bootstrap_servers: str | None, execution_id: str, name: str, input_json: str | None,
+                   timeout: float | None, root: str | None) -> None:
+    """Run update NAME of a running execution and print its result as JSON.
+
+    --input is the handler's input: the value of its one parameter, or a JSON object of
+    its parameters by name. Fails (exit 1), saying why, when the workflow has no such
+    update, its validator rejected it (nothing is recorded), the handler raised, or the
+    execution is closed or unknown.
+    """
+    import json
+
+    from treeflow.errors import WorkflowUpdateError
+
+    payload = parse_input(input_json)
+    args = () if payload is None else (payload,)
+    try:
+        answer = on_handle(bootstrap_servers, execution_id, root,
+                           lambda handle: handle.update(name, *args, timeout=timeout))
+    except WorkflowUpdateError as error:
+        fail_cleanly(RuntimeError(f"{error.type}: {error}"))
+    click.echo(json.dumps(answer))
+
+
+@main.command("replay")
+@bootstrap_option
+@click.option("--module", "-m", "modules", multiple=True, required=True, metavar="FILE_OR_MODULE",
+              help="A .py file or module holding the workflows to check (repeatable).")
+@click.option("--file", "-f", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              metavar="HISTORY.jsonl", help="A history as `treeflow history ID --json` prints it (repeatable).")
+@click.argument("execution_ids", nargs=-1, metavar="[EXECUTION_ID]...")
+@root_option
+def replay_command(bootstrap_servers: str | None, modules: tuple[str, ...], files: tuple[str, ...],
+                   execution_ids: tuple[str, ...], root: str | None) -> None:
+    """Replay recorded histories against the workflows of --module, to check that changed
+    code still accounts for them (run it in CI before a deploy).
+
+    Histories come from --file or, by EXECUTION_ID, from the events topic. Prints one
+    line per run and exits 1 at the first mismatch it found (named on its line), 0 when
+    every run replays.
+    """
+    from treeflow.loading import load_module
+    from treeflow.replay import Replayer, read_history
+
+    if not files and not execution_ids:
+        raise click.UsageError("give an EXECUTION_ID or --file HISTORY.jsonl")
+    replayer = Replayer(modules=[load_module(target) for target in modules])
+    histories: list[list[Any]] = []
+    for path in files:
+        try:
+            histories.append(list(read_history(path)))
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--file") from None
+    for execution_id in execution_ids:
+        events = asyncio.run(_with_client(bootstrap_servers,
+                                          lambda c, e=execution_id: c.history(e, root_execution_id=root)))
+        if not events:
+            fail_cleanly(LookupError(f"no events for {execution_id} in the tree of {root or execution_id}"))
+        histories.append(events)
+    results = [result for events in histories for result in replayer.replay(events, raise_on_failure=False)]
+    for result in results:
+        click.echo(str(result))
+    failed = [result for result in results if not result.ok]
+    if failed:
+        raise click.exceptions.Exit(1)
+    click.echo(f"{len(results)} run(s) replayed without a mismatch")
+
+
 @main.command("cancel")
 @bootstrap_option
 @click.argument("execution_id")

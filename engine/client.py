@@ -47,10 +47,11 @@ from .errors import (
     WorkflowFailureError,
     WorkflowNotRegisteredError,
     WorkflowQueryError,
+    WorkflowUpdateError,
     exception_from_failure,
 )
 from .options import RetryPolicy, millis
-from .payloads import from_json, to_json
+from .payloads import from_json, handler_input, handler_name, to_json
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +193,12 @@ class WorkflowHandle:
         """Every event of the execution (all its runs), in order."""
         return await self.client.history(self.execution_id, root_execution_id=await self.root())
 
-    async def signal(self, signal: str | Callable[..., Any], payload: Any = None, *,
-                     timeout: float | None = None) -> None:
+    async def signal(self, signal: str | Callable[..., Any], *args: Any, timeout: float | None = None,
+                     **kwargs: Any) -> None:
         """Send signal `signal` (a name, or the workflow's `@workflow.signal` method) with
-        `payload` (a pydantic model or JSON-able value).
+        its input: one value (a pydantic model or JSON-able value) sent as it is, or the
+        handler's parameters by keyword (a JSON object of them, Mistral's form), or
+        several values by position (a JSON array).
 
         Returns once the signal is in the execution's history (a WORKFLOW_EXECUTION_SIGNALED
         event): it is then delivered to the handler exactly once, after every signal
@@ -204,14 +207,15 @@ class WorkflowHandle:
         answered within `timeout` seconds (default: the client's `command_timeout`).
         """
         await self.client._request(self.execution_id, await self.root(), m.SignalWorkflowExecution(
-            signal_name=_handler_name(signal, "__treeflow_signal__"),
-            input_json=None if payload is None else to_json(payload), identity=self.client.identity), timeout)
+            signal_name=handler_name(signal, "__treeflow_signal__"),
+            input_json=handler_input(args, kwargs), identity=self.client.identity), timeout)
 
-    async def query(self, query: str | Callable[..., Any], payload: Any = None, *,
-                    timeout: float = DEFAULT_QUERY_TIMEOUT, result_type: Any = None) -> Any:
+    async def query(self, query: str | Callable[..., Any], *args: Any, timeout: float = DEFAULT_QUERY_TIMEOUT,
+                    result_type: Any = None, **kwargs: Any) -> Any:
         """Ask the running execution's query handler `query` (a name, or the workflow's
         `@workflow.query` method) and return its answer, validated as `result_type`
-        (default: the method's return annotation, else plain JSON values).
+        (default: the method's return annotation, else plain JSON values). Its input is
+        given as a signal's.
 
         The answer reflects every event accepted before the query (signals sent before
         it included) and appends nothing to the history. Raises `WorkflowQueryError`
@@ -220,12 +224,12 @@ class WorkflowHandle:
         executions answer: read a closed one's result or history instead), or
         `QueryTimeoutError` when no worker answered within `timeout` seconds.
         """
-        name = _handler_name(query, "__treeflow_query__")
+        name = handler_name(query, "__treeflow_query__")
         if result_type is None:
             result_type = typing.get_type_hints(query).get("return", Any) if callable(query) else Any
         root = await self.root()
         deadline = datetime.now(timezone.utc) + timedelta(seconds=timeout)
-        request = m.QueryWorkflow(query_name=name, input_json=None if payload is None else to_json(payload),
+        request = m.QueryWorkflow(query_name=name, input_json=handler_input(args, kwargs),
                                   deadline=deadline, identity=self.client.identity)
         try:
             reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request, math.inf), timeout)
@@ -251,6 +255,39 @@ class WorkflowHandle:
         return (f"{message}: no worker of task queue {found.task_queue!r} answered (is one running?); "
                 f"the execution is {found.status.value}")
 
+    async def update(self, update: str | Callable[..., Any], *args: Any, timeout: float | None = None,
+                     result_type: Any = None, **kwargs: Any) -> Any:
+        """Run the execution's update handler `update` (a name, or the workflow's
+        `@workflow.update` method) and return its result, validated as `result_type`
+        (default: the method's return annotation, else plain JSON values).
+
+        The input is `args`/`kwargs` as for the handler's parameters: one positional
+        value is sent raw, keywords as a JSON object of them, several positional values
+        as a JSON array. The worker runs the update's validator first: a rejected update
+        leaves no trace in the history. Raises `WorkflowUpdateError` whose `type` says why
+        there is no result: UpdateNotFound, UpdateRejected, UpdateFailed (the handler
+        raised; `cause` holds its error), WorkflowClosed / WorkflowNotFound, or
+        UpdateTimeout after `timeout` seconds (by default it waits as long as the
+        handler runs; the update itself goes on).
+        """
+        name = handler_name(update, "__treeflow_update__")
+        if result_type is None:
+            result_type = typing.get_type_hints(update).get("return", Any) if callable(update) else Any
+        request = m.UpdateWorkflowExecution(update_name=name, input_json=handler_input(args, kwargs),
+                                            identity=self.client.identity)
+        root = await self.root()
+        try:
+            reply = await asyncio.wait_for(self.client._send(self.execution_id, root, request, math.inf), timeout)
+        except asyncio.TimeoutError:
+            raise WorkflowUpdateError(f"no answer to update {name!r} of {self.execution_id} within {timeout:g}s",
+                                      "UpdateTimeout") from None
+        if not reply.accepted:
+            error = reply.error
+            cause = exception_from_failure(error.cause) if error and error.cause else None
+            raise WorkflowUpdateError(error.message if error else "update rejected",
+                                      error.type if error else "UpdateRejected", cause)
+        return from_json(reply.result_json, result_type)
+
     async def cancel(self, reason: str = "cancel requested", *, timeout: float | None = None) -> None:
         """Ask the execution to cancel: it gets `asyncio.CancelledError` at its current
         await, may clean up, and ends CANCELED (or keeps running if it ignores it).
@@ -263,16 +300,6 @@ class WorkflowHandle:
         Its open children get their parent close policy. `timeout` as for `signal`."""
         await self.client._request(self.execution_id, await self.root(), m.TerminateWorkflowExecution(
             reason=reason, identity=self.client.identity), timeout)
-
-
-def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
-    if isinstance(handler, str):
-        return handler
-    name = getattr(handler, marker, None)
-    if not name:
-        kind = "signal" if "signal" in marker else "query"
-        raise TypeError(f"{handler!r} is not a @workflow.{kind} method; pass its name or the decorated method")
-    return name
 
 
 class Client:
@@ -368,10 +395,8 @@ class Client:
         """
         definition = None if isinstance(workflow, str) else workflow_definition(workflow)
         name = workflow if isinstance(workflow, str) else definition.name  # type: ignore[union-attr]
-        if definition is not None and definition.param_type is not None and params is not None:
-            from .payloads import validate
-
-            params = validate(params, definition.param_type)  # fail here, not in the worker
+        if definition is not None and params is not None:
+            definition.parameters.bind(to_json(params))  # fail here, not in the worker
         exec_id = execution_id or new_id()
         run_timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from .options import RetryPolicy
+from .payloads import Parameters
 
 DEFAULT_TASK_QUEUE = "default"
 
@@ -20,13 +21,31 @@ class WorkflowDefinition:
     name: str
     cls: type
     run_method: str
-    #: Annotation of the entrypoint's parameter, or None when it takes none.
-    param_type: Any
+    #: The entrypoint's parameters (`self` excluded) and how an input maps onto them.
+    parameters: Parameters
     return_type: Any
     execution_timeout: timedelta | None = None
     task_queue: str | None = None
+    #: Handler names mapped to the methods of the class.
     signals: dict[str, str] = field(default_factory=dict)
     queries: dict[str, str] = field(default_factory=dict)
+    updates: dict[str, str] = field(default_factory=dict)
+    #: Update names mapped to the methods that validate them (only those that have one).
+    validators: dict[str, str] = field(default_factory=dict)
+    description: str | None = None
+    display_name: str | None = None
+    #: Exceptions (besides treeflow's own errors) that fail the workflow when its code
+    #: raises them; any other exception fails the workflow *task*, which is retried.
+    failure_exception_types: tuple[type[BaseException], ...] = ()
+    #: Mistral `define(...)` arguments treeflow keeps but does not act on (is_technical,
+    #: enforce_determinism, on_behalf_of, search_keys, schedules).
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def param_type(self) -> Any:
+        """The annotation of the entrypoint's one parameter; `dict` when it takes several,
+        None when it takes none."""
+        return self.parameters.single_type
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,11 @@ class ApplicationError(TreeflowError):
         return f"{self.type}: {self.message}" if self.type != "ApplicationError" else self.message
 
 
+class WorkflowError(ApplicationError):
+    """Mistral's `WorkflowError`: an `ApplicationError` raised on purpose by workflow or
+    activity code (it fails the workflow, not just its task)."""
+
+
 class ActivityError(TreeflowError):
     """Raised in a workflow when an activity it awaits failed for good; `cause` says why."""
 
@@ -159,6 +164,30 @@ class WorkflowQueryError(TreeflowError):
         super().__init__(message)
         self.type = type
         self.exit_code = 7 if type == "WorkflowNotFound" else 1
+        self.__cause__ = cause
+
+    @property
+    def cause(self) -> ApplicationError | None:
+        return self.__cause__  # type: ignore[return-value]
+
+
+class WorkflowUpdateError(TreeflowError):
+    """An update did not complete. `type` says why:
+
+    - `UpdateNotFound`: the workflow has no update handler of that name;
+    - `UpdateRejected`: its input does not fit the handler or its validator raised
+      (nothing was recorded);
+    - `UpdateFailed`: the handler raised (`cause` holds its error);
+    - `WorkflowClosed` / `WorkflowNotFound`: the execution is not running, or closed
+      before the update completed;
+    - `UpdateTimeout`: no answer within the caller's timeout.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, type: str, cause: ApplicationError | None = None) -> None:
+        super().__init__(message)
+        self.type = type
         self.__cause__ = cause
 
     @property

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from treeflow.schemas import ParentClosePolicy
 from treeflow.schemas import RetryPolicy as RetryPolicyRecord
+
+
+def resolve_parent_close_policy(policy: ParentClosePolicy | None, wait: bool) -> ParentClosePolicy:
+    """The policy recorded for a child: `policy`, or for None and UNSPECIFIED (Temporal's
+    and Mistral's "default") the default rule: TERMINATE for a child started with
+    `wait=True`, ABANDON for one started with `wait=False`."""
+    if policy is None or policy is ParentClosePolicy.UNSPECIFIED:
+        return ParentClosePolicy.TERMINATE if wait else ParentClosePolicy.ABANDON
+    return ParentClosePolicy(policy)
 
 
 @dataclass(frozen=True)

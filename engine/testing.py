@@ -4,14 +4,19 @@
         result = await env.client.execute_workflow(ParentWorkflow, ParentInput(data="hello"))
 
 It uses the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`, or
-starts the embedded broker; creates the topics under its own prefix; and runs the
+the embedded broker: one per process (`shared_broker()`), started by the first
+environment and reused by the next ones (`own_broker=True` starts one of its own); creates the topics under its own prefix; and runs the
 processor with the given workflows and activities hosted in-process. While it runs,
 `TREEFLOW_*` variables point at it, so `treeflow.execute_workflow` and
 `treeflow.connect()` need no arguments.
+
+`Replayer` (from `treeflow.replay`) checks changed workflow code against recorded
+histories.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 from collections.abc import Iterable
@@ -25,14 +30,31 @@ from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 from .client import Client, close_default_clients
 from .definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, collect, workflow_definition
 from .processor.app import Processor
+from .replay import Replayer, ReplayResult
 from .worker.runner import TaskRunner
+
+__all__ = ["Environment", "ReplayResult", "Replayer", "shared_broker"]
+
+_shared: EmbeddedBroker | None = None
+
+
+def shared_broker() -> EmbeddedBroker:
+    """The embedded broker that every `Environment` of this process shares: started on
+    first use, stopped when the process exits. Each environment has topics of its own
+    (a fresh prefix), so they never see each other's data."""
+    global _shared
+    if _shared is None or not _shared.running:
+        _shared = EmbeddedBroker().start()
+        atexit.register(_shared.stop)
+    return _shared
 
 
 class Environment:
     def __init__(self, *, workflows: Iterable[type] = (), activities: Iterable[ActivityDefinition] = (),
                  modules: Iterable[ModuleType] = (), bootstrap_servers: str | None = None,
                  topic_prefix: str | None = None, partitions: int | None = None,
-                 task_queues: Iterable[str] | None = None, profile: BrokerProfile | None = None) -> None:
+                 task_queues: Iterable[str] | None = None, profile: BrokerProfile | None = None,
+                 own_broker: bool = False) -> None:
         found_workflows, found_activities = collect(modules)
         self.workflows = {**found_workflows, **{d.name: d for d in map(workflow_definition, workflows)}}
         self.activities = {**found_activities, **{a.name: a for a in activities}}
@@ -44,6 +66,7 @@ class Environment:
         self._prefix = topic_prefix
         self._partitions = partitions
         self._profile = profile
+        self._own_broker = own_broker
         self._broker: EmbeddedBroker | None = None
         self._saved_env: dict[str, str | None] = {}
         self.settings: KafkaSettings | None = None
@@ -62,8 +85,12 @@ class Environment:
         bootstrap = self._bootstrap or os.environ.get(BOOTSTRAP_ENV)
         profile = self._profile
         if not bootstrap:
-            self._broker = EmbeddedBroker().start()
-            bootstrap, profile = self._broker.bootstrap_servers, TANSU
+            if self._own_broker:
+                self._broker = EmbeddedBroker().start()
+                bootstrap = self._broker.bootstrap_servers
+            else:
+                bootstrap = shared_broker().bootstrap_servers
+            profile = TANSU
         self.settings = KafkaSettings.resolve(
             bootstrap, topic_prefix=self._prefix or f"test-{uuid.uuid4().hex[:8]}",
             partitions=self._partitions or 4, profile=profile)

@@ -21,11 +21,12 @@ class CustomTaskPayloadKind(str, Enum):
 
 
 class ParentClosePolicy(str, Enum):
-    """What happens to an open child when its parent closes."""
+    """What happens to an open child when its parent closes. UNSPECIFIED (Temporal's default value) is resolved by the SDK to the default rule before it is sent; the engine never records it."""
 
     TERMINATE = "TERMINATE"
     REQUEST_CANCEL = "REQUEST_CANCEL"
     ABANDON = "ABANDON"
+    UNSPECIFIED = "UNSPECIFIED"
 
 
 class EventType(str, Enum):
@@ -70,6 +71,21 @@ class EventType(str, Enum):
     CHILD_WORKFLOW_EXECUTION_TIMED_OUT = "CHILD_WORKFLOW_EXECUTION_TIMED_OUT"
     CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED = "CHILD_WORKFLOW_EXECUTION_CANCEL_REQUESTED"
     PARENT_CLOSE_POLICY_APPLIED = "PARENT_CLOSE_POLICY_APPLIED"
+    WORKFLOW_EXECUTION_UPDATE_ACCEPTED = "WORKFLOW_EXECUTION_UPDATE_ACCEPTED"
+    WORKFLOW_EXECUTION_UPDATE_COMPLETED = "WORKFLOW_EXECUTION_UPDATE_COMPLETED"
+    MARKER_RECORDED = "MARKER_RECORDED"
+    EXTERNAL_WORKFLOW_EXECUTION_SIGNALED = "EXTERNAL_WORKFLOW_EXECUTION_SIGNALED"
+
+
+class AcceptWorkflowUpdate(AvroModel):
+    """Worker: the validator of an update passed (or it has none): record WORKFLOW_EXECUTION_UPDATE_ACCEPTED so its handler runs."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.AcceptWorkflowUpdate"
+    update_id: str = Field(description="The UpdateWorkflowExecution command's id.")
+    workflow_run_id: str = Field(description='The run validated; a stale run refuses the update.')
+    update_name: str = Field(description='Update name.')
+    input_json: None | str = Field(default=None, description="The update's input, as JSON text.")
+    identity: None | str = Field(default=None, description='Who sent the update, if known.')
 
 
 class CancelTimer(AvroModel):
@@ -95,7 +111,7 @@ class Command(AvroModel):
     timestamp: Timestamp = Field(description='When the sender wrote it; the timestamp of the events it causes.')
     root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
     workflow_exec_id: str = Field(description='The execution the command is about.')
-    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask = Field(description='The typed request or report.')
+    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask | UpdateWorkflowExecution | AcceptWorkflowUpdate = Field(description='The typed request or report.')
 
 
 class CompleteActivityTask(AvroModel):
@@ -123,7 +139,16 @@ class CompleteWorkflowTask(AvroModel):
     task_id: str = Field(description="The workflow task's id.")
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     history_length: int = Field(description='The last event sequence the task saw.')
-    decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
+    decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask | SignalExternalWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
+
+
+class CompleteWorkflowUpdate(AvroModel):
+    """Decision: an accepted update's handler finished; record it and answer the caller."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.CompleteWorkflowUpdate"
+    update_id: str = Field(description="The update's id.")
+    result_json: None | str = Field(default=None, description="The handler's result, as JSON text.")
+    failure: None | Failure = Field(default=None, description='What the handler raised, if it failed.')
 
 
 class ContinueAsNewWorkflowExecution(AvroModel):
@@ -194,6 +219,27 @@ class RecordCustomTaskEvent(AvroModel):
     failure: None | Failure = Field(default=None, description='For CUSTOM_TASK_FAILED: what went wrong.')
 
 
+class RecordMarker(AvroModel):
+    """Decision: record a marker in the history (`workflow.patched()` records a 'version' marker)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.RecordMarker"
+    marker_name: str = Field(description="What kind of marker: 'version' for patches.")
+    marker_id: str = Field(description='The patch id.')
+    deprecated: bool = Field(default=False, description='Recorded by `deprecate_patch()`.')
+    details_json: None | str = Field(default=None, description='Details, as JSON text.')
+
+
+class RecordWorkflowCustomTask(AvroModel):
+    """Decision: workflow code reported a custom task event (Mistral's `task(...)` inside a workflow); recorded as that CUSTOM_TASK_* event with no activity_id."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.RecordWorkflowCustomTask"
+    event_type: EventType = Field(description='One of the CUSTOM_TASK_* event types.')
+    custom_task_id: str = Field(description="The custom task's id.")
+    custom_task_type: str = Field(description='A free-form type.')
+    payload: None | CustomTaskPayload = Field(default=None, description='The payload, if any.')
+    failure: None | Failure = Field(default=None, description='For CUSTOM_TASK_FAILED: what went wrong.')
+
+
 class ReportActivityTaskStarted(AvroModel):
     """Worker: an activity attempt started."""
 
@@ -246,6 +292,15 @@ class ScheduleActivityTask(AvroModel):
     schedule_to_close_timeout_ms: None | int = Field(default=None, description='Bound of all attempts.')
     start_to_close_timeout_ms: None | int = Field(default=None, description='Bound of one attempt.')
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
+
+
+class SignalExternalWorkflowExecution(AvroModel):
+    """Decision: signal another execution of the same tree (a child's `handle.signal()`)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.SignalExternalWorkflowExecution"
+    target_workflow_exec_id: str = Field(description='The execution to signal.')
+    signal_name: str = Field(description="The signal's name.")
+    input_json: None | str = Field(default=None, description='The input, as JSON text.')
 
 
 class SignalWorkflowExecution(AvroModel):
@@ -303,6 +358,15 @@ class Tick(AvroModel):
 
     __avro_name__: ClassVar[str] = "treeflow.commands.Tick"
     now: Timestamp = Field(description="The processor's clock when it wrote the tick.")
+
+
+class UpdateWorkflowExecution(AvroModel):
+    """Client: run an update handler of a running execution and answer with its result. The processor hands its validation to a worker (a query task marked update); nothing is recorded until the worker accepts it (AcceptWorkflowUpdate). The reply to this command carries the handler's result or the rejection or failure."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.UpdateWorkflowExecution"
+    update_name: str = Field(description='Update name.')
+    input_json: None | str = Field(default=None, description="The update's input, as JSON text.")
+    identity: None | str = Field(default=None, description="The sender's identity.")
 
 
 class CustomTaskPayload(AvroModel):
@@ -557,7 +621,27 @@ class Event(AvroModel):
     sequence: int = Field(description="Position in the execution's history: 1, 2, 3, ... with no gaps.")
     workflow_context: WorkflowContext = Field(description='Where the execution sits in its tree.')
     attempt: None | int = Field(default=None, description='The attempt, where it applies (activities, retried executions).')
-    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied = Field(description='The typed payload; its record is named after event_type.')
+    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied | WorkflowExecutionUpdateAccepted | WorkflowExecutionUpdateCompleted | MarkerRecorded | ExternalWorkflowExecutionSignaled = Field(description='The typed payload; its record is named after event_type.')
+
+
+class ExternalWorkflowExecutionSignaled(AvroModel):
+    """In the sender's history: its code signaled another execution of its tree (a child, through its handle). When `delivered`, the target's history holds the WORKFLOW_EXECUTION_SIGNALED."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ExternalWorkflowExecutionSignaled"
+    target_workflow_exec_id: str = Field(description='The execution signaled.')
+    signal_name: str = Field(description="The signal's name.")
+    input_json: None | str = Field(default=None, description='The input, as JSON text.')
+    delivered: bool = Field(default=True, description='False when the target was not running (closed, or not in this tree): nothing was delivered.')
+
+
+class MarkerRecorded(AvroModel):
+    """The workflow code recorded a marker. marker_name 'version' is `workflow.patched(marker_id)`: the code took the patched branch, so a replay of this history takes it too."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.MarkerRecorded"
+    marker_name: str = Field(description="What kind of marker: 'version' for patches.")
+    marker_id: str = Field(description="The patch id (or the marker's own id).")
+    deprecated: bool = Field(default=False, description='Recorded by `deprecate_patch()`: the old branch is gone from the code.')
+    details_json: None | str = Field(default=None, description='Details, as JSON text.')
 
 
 class ParentClosePolicyApplied(AvroModel):
@@ -691,6 +775,26 @@ class WorkflowExecutionTimedOut(AvroModel):
     execution_timeout_ms: int = Field(description='The timeout that was reached.')
 
 
+class WorkflowExecutionUpdateAccepted(AvroModel):
+    """An update passed its validator on a worker and was accepted: its handler runs (in history order, like a signal's). Rejected updates are not recorded."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.WorkflowExecutionUpdateAccepted"
+    update_id: str = Field(description="The update's id: the UpdateWorkflowExecution command's id.")
+    update_name: str = Field(description="The update's name.")
+    input_json: None | str = Field(default=None, description="The update's input, as JSON text.")
+    identity: None | str = Field(default=None, description='Who sent it, if known.')
+
+
+class WorkflowExecutionUpdateCompleted(AvroModel):
+    """An accepted update's handler finished: with its result, or with the failure it raised (which fails the update, not the workflow)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.WorkflowExecutionUpdateCompleted"
+    update_id: str = Field(description="The update's id.")
+    update_name: str = Field(description="The update's name.")
+    result_json: None | str = Field(default=None, description="The handler's result, as JSON text.")
+    failure: None | Failure = Field(default=None, description='What the handler raised, if it failed.')
+
+
 class WorkflowTaskCompleted(AvroModel):
     """A worker ran workflow code on the history up to `history_length` and reported its decisions."""
 
@@ -753,6 +857,7 @@ class QueryTask(AvroModel):
     deadline: None | Timestamp = Field(default=None, description='When the client stops waiting; after it the worker answers QueryExpired without running anything.')
     history: list[Event] = Field(description="The current run's events from `first_sequence` on: replayed when the worker has no up-to-date instance of the run.")
     first_sequence: int = Field(default=1, description='Sequence of the first event in `history`.')
+    update: bool = Field(default=False, description="True when this is an update's validation (query_id is the update's id, query_name its name): the worker runs the validator and answers AcceptWorkflowUpdate, or RespondQueryTask with the rejection.")
 
 
 class Task(AvroModel):
@@ -775,12 +880,14 @@ class WorkflowTask(AvroModel):
 
 
 for _model in (
+    AcceptWorkflowUpdate,
     CancelTimer,
     CancelWorkflowExecution,
     Command,
     CompleteActivityTask,
     CompleteWorkflowExecution,
     CompleteWorkflowTask,
+    CompleteWorkflowUpdate,
     ContinueAsNewWorkflowExecution,
     FailActivityTask,
     FailWorkflowExecution,
@@ -788,18 +895,22 @@ for _model in (
     QueryWorkflow,
     RecordActivityHeartbeat,
     RecordCustomTaskEvent,
+    RecordMarker,
+    RecordWorkflowCustomTask,
     ReportActivityTaskStarted,
     RequestCancelActivityTask,
     RequestCancelChildWorkflowExecution,
     RequestCancelWorkflowExecution,
     RespondQueryTask,
     ScheduleActivityTask,
+    SignalExternalWorkflowExecution,
     SignalWorkflowExecution,
     StartChildWorkflowExecution,
     StartTimer,
     StartWorkflowExecution,
     TerminateWorkflowExecution,
     Tick,
+    UpdateWorkflowExecution,
     CustomTaskPayload,
     Failure,
     RetryPolicy,
@@ -826,6 +937,8 @@ for _model in (
     CustomTaskStarted,
     CustomTaskTimedOut,
     Event,
+    ExternalWorkflowExecutionSignaled,
+    MarkerRecorded,
     ParentClosePolicyApplied,
     StartChildWorkflowExecutionFailed,
     StartChildWorkflowExecutionInitiated,
@@ -841,6 +954,8 @@ for _model in (
     WorkflowExecutionStarted,
     WorkflowExecutionTerminated,
     WorkflowExecutionTimedOut,
+    WorkflowExecutionUpdateAccepted,
+    WorkflowExecutionUpdateCompleted,
     WorkflowTaskCompleted,
     WorkflowTaskFailed,
     WorkflowTaskTimedOut,

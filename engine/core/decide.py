@@ -51,6 +51,8 @@ class Query:
     query_name: str
     input_json: str | None
     deadline: datetime | None
+    #: An update's validation: the worker accepts (AcceptWorkflowUpdate) or rejects it.
+    update: bool = False
 
 
 @dataclass
@@ -165,6 +167,12 @@ class _Session:
                 child_workflow_exec_id=child_id, child_workflow_name=ref.workflow_name, policy=ref.policy,
                 parent_close_status=status.value))
         self.emit(state.context, payload)
+        for update_id, update_name in state.updates.items():
+            if update_name is not None:  # accepted, not completed: its caller must not wait forever
+                self.reply_to(update_id, False, Failure(
+                    type="WorkflowClosed", non_retryable=True,
+                    message=f"workflow execution {exec_id} closed ({status.value}) before update {update_name!r} "
+                            "completed"))
         for child_id, ref in children:
             if self.running(child_id) is None:
                 continue
@@ -306,6 +314,33 @@ def _query(s: _Session, p: m.QueryWorkflow) -> None:
     if state is not None:
         s.outcome.queries.append(Query(exec_id=state.exec_id, query_id=s.command.command_id,
                                        query_name=p.query_name, input_json=p.input_json, deadline=p.deadline))
+
+
+def _update(s: _Session, p: m.UpdateWorkflowExecution) -> None:
+    """An update is validated by a worker before anything is recorded: like a query, it
+    goes to the execution's task queue (marked update); the worker answers with
+    AcceptWorkflowUpdate or a rejection (RespondQueryTask), which becomes the reply."""
+    state = s.reject_unless_running()
+    if state is not None:
+        s.outcome.queries.append(Query(exec_id=state.exec_id, query_id=s.command.command_id,
+                                       query_name=p.update_name, input_json=p.input_json, deadline=None,
+                                       update=True))
+
+
+def _accept_update(s: _Session, p: m.AcceptWorkflowUpdate) -> None:
+    """A worker accepted an update: record it (its handler runs in the next workflow
+    task). Accepted once: a repeated acceptance is ignored."""
+    state = s.running(s.command.workflow_exec_id)
+    if state is None or state.context.workflow_run_id != p.workflow_run_id:
+        s.reply_to(p.update_id, False, Failure(
+            type="WorkflowClosed", non_retryable=True,
+            message=f"workflow execution {s.command.workflow_exec_id} closed before update {p.update_name!r} "
+                    "was accepted"))
+        return
+    if p.update_id in state.updates:
+        return
+    s.emit(state.context, m.WorkflowExecutionUpdateAccepted(update_id=p.update_id, update_name=p.update_name,
+                                                            input_json=p.input_json, identity=p.identity))
 
 
 # --------------------------------------------------------------- worker reports
@@ -497,6 +532,52 @@ def _request_cancel_child(s: _Session, exec_id: str, d: m.RequestCancelChildWork
     s.request_cancel(d.child_workflow_exec_id, f"parent {exec_id} asked")
 
 
+def _complete_update(s: _Session, exec_id: str, d: m.CompleteWorkflowUpdate) -> None:
+    """An update's handler finished: record it and answer its caller (the reply to the
+    UpdateWorkflowExecution command)."""
+    name = s.get(exec_id).updates.get(d.update_id)  # type: ignore[union-attr]
+    if name is None:
+        return  # not accepted in this run, or already completed
+    s.emit_on(exec_id, m.WorkflowExecutionUpdateCompleted(update_id=d.update_id, update_name=name,
+                                                          result_json=d.result_json, failure=d.failure))
+    error = None
+    if d.failure is not None:
+        error = Failure(type="UpdateFailed", message=f"update {name!r} failed: {d.failure.message}",
+                        non_retryable=True, cause=d.failure)
+    s.reply_to(d.update_id, d.failure is None, error, d.result_json)
+
+
+def _signal_external(s: _Session, exec_id: str, d: m.SignalExternalWorkflowExecution) -> None:
+    """A workflow signals another execution of its tree (a child, by its handle): both
+    histories record it in the same decision, so the sender learns it was delivered."""
+    target = s.running(d.target_workflow_exec_id)
+    sender = s.get(exec_id)
+    assert sender is not None
+    delivered = target is not None and target.context.root_workflow_exec_id == sender.context.root_workflow_exec_id
+    if delivered:
+        s.emit(target.context, m.WorkflowExecutionSignaled(  # type: ignore[union-attr]
+            signal_name=d.signal_name, input_json=d.input_json, identity=f"workflow {exec_id}"))
+    s.emit_on(exec_id, m.ExternalWorkflowExecutionSignaled(
+        target_workflow_exec_id=d.target_workflow_exec_id, signal_name=d.signal_name, input_json=d.input_json,
+        delivered=delivered))
+
+
+def _record_marker(s: _Session, exec_id: str, d: m.RecordMarker) -> None:
+    s.emit_on(exec_id, m.MarkerRecorded(marker_name=d.marker_name, marker_id=d.marker_id, deprecated=d.deprecated,
+                                        details_json=d.details_json))
+
+
+def _record_workflow_custom_task(s: _Session, exec_id: str, d: m.RecordWorkflowCustomTask) -> None:
+    model = PAYLOAD_MODELS.get(d.event_type)
+    if model is None or not d.event_type.value.startswith("CUSTOM_TASK_"):
+        return
+    fields: dict[str, Any] = {"custom_task_id": d.custom_task_id, "custom_task_type": d.custom_task_type,
+                              "payload": d.payload}
+    if "failure" in model.model_fields:
+        fields["failure"] = d.failure
+    s.emit_on(exec_id, model(**fields))
+
+
 def _complete(s: _Session, exec_id: str, d: m.CompleteWorkflowExecution) -> None:
     s.close(exec_id, m.WorkflowExecutionCompleted(result_json=d.result_json), Status.COMPLETED)
 
@@ -554,6 +635,8 @@ _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {
     m.RecordActivityHeartbeat: _heartbeat,
     m.RecordCustomTaskEvent: _custom_task_event,
     m.Tick: _tick,
+    m.UpdateWorkflowExecution: _update,
+    m.AcceptWorkflowUpdate: _accept_update,
 }
 
 _DECISIONS: dict[type, Callable[[_Session, str, Any], None]] = {
@@ -567,4 +650,8 @@ _DECISIONS: dict[type, Callable[[_Session, str, Any], None]] = {
     m.FailWorkflowExecution: _fail,
     m.CancelWorkflowExecution: _cancel,
     m.ContinueAsNewWorkflowExecution: _continue_as_new,
+    m.CompleteWorkflowUpdate: _complete_update,
+    m.RecordMarker: _record_marker,
+    m.SignalExternalWorkflowExecution: _signal_external,
+    m.RecordWorkflowCustomTask: _record_workflow_custom_task,
 }

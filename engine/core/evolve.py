@@ -39,7 +39,8 @@ TRIGGERS = {
     T.TIMER_FIRED, T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
     T.CHILD_WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_FAILED,
     T.CHILD_WORKFLOW_EXECUTION_CANCELED, T.CHILD_WORKFLOW_EXECUTION_TERMINATED,
-    T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+    T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT, T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+    T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
 }
 
 def workflow_task_backoff(attempt: int) -> timedelta:
@@ -142,6 +143,7 @@ def _closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState
         activities=EMPTY,
         timers=EMPTY,
         children=EMPTY,
+        updates=EMPTY,
         heartbeats=EMPTY,
     )
 
@@ -234,6 +236,14 @@ def _cancel_requested(state: ExecutionState, event: Event, payload: Any) -> Exec
     return updated(state, cancel_requested=True)
 
 
+def _update_accepted(state: ExecutionState, event: Event, payload: m.WorkflowExecutionUpdateAccepted) -> ExecutionState:
+    return updated(state, updates=_with(state.updates, payload.update_id, payload.update_name))
+
+
+def _update_completed(state: ExecutionState, event: Event, payload: m.WorkflowExecutionUpdateCompleted) -> ExecutionState:
+    return updated(state, updates=_with(state.updates, payload.update_id, None))
+
+
 _HANDLERS: dict[EventType, Callable[[ExecutionState, Event, Any], ExecutionState]] = {
     **{event_type: _closed for event_type in CLOSING},
     T.WORKFLOW_EXECUTION_CANCEL_REQUESTED: _cancel_requested,
@@ -259,4 +269,6 @@ _HANDLERS: dict[EventType, Callable[[ExecutionState, Event, Any], ExecutionState
     T.CHILD_WORKFLOW_EXECUTION_CANCELED: _child_closed,
     T.CHILD_WORKFLOW_EXECUTION_TERMINATED: _child_closed,
     T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT: _child_closed,
+    T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED: _update_accepted,
+    T.WORKFLOW_EXECUTION_UPDATE_COMPLETED: _update_completed,
 }

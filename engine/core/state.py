@@ -120,6 +120,9 @@ class ExecutionState:
     activities: Mapping[str, ActivityState] = field(default_factory=lambda: EMPTY)
     timers: Mapping[str, datetime] = field(default_factory=lambda: EMPTY)
     children: Mapping[str, ChildRef] = field(default_factory=lambda: EMPTY)
+    #: The run's accepted updates: id -> name while the handler runs, -> None once completed
+    #: (kept, so that a repeated acceptance is not recorded twice).
+    updates: Mapping[str, str | None] = field(default_factory=lambda: EMPTY)
     workflow_task: WorkflowTaskState | None = None
     #: Sequence of the newest event the workflow code has to see.
     last_trigger_sequence: int = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -105,6 +106,9 @@ class Processor:
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
+        # faust wants a data directory (the tables live in memory): a temporary one, removed
+        # on stop, so that no `<id>-data/` folder is left in the working directory.
+        self._datadir = tempfile.TemporaryDirectory(prefix="treeflow-processor-")
         #: Set when the processor stopped by itself (`failed` says why).
         self.halted = asyncio.Event()
         self._app_stop: asyncio.Future[None] | None = None
@@ -121,6 +125,7 @@ class Processor:
             app_id,
             broker=[f"kafka://{server}" for server in self.settings.bootstrap_servers.split(",")],
             store="memory://",
+            datadir=self._datadir.name,
             web_enabled=False,
             topic_allow_declare=False,
             topic_disable_leader=True,
@@ -168,6 +173,7 @@ class Processor:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._producer is not None:
             await self._producer.stop()
+        self._datadir.cleanup()
 
     async def _watch_topics(self) -> None:
         """Stop the processor when its topics vanish (deleted, a restarted embedded broker)."""

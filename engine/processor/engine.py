@@ -166,7 +166,7 @@ class PartitionEngine:
         item = WorkItem(query.exec_id, "query", f"{query.exec_id}|query|{query.query_id}", state.context.task_queue,
                         now)
         payload = m.QueryTask(query_id=query.query_id, query_name=query.query_name, input_json=query.input_json,
-                              deadline=query.deadline, history=history,
+                              deadline=query.deadline, history=history, update=query.update,
                               first_sequence=history[0].sequence if history else 1)
         return Dispatch(item, state.context, Task(task_id=query.query_id, timestamp=now,
                                                   workflow_context=state.context, payload=payload))

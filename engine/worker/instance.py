@@ -20,7 +20,6 @@ import contextvars
 import inspect
 import logging
 import random
-import typing
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator
@@ -38,12 +37,14 @@ from ..errors import (
     ChildWorkflowError,
     ContinueAsNewError,
     NonDeterminismError,
+    TreeflowError,
     WorkflowQueryError,
+    WorkflowUpdateError,
     exception_from_failure,
     failure_from_exception,
 )
 from ..options import RetryPolicy, millis
-from ..payloads import from_json, to_json
+from ..payloads import Parameters, from_json, handler_input, handler_name, to_json
 
 log = logging.getLogger(__name__)
 T = EventType
@@ -55,7 +56,15 @@ RESOLVING = {
     T.TIMER_FIRED, T.START_CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_STARTED,
     T.CHILD_WORKFLOW_EXECUTION_COMPLETED, T.CHILD_WORKFLOW_EXECUTION_FAILED, T.CHILD_WORKFLOW_EXECUTION_CANCELED,
     T.CHILD_WORKFLOW_EXECUTION_TERMINATED, T.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+    T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED, T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
 }
+#: Custom task events: a decision when the workflow code reported them (no activity_id).
+CUSTOM_TASK_EVENTS = {
+    T.CUSTOM_TASK_STARTED, T.CUSTOM_TASK_IN_PROGRESS, T.CUSTOM_TASK_COMPLETED, T.CUSTOM_TASK_FAILED,
+    T.CUSTOM_TASK_TIMED_OUT, T.CUSTOM_TASK_CANCELED,
+}
+#: The `marker_name` of the markers `workflow.patched()` records.
+VERSION_MARKER = "version"
 #: The events a decision leads to, and the decision each stands for.
 EFFECTS = {
     T.ACTIVITY_TASK_SCHEDULED: (m.ScheduleActivityTask, "activity_id"),
@@ -68,6 +77,10 @@ EFFECTS = {
     T.WORKFLOW_EXECUTION_FAILED: (m.FailWorkflowExecution, None),
     T.WORKFLOW_EXECUTION_CANCELED: (m.CancelWorkflowExecution, None),
     T.WORKFLOW_EXECUTION_CONTINUED_AS_NEW: (m.ContinueAsNewWorkflowExecution, None),
+    T.WORKFLOW_EXECUTION_UPDATE_COMPLETED: (m.CompleteWorkflowUpdate, "update_id"),
+    T.MARKER_RECORDED: (m.RecordMarker, "marker_id"),
+    T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED: (m.SignalExternalWorkflowExecution, "target_workflow_exec_id"),
+    **{t: (m.RecordWorkflowCustomTask, "custom_task_id") for t in CUSTOM_TASK_EVENTS},
 }
 CHILD_CLOSED = {
     T.CHILD_WORKFLOW_EXECUTION_FAILED: "FAILED", T.CHILD_WORKFLOW_EXECUTION_CANCELED: "CANCELED",
@@ -177,6 +190,11 @@ class ChildHandle:
         self._instance = instance
         self._result = result
 
+    @property
+    def id(self) -> str:
+        """The child's execution id (Temporal's and Mistral's name for it)."""
+        return self.execution_id
+
     def __await__(self) -> Generator[Any, None, Any]:
         return self._instance.child_result(self.execution_id, self._result).__await__()
 
@@ -186,6 +204,14 @@ class ChildHandle:
     def cancel(self) -> None:
         """Ask the child to cancel (a decision: it reaches the child as a cancel request)."""
         self._instance.request_cancel_child(self.execution_id)
+
+    async def signal(self, signal: str | Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Send the child signal `signal` (a name or its `@workflow.signal` method), with
+        its input given as to a client handle's `signal()`. Returns once the signal is in
+        the child's history (EXTERNAL_WORKFLOW_EXECUTION_SIGNALED in this one); raises
+        `ApplicationError` (SignalNotDelivered) when the child is no longer running."""
+        await self._instance.signal_external(self.execution_id, handler_name(signal, "__treeflow_signal__"),
+                                             handler_input(args, kwargs))
 
 
 @dataclass
@@ -228,6 +254,15 @@ class WorkflowInstance:
         self._timer_ids: dict[int, str] = {}
         self._children: dict[str, _Child] = {}
         self._counters = {"activity": 0, "timer": 0}
+        #: Signals the code sent to other executions and awaits, by target, in order.
+        self._signals_out: dict[str, deque[asyncio.Future[None]]] = {}
+        #: `patched()` answers of this run, by patch id.
+        self._patches: dict[str, bool] = {}
+        #: While replaying a workflow task: the patch ids its decisions recorded (None when
+        #: the code runs past the history, deciding anew).
+        self._replay_markers: set[str] | None = None
+        #: Set when the code raised an exception that fails the workflow task, not the workflow.
+        self.task_failure: BaseException | None = None
 
     # ------------------------------------------------------------ feeding history
 
@@ -236,7 +271,7 @@ class WorkflowInstance:
 
         Raises `NonDeterminismError` when the code does not do what the history says.
         """
-        for event in events:
+        for index, event in enumerate(events):
             if event.sequence <= self.applied_sequence:
                 continue
             self.applied_sequence = event.sequence
@@ -244,9 +279,15 @@ class WorkflowInstance:
             if event.event_type is T.WORKFLOW_TASK_COMPLETED:
                 # The code ran here, having seen the history up to history_length.
                 self._apply_buffer(upto=event.payload.history_length)  # type: ignore[union-attr]
-                self._run(event.payload.history_length)  # type: ignore[union-attr]
-            elif event.event_type in EFFECTS:
+                self._replay_markers = _markers_of_task(events, index + 1)
+                try:
+                    self._run(event.payload.history_length)  # type: ignore[union-attr]
+                finally:
+                    self._replay_markers = None
+            elif event.event_type in EFFECTS and not _reported_by_activity(event):
                 self._match(event)
+                if event.event_type in RESOLVING:  # a decision whose outcome the code awaits
+                    self._buffer.append(event)
             elif event.event_type in RESOLVING:
                 self._buffer.append(event)
         self._apply_buffer(upto=self.applied_sequence)
@@ -301,6 +342,9 @@ class WorkflowInstance:
                 f"history event #{event.sequence} {event.event_type.value}{f' ({key})' if key else ''} does not "
                 f"match the workflow code's next command {type(issued.decision).__name__}"
                 f"{f' ({issued.key})' if issued.key else ''}")
+        if isinstance(issued.decision, m.RecordWorkflowCustomTask) and issued.decision.event_type is not event.event_type:
+            raise NonDeterminismError(f"history event #{event.sequence} {event.event_type.value} ({key}) does not "
+                                      f"match the workflow code's {issued.decision.event_type.value} of that task")
         name = getattr(event.payload, "activity_name", None) or getattr(event.payload, "child_workflow_name", None)
         expected = (getattr(issued.decision, "activity_name", None)
                     or getattr(issued.decision, "child_workflow_name", None))
@@ -323,6 +367,18 @@ class WorkflowInstance:
                 self.main.cancel()
         elif t is T.WORKFLOW_EXECUTION_SIGNALED:
             self._deliver_signal(p.signal_name, p.input_json)  # type: ignore[union-attr]
+        elif t is T.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED:
+            waiting = self._signals_out.get(p.target_workflow_exec_id)  # type: ignore[union-attr]
+            future = waiting.popleft() if waiting else None
+            if future is not None and not future.done():
+                if p.delivered:  # type: ignore[union-attr]
+                    future.set_result(None)
+                else:
+                    future.set_exception(ApplicationError(
+                        f"signal {p.signal_name!r} not delivered: {p.target_workflow_exec_id} is not running",  # type: ignore[union-attr]
+                        type="SignalNotDelivered", non_retryable=True))
+        elif t is T.WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            self._deliver_update(p.update_id, p.update_name, p.input_json)  # type: ignore[union-attr]
         elif t is T.TIMER_FIRED:
             handle = self._timers.pop(p.timer_id, None)  # type: ignore[union-attr]
             if handle is not None and not handle.cancelled():
@@ -397,10 +453,8 @@ class WorkflowInstance:
             if self._start_error is not None:
                 raise self._start_error
             run = getattr(self.workflow_object, definition.run_method)
-            if definition.param_type is None:
-                result = await run()
-            else:
-                result = await run(from_json(input_json, definition.param_type))
+            args, kwargs = definition.parameters.bind(input_json)
+            result = await run(*args, **kwargs)
         except asyncio.CancelledError:
             if self.cancel_requested:
                 self._issue(m.CancelWorkflowExecution(), None)
@@ -410,9 +464,12 @@ class WorkflowInstance:
         except ContinueAsNewError as request:
             self._issue(m.ContinueAsNewWorkflowExecution(
                 input_json=None if request.params is None else to_json(request.params)), None)
-        except Exception as exc:  # a workflow that raises ends FAILED with that failure
+        except Exception as exc:
             # (GeneratorExit is not caught: an evicted instance's coroutine must just close.)
-            self._issue(m.FailWorkflowExecution(failure=failure_from_exception(exc)), None)
+            if self._fails_workflow(exc):
+                self._issue(m.FailWorkflowExecution(failure=failure_from_exception(exc)), None)
+            else:
+                self._fail_task(exc)
         else:
             self._issue(m.CompleteWorkflowExecution(result_json=to_json(result)), None)
 
@@ -435,18 +492,124 @@ class WorkflowInstance:
             return
         self.loop.create_task(self._signal(name, handler, args), name=f"signal {name}")
 
-    async def _signal(self, name: str, handler: Callable[..., Any], args: list[Any]) -> None:
+    async def _signal(self, name: str, handler: Callable[..., Any],
+                      args: tuple[list[Any], dict[str, Any]]) -> None:
         try:
-            result = handler(*args)
+            result = handler(*args[0], **args[1])
             if inspect.isawaitable(result):
                 await result
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if not self._fails_workflow(exc):
+                self._fail_task(exc)
+                return
             error = ApplicationError(f"signal handler {name!r} raised {type(exc).__name__}: {exc}",
                                      type="SignalHandlerError")
             error.__cause__ = exc
             self._issue(m.FailWorkflowExecution(failure=failure_from_exception(error)), None)
+
+    def _fails_workflow(self, exc: BaseException) -> bool:
+        """True when `exc`, raised by the workflow's code, fails the workflow; any other
+        exception fails the workflow task (retried: a bug can be fixed under a waiting run)."""
+        return isinstance(exc, (TreeflowError, *self.definition.failure_exception_types))
+
+    def _fail_task(self, exc: BaseException) -> None:
+        if self.task_failure is None and not self._querying:
+            self.task_failure = exc
+
+    # ------------------------------------------------------------ updates
+
+    def _update_handler(self, name: str) -> Callable[..., Any]:
+        method = self.definition.updates.get(name)
+        if method is None:
+            raise WorkflowUpdateError(f"workflow {self.definition.name} has no update named {name!r}; it has "
+                                      f"{sorted(self.definition.updates) or 'none'}", "UpdateNotFound")
+        if self.workflow_object is None:
+            raise WorkflowUpdateError(f"workflow {self.context.workflow_exec_id} has not started", "UpdateRejected")
+        return getattr(self.workflow_object, method)
+
+    def validate_update(self, name: str, input_json: str | None) -> None:
+        """Check update `name` against the workflow's current state, changing nothing:
+        its handler exists, its input fits the handler's parameters, and its validator
+        (if any) does not raise. Raises `WorkflowUpdateError` (UpdateNotFound,
+        UpdateRejected) otherwise."""
+        handler = self._update_handler(name)
+        try:
+            args, kwargs = _handler_args(handler, input_json)
+        except Exception as exc:
+            raise WorkflowUpdateError(f"update {name!r} rejected: {exc}", "UpdateRejected") from exc
+        validator = self.definition.validators.get(name)
+        if validator is None:
+            return
+        try:
+            self._read_only(lambda: getattr(self.workflow_object, validator)(*args, **kwargs))
+        except Exception as exc:
+            raise WorkflowUpdateError(f"update {name!r} rejected by its validator: {type(exc).__name__}: {exc}",
+                                      "UpdateRejected", exception_from_failure(failure_from_exception(exc))) from exc
+
+    def _deliver_update(self, update_id: str, name: str, input_json: str | None) -> None:
+        """Run an accepted update's handler as a task of the workflow (in history order,
+        like a signal's); its outcome is a CompleteWorkflowUpdate decision."""
+        try:
+            handler = self._update_handler(name)
+            args = _handler_args(handler, input_json)
+        except Exception as exc:  # accepted by a worker with other code: the update fails
+            self._issue(m.CompleteWorkflowUpdate(update_id=update_id, failure=failure_from_exception(exc)), update_id)
+            return
+        self.loop.create_task(self._update(update_id, handler, args), name=f"update {name}")
+
+    async def _update(self, update_id: str, handler: Callable[..., Any],
+                      args: tuple[list[Any], dict[str, Any]]) -> None:
+        try:
+            result = handler(*args[0], **args[1])
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._fails_workflow(exc):  # the update fails; the workflow goes on
+                self._issue(m.CompleteWorkflowUpdate(update_id=update_id, failure=failure_from_exception(exc)),
+                            update_id)
+            else:
+                self._fail_task(exc)
+            return
+        try:
+            outcome = m.CompleteWorkflowUpdate(update_id=update_id, result_json=to_json(result))
+        except (TypeError, ValueError) as exc:
+            outcome = m.CompleteWorkflowUpdate(update_id=update_id, failure=failure_from_exception(
+                ApplicationError(f"the result of the update is not JSON-able: {exc}", type="PayloadError")))
+        self._issue(outcome, update_id)
+
+    # ------------------------------------------------------------ versioning and custom tasks
+
+    def patched(self, patch_id: str, deprecated: bool = False) -> bool:
+        """Temporal's `patched()`: True for code deciding anew (and a 'version' marker is
+        recorded), and on replay True iff the replayed task recorded the marker. The
+        first answer holds for the rest of the run."""
+        if patch_id in self._patches:
+            return self._patches[patch_id]
+        replaying = self._replay_markers
+        use_new = True if replaying is None else patch_id in replaying
+        self._patches[patch_id] = use_new
+        if use_new:
+            self._issue(m.RecordMarker(marker_name=VERSION_MARKER, marker_id=patch_id, deprecated=deprecated),
+                        patch_id)
+        return use_new
+
+    def signal_external(self, target: str, name: str, input_json: str | None) -> asyncio.Future[None]:
+        """Signal execution `target` of this tree; the future is done once it is delivered."""
+        self._issue(m.SignalExternalWorkflowExecution(target_workflow_exec_id=target, signal_name=name,
+                                                      input_json=input_json), target)
+        future: asyncio.Future[None] = self.loop.create_future()
+        self._signals_out.setdefault(target, deque()).append(future)
+        return future
+
+    def record_custom_task(self, event_type: EventType, custom_task_id: str, custom_task_type: str,
+                           payload: Any = None, failure: Any = None) -> None:
+        self._issue(m.RecordWorkflowCustomTask(event_type=event_type, custom_task_id=custom_task_id,
+                                               custom_task_type=custom_task_type, payload=payload,
+                                               failure=failure), custom_task_id)
 
     # ------------------------------------------------------------ conditions and queries
 
@@ -490,18 +653,23 @@ class WorkflowInstance:
         if self.workflow_object is None:
             raise WorkflowQueryError(f"workflow {self.context.workflow_exec_id} has not started", "QueryFailed")
         handler = getattr(self.workflow_object, method)
-        args = _handler_args(handler, input_json)
-        random_state, counters = self.random.getstate(), dict(self._counters)
+        args, kwargs = _handler_args(handler, input_json)
+        return self._read_only(lambda: handler(*args, **kwargs))
+
+    def _read_only(self, call: Callable[[], Any]) -> Any:
+        """Run `call` on the instance with decisions forbidden and the random state and
+        counters restored after (a query handler, an update validator)."""
+        random_state, counters, patches = self.random.getstate(), dict(self._counters), dict(self._patches)
         outer = asyncio._get_running_loop()
         asyncio._set_running_loop(self.loop)
         self._querying = True
         try:
-            return handler(*args)
+            return call()
         finally:
             self._querying = False
             asyncio._set_running_loop(outer)
             self.random.setstate(random_state)  # workflow.random() in a handler must not shift the run's
-            self._counters = counters
+            self._counters, self._patches = counters, patches
 
     # ------------------------------------------------------------ what workflow code calls
 
@@ -603,14 +771,27 @@ def _settle(future: asyncio.Future[Any], value: Callable[[], Any]) -> None:
         future.set_exception(exc)
 
 
-def _handler_args(handler: Callable[..., Any], input_json: str | None) -> list[Any]:
-    """The arguments of a (bound) signal or query handler: none, or its payload
-    validated against the annotation of its one parameter."""
-    params = list(inspect.signature(handler).parameters.values())
-    if not params:
-        return []
-    hints = typing.get_type_hints(handler)
-    return [from_json(input_json, hints.get(params[0].name, Any))]
+def _handler_args(handler: Callable[..., Any], input_json: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments of a (bound) signal, query or update handler from its payload
+    (`Parameters.bind`: the raw value of one parameter, or an object of them by name)."""
+    return Parameters.of(handler).bind(input_json)
+
+
+def _reported_by_activity(event: Event) -> bool:
+    """A custom task event an activity reported: no decision of the workflow code stands for it."""
+    return event.event_type in CUSTOM_TASK_EVENTS and event.payload.activity_id is not None  # type: ignore[union-attr]
+
+
+def _markers_of_task(events: list[Event], start: int) -> set[str]:
+    """The patch ids of the version markers among a replayed workflow task's decisions
+    (the events from `start` up to the next WORKFLOW_TASK_COMPLETED)."""
+    found: set[str] = set()
+    for event in events[start:]:
+        if event.event_type is T.WORKFLOW_TASK_COMPLETED:
+            break
+        if event.event_type is T.MARKER_RECORDED and event.payload.marker_name == VERSION_MARKER:  # type: ignore[union-attr]
+            found.add(event.payload.marker_id)  # type: ignore[union-attr]
+    return found
 
 
 def _is_uuid(value: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -17,7 +18,7 @@ from treeflow.schemas import models as m
 from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
-from ..errors import NonDeterminismError, WorkflowQueryError, failure_from_exception
+from ..errors import NonDeterminismError, WorkflowQueryError, WorkflowUpdateError, failure_from_exception
 from ..payloads import to_json, validate
 from .instance import RESOLVING, WorkflowInstance
 
@@ -96,6 +97,15 @@ class TaskRunner:
             return self._command(context, m.FailWorkflowTask(
                 task_id=task_id, workflow_run_id=context.workflow_run_id, cause="NON_DETERMINISTIC",
                 failure=failure_from_exception(exc)))
+        if instance.task_failure is not None:
+            # The code raised an exception that fails the task, not the workflow: the task
+            # is retried (by a fresh replay) after a backoff; a fixed deployment lets it pass.
+            exc = instance.task_failure
+            log.error("workflow %s: the workflow task failed (%s: %s); it will be retried", context.workflow_exec_id,
+                      type(exc).__name__, exc)
+            return self._command(context, m.FailWorkflowTask(
+                task_id=task_id, workflow_run_id=context.workflow_run_id, cause="WORKFLOW_CODE_ERROR",
+                failure=failure_from_exception(exc)))
         instance.last_task_id = task_id
         if not instance.closed:
             self._cache[key] = instance
@@ -108,10 +118,12 @@ class TaskRunner:
     # ------------------------------------------------------------ query tasks
 
     def run_query_task(self, context: WorkflowContext, task: m.QueryTask) -> Command:
-        """Run the query's handler on the run's current state; a RespondQueryTask command."""
+        """Run the query's handler on the run's current state; a RespondQueryTask command.
+        For an update's validation (`task.update`): an AcceptWorkflowUpdate command, or a
+        RespondQueryTask carrying the rejection."""
         return self._command(context, self._answer(context, task))
 
-    def _answer(self, context: WorkflowContext, task: m.QueryTask) -> m.RespondQueryTask:
+    def _answer(self, context: WorkflowContext, task: m.QueryTask) -> Any:
         def refuse(error_type: str, message: str, cause: Failure | None = None) -> m.RespondQueryTask:
             return m.RespondQueryTask(query_id=task.query_id, failure=Failure(
                 type=error_type, message=message, non_retryable=True, cause=cause))
@@ -130,6 +142,13 @@ class TaskRunner:
                 instance.activate(task.history)
             except NonDeterminismError as exc:
                 return refuse("NonDeterministic", f"cannot rebuild the workflow's state: {exc}")
+        if task.update:
+            try:
+                instance.validate_update(task.query_name, task.input_json)
+            except WorkflowUpdateError as exc:
+                return refuse(exc.type, str(exc), failure_from_exception(exc.cause) if exc.cause else None)
+            return m.AcceptWorkflowUpdate(update_id=task.query_id, workflow_run_id=context.workflow_run_id,
+                                          update_name=task.query_name, input_json=task.input_json)
         try:
             result = instance.query(task.query_name, task.input_json)
             return m.RespondQueryTask(query_id=task.query_id, result_json=to_json(result))
@@ -202,7 +221,9 @@ async def _call(definition: ActivityDefinition, input_json: str | None) -> Any:
     kwargs = {name: validate(value, definition.param_types.get(name, Any)) for name, value in arguments.items()}
     if inspect.iscoroutinefunction(definition.fn):
         return await definition.fn(**kwargs)
-    return await asyncio.get_running_loop().run_in_executor(None, lambda: definition.fn(**kwargs))
+    # The thread runs in a copy of this context, so activity.info() and heartbeats work there.
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: context.run(definition.fn, **kwargs))
 
 
 def _up_to_date(instance: WorkflowInstance, history: list[Event]) -> bool:

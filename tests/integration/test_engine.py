@@ -48,7 +48,7 @@ class Slow:
         return order.order_id
 
 
-@workflow.define(name="broken")
+@workflow.define(name="broken", failure_exception_types=[ValueError])
 class Broken:
     @workflow.entrypoint
     async def run(self) -> None:

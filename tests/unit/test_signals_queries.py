@@ -181,15 +181,6 @@ def test_handler_declarations_are_checked() -> None:
             async def state(self) -> int:
                 return 1
 
-    with pytest.raises(TypeError, match="one payload argument at most"):
-        @workflow.define(name="two_args")
-        class TwoArgs:
-            @workflow.signal
-            def both(self, a: int, b: int) -> None: ...
-
-            @workflow.entrypoint
-            async def run(self) -> None: ...
-
     definition = Collector.__treeflow_workflow__
     assert definition.signals == {"add": "add", "finish": "finish"}
     assert definition.queries == {"items": "current_items", "count_of": "count_of", "broken": "broken",

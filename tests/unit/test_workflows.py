@@ -77,7 +77,7 @@ class CatchesChild:
         return "no error"
 
 
-@workflow.define(name="failing")
+@workflow.define(name="failing", failure_exception_types=[KeyError])
 class Failing:
     @workflow.entrypoint
     async def run(self) -> str:
@@ -91,7 +91,7 @@ class Sleeper:
         before = workflow.now()
         await asyncio.sleep(30)
         after = workflow.now()
-        return [str(workflow.uuid4()), f"{(after - before).total_seconds():.0f}", f"{workflow.random():.6f}"]
+        return [str(workflow.uuid4()), f"{(after - before).total_seconds():.0f}", f"{workflow.random().random():.6f}"]
 
 
 @pytest.fixture(autouse=True)
