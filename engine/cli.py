@@ -21,6 +21,10 @@ partitions_option = click.option(
     "--partitions", type=click.IntRange(min=1),
     help=f"Partitions of every treeflow topic. Default: ${PARTITIONS_ENV} or 12.")
 
+metrics_port_option = click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+    help="Serve /metrics, /healthz and /readyz on PORT (0: a free one). Default: $TREEFLOW_METRICS_PORT, else none.")
+
 root_option = click.option(
     "--root", metavar="ROOT_ID",
     help="The tree's root execution id (a top-level execution is its own). Default: looked up in the events topic.")
@@ -138,11 +142,13 @@ def dev(file: str, serve: bool) -> None:
 @click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
               help="Task queue to serve (repeatable). Default: 'default'.")
 @click.option("--max-concurrent-activities", type=click.IntRange(min=1), default=100, show_default=True)
+@metrics_port_option
 def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
-           max_concurrent_activities: int) -> None:
+           max_concurrent_activities: int, metrics_port: int | None) -> None:
     """Run workflow and activity tasks from task queues until SIGTERM (then finish or hand back)."""
     from treeflow.definitions import collect
     from treeflow.loading import load_module
+    from treeflow.observability.http import Health, KafkaProbe
     from treeflow.worker.worker import Worker
 
     workflows, activities = collect(load_module(target) for target in modules)
@@ -154,7 +160,30 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
                      max_concurrent_activities=max_concurrent_activities)
     click.echo(f"worker: {len(workflows)} workflow(s), {len(activities)} activity(ies) on "
                f"{list(task_queues or ('default',))} via {settings.bootstrap_servers}", err=True)
-    asyncio.run(running.run_until_signalled())
+
+    async def run() -> None:
+        probe = KafkaProbe(settings, [settings.topics.commands, *map(settings.topics.tasks, running.task_queues)])
+        health = Health([running.liveness], [running.readiness], probe)
+        server = await _serve_observability(metrics_port, health, "worker")
+        try:
+            await running.run_until_signalled()
+        finally:
+            if server is not None:
+                await server.stop()
+
+    asyncio.run(run())
+
+
+async def _serve_observability(port: int | None, health: Any, what: str) -> Any:
+    from treeflow.observability.http import serve_observability
+
+    try:
+        server = await serve_observability(port, health)
+    except (ValueError, OSError) as error:
+        fail_cleanly(ValueError(f"cannot serve metrics: {error}"))
+    if server is not None:
+        click.echo(f"{what}: metrics and health on {server.url}/metrics, /healthz, /readyz", err=True)
+    return server
 
 
 @main.command()
@@ -163,7 +192,9 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
               help="Also run these workflows and activities inside the processor (repeatable).")
 @click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
               help="Queues whose tasks run inside the processor (with --module). Default: 'default'.")
-def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...]) -> None:
+@metrics_port_option
+def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
+              metrics_port: int | None) -> None:
     """Run the stream processor until SIGTERM.
 
     With --module, the processor also runs those workflows and activities itself for
@@ -171,6 +202,7 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
     """
     from treeflow.definitions import collect
     from treeflow.loading import load_module
+    from treeflow.observability.http import Health, KafkaProbe
     from treeflow.processor.app import Processor
     from treeflow.worker.runner import TaskRunner
 
@@ -188,6 +220,10 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
 
         await ensure_topics(settings, task_queues or ("default",))
         running = Processor(settings, runner=runner, local_queues=task_queues or ("default",))
+        topics = settings.topics
+        probe = KafkaProbe(settings, [topics.commands, topics.events, topics.replies])
+        health = Health([running.liveness], [running.readiness], probe)
+        server = await _serve_observability(metrics_port, health, "processor")
         await running.start()
         click.echo(f"processor: consuming {settings.topics.commands} on {settings.bootstrap_servers}", err=True)
         stop = asyncio.Event()
@@ -196,6 +232,8 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await running.stop()
+        if server is not None:
+            await server.stop()
 
     asyncio.run(run())
 

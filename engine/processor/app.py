@@ -17,18 +17,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
+from treeflow.schemas.models import CompleteActivityTask, Tick
 
 from ..ids import new_id
+from ..observability import metrics
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
@@ -96,6 +99,10 @@ class Processor:
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
+        #: Per commands partition: the next offset to take (for `treeflow_consumer_lag`).
+        self._next_offsets: dict[int, int] = {}
+        #: Whether the group has given this processor its partitions (possibly none) at least once.
+        self.assignment_seen = False
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -143,6 +150,8 @@ class Processor:
         await self._producer.start()
         for coroutine in (self._clock(), self._local_loop()):
             self._spawn(coroutine)
+        for gauge, source in self._metric_sources():
+            gauge.add(source)
         await self._app.start()
 
     async def stop(self) -> None:
@@ -154,6 +163,8 @@ class Processor:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._producer is not None:
             await self._producer.stop()
+        for gauge, source in self._metric_sources():
+            gauge.remove(source)
 
     async def wait_assigned(self, timeout: float = 60) -> None:
         """Wait until this processor owns partitions and has recovered them."""
@@ -164,6 +175,56 @@ class Processor:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    # ------------------------------------------------------------ health and metrics
+
+    def liveness(self) -> str | None:
+        """None while the processor works; why not once an append failed (it stops then)."""
+        if self.failed is not None:
+            return f"the processor stopped: appending to the log failed ({self.failed!r}); restart it"
+        return None
+
+    def readiness(self) -> str | None:
+        """None once the group gave this processor its partitions and every one is recovered."""
+        if not self.assignment_seen:
+            return "waiting for the consumer group to assign partitions"
+        recovering = sorted(p for p, ready in self._ready.items() if not ready.is_set())
+        if recovering:
+            return f"recovering partitions {recovering}"
+        return None
+
+    def _metric_sources(self) -> list[tuple[metrics.SourcedGauge, metrics.Source]]:
+        return [(metrics.CONSUMER_LAG, self._lag), (metrics.OPEN_EXECUTIONS, self._open_executions),
+                (metrics.PARTITIONS, self._partition_states)]
+
+    def _lag(self) -> dict[tuple[str, ...], float]:
+        topic = self.settings.topics.commands
+        try:
+            consumer = self._app.consumer
+        except Exception:  # noqa: BLE001 - not started yet
+            return {}
+        lag: dict[tuple[str, ...], float] = {}
+        for partition, next_offset in list(self._next_offsets.items()):
+            try:
+                highwater = consumer.highwater(TopicPartition(topic, partition))
+            except Exception:  # noqa: BLE001 - the consumer is between assignments
+                continue
+            if highwater is not None:
+                lag[("processor", topic, str(partition))] = max(highwater - next_offset, 0)
+        return lag
+
+    def _open_executions(self) -> dict[tuple[str, ...], float]:
+        counts: dict[tuple[str, ...], float] = {}
+        for engine in list(self.engines.values()):
+            for state in list(engine.states.values()):
+                if state.open:
+                    key = (state.context.task_queue,)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _partition_states(self) -> dict[tuple[str, ...], float]:
+        ready = [event.is_set() for event in list(self._ready.values())]
+        return {("recovered",): sum(ready), ("recovering",): len(ready) - sum(ready)}
 
     # ------------------------------------------------------------ partitions
 
@@ -176,17 +237,22 @@ class Processor:
             for partition in new:
                 self._ready[partition] = asyncio.Event()
             for partition in new:
+                began = time.perf_counter()
                 engine = PartitionEngine(partition)
                 durable = _DurableUpTo()
                 events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
                 engine.replay(events, utc_now())
                 self._durable[partition] = durable.offset
+                self._next_offsets[partition] = durable.offset + 1
                 self.stats.recovered_events += len(events)
+                metrics.RECOVERED_EVENTS.inc(len(events))
+                metrics.RECOVERY_SECONDS.labels(str(partition)).set(time.perf_counter() - began)
                 self.engines[partition] = engine
                 self._ready[partition].set()
                 log.info("partition %d recovered from %d events, %d executions", partition, len(events),
                          len(engine.states))
                 await self._dispatch(engine.redispatch_all(utc_now()))
+        self.assignment_seen = True
         if mine:
             self.started.set()
 
@@ -214,6 +280,7 @@ class Processor:
         self.engines.pop(partition, None)
         self._ready.pop(partition, None)
         self._durable.pop(partition, None)
+        self._next_offsets.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
@@ -221,16 +288,20 @@ class Processor:
         topic = self.settings.topics.commands
         await self._recovered({p for p, _, _ in records})
         commands = []
+        next_offsets = self._next_offsets
         for partition, offset, value in records:
+            next_offsets[partition] = offset + 1
             if offset <= self._durable.get(partition, -1):
                 # Decided before, and its offset commit was lost: a rejection leaves no
                 # event to dedupe it by, so the log's record of durable offsets does.
                 self.stats.redelivered += 1
+                metrics.COMMANDS_SKIPPED.labels("redelivered").inc()
                 continue
             try:
                 command = COMMANDS.decode(value, RecordPosition(topic, partition, offset))
             except DecodeError as error:
                 self.stats.undecodable += 1
+                metrics.COMMANDS_SKIPPED.labels("undecodable").inc()
                 log.error("skipping an undecodable command: %s", error)
                 continue
             commands.append((partition, command))
@@ -256,6 +327,9 @@ class Processor:
         async with self._lock:
             now = utc_now()
             results: list[tuple[int, Effects]] = []
+            clock = time.perf_counter
+            observe = metrics.DECISION_SECONDS.observe
+            counter = metrics.command_counter
             for partition, command in commands:
                 engine = self.engines.get(partition)
                 if engine is None:
@@ -264,10 +338,14 @@ class Processor:
                 if command.root_workflow_exec_id and partition_for(
                         command.root_workflow_exec_id, self.settings.partitions) != partition:
                     self.stats.misrouted += 1
+                    metrics.COMMANDS_SKIPPED.labels("misrouted").inc()
                     log.error("skipping command %s: keyed for another partition than %d (root %s)",
                               command.command_id, partition, command.root_workflow_exec_id)
                     continue
+                began = clock()
                 results.append((partition, engine.handle(command, now)))
+                observe(clock() - began)
+                counter(type(command.payload)).inc()
                 self.stats.commands += 1
             await self._publish(results, on_durable)
 
@@ -280,8 +358,13 @@ class Processor:
             if not due:
                 continue
             async with self._lock:
-                results = [(engine.partition, engine.tick(utc_now(), f"tick-{new_id()}"))
-                           for engine in due if engine.partition in self.engines]
+                results = []
+                for engine in due:
+                    if engine.partition in self.engines:
+                        began = time.perf_counter()
+                        results.append((engine.partition, engine.tick(utc_now(), f"tick-{new_id()}")))
+                        metrics.DECISION_SECONDS.observe(time.perf_counter() - began)
+                        metrics.command_counter(Tick).inc()
                 await self._publish(results)
 
     # ------------------------------------------------------------ output
@@ -297,6 +380,7 @@ class Processor:
         would no longer be the fold of the log.
         """
         assert self._producer is not None
+        began = time.perf_counter()
         topics = self.settings.topics
         appended = []
         by_partition: dict[int, list[Event]] = {}
@@ -305,12 +389,14 @@ class Processor:
         for partition, events in by_partition.items():
             appended.extend(await self._append(partition, events))
             self.stats.events += len(events)
+            metrics.count_events(events)
         outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
                 outgoing.append((topics.replies, REPLIES.encode(reply), reply.root_workflow_exec_id.encode(),
                                  partition, [("tf.command", reply.command_id.encode())]))
             for dispatch in effects.dispatches:
+                metrics.dispatch_counter((dispatch.item.task_queue, dispatch.item.kind)).inc()
                 if dispatch.item.task_queue in self.local_queues:
                     self.stats.local_tasks += 1
                     self._run_locally(dispatch)
@@ -322,7 +408,7 @@ class Processor:
             previous = self._last_queued
             self._last_queued = asyncio.get_running_loop().create_future()
             self._last_publish = self._spawn(self._deliver(previous, self._last_queued, appended, outgoing,
-                                                           on_durable))
+                                                           on_durable, began))
         elif on_durable is not None:
             on_durable()
 
@@ -347,12 +433,14 @@ class Processor:
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
                        outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]],
-                       on_durable: Callable[[], None] | None) -> None:
+                       on_durable: Callable[[], None] | None, began: float) -> None:
         """Once `appended` are acknowledged, queue `outgoing` after the previous decision's
         (`previous` resolves when those are queued; the producer keeps that order)."""
         assert self._producer is not None
         try:
             await asyncio.gather(*appended)
+            if appended:
+                metrics.APPEND_SECONDS.observe(time.perf_counter() - began)
             if on_durable is not None:
                 on_durable()
             if previous is not None:
@@ -385,7 +473,10 @@ class Processor:
             return
 
         async def run_activity() -> None:
+            began = time.perf_counter()
             result = await runner.run_activity_task(dispatch.context, dispatch.task.payload, self._send_local)
+            metrics.activity_ran(dispatch.task.payload.activity_name,
+                                 isinstance(result.payload, CompleteActivityTask), time.perf_counter() - began)
             await self._local.put(result)
 
         self._spawn(run_activity())

@@ -1,0 +1,7 @@
+"""Metrics, health checks and (optionally) traces of treeflow's processes.
+
+- `treeflow.observability.metrics`: every Prometheus metric, one module.
+- `treeflow.observability.http`: `/metrics`, `/healthz`, `/readyz` for the processor and workers.
+
+Importing this package imports neither faust nor the tracing SDK.
+"""
