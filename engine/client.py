@@ -33,6 +33,7 @@ from treeflow.schemas import models as m
 from .core import ExecutionState, Status, fold
 from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_definition
 from .ids import new_id
+from .observability import tracing
 from .errors import (
     CommandRejectedError,
     QueryTimeoutError,
@@ -285,10 +286,11 @@ class Client:
         exec_id = execution_id or new_id()
         timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
-        reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
-            workflow_name=name, task_queue=queue, input_json=None if params is None else to_json(params),
-            execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
-            identity=self.identity))
+        with tracing.client_span(name, exec_id):
+            reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
+                workflow_name=name, task_queue=queue, input_json=None if params is None else to_json(params),
+                execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
+                identity=self.identity))
         if not reply.accepted:
             error = reply.error
             if error is not None and error.type == "WorkflowAlreadyStarted":
@@ -377,7 +379,7 @@ class Client:
         self._replies[command.command_id] = answered
         try:
             await self._producer.send_and_wait(self.settings.topics.commands, COMMANDS.encode(command),
-                                               key=root.encode())
+                                               key=root.encode(), headers=tracing.current_headers() or None)
             return await answered
         finally:
             self._replies.pop(command.command_id, None)

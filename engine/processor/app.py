@@ -31,7 +31,7 @@ from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeEr
 from treeflow.schemas.models import CompleteActivityTask, Tick
 
 from ..ids import new_id
-from ..observability import metrics
+from ..observability import metrics, tracing
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
@@ -103,6 +103,10 @@ class Processor:
         self._next_offsets: dict[int, int] = {}
         #: Whether the group has given this processor its partitions (possibly none) at least once.
         self.assignment_seen = False
+        #: Run spans and each execution's trace context, when tracing is on (see `start`).
+        self._traces: tracing.RunSpans | None = None
+        #: The trace context of commands waiting to be decided, by command id.
+        self._command_traces: dict[str, bytes] = {}
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -135,6 +139,8 @@ class Processor:
                 messages = [event.message for event in batch]
                 for message in messages:
                     message.incref()
+                if self._traces is not None:
+                    self._remember_traces(messages)
                 await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
                                    functools.partial(self._release, messages, app.consumer))
 
@@ -144,6 +150,7 @@ class Processor:
         return app
 
     async def start(self) -> None:
+        self._traces = tracing.RunSpans() if tracing.enabled() else None
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
                                           max_request_size=16 * 1024 * 1024,
                                           **self.settings.profile.producer_options())
@@ -226,6 +233,29 @@ class Processor:
         ready = [event.is_set() for event in list(self._ready.values())]
         return {("recovered",): sum(ready), ("recovering",): len(ready) - sum(ready)}
 
+    def _remember_traces(self, messages: list[Any]) -> None:
+        """Keep the trace context of the commands that carry one, until they are decided."""
+        for message in messages:
+            traceparent = tracing.traceparent_of(message.headers)
+            if traceparent is not None:
+                try:
+                    command_id = COMMANDS.decode(message.value).command_id
+                except DecodeError:
+                    continue
+                self._command_traces[command_id] = traceparent
+
+    def _recover_trace(self, durable: _DurableUpTo, record: Any) -> bool:
+        assert self._traces is not None
+        headers = dict(record.headers or ())
+        traceparent, exec_id = headers.get(tracing.HEADER), headers.get("tf.exec")
+        if traceparent is not None and exec_id is not None:
+            self._traces.recovered(exec_id.decode(), traceparent)
+        return durable.see(record)
+
+    def _trace_headers(self, exec_id: str) -> list[tuple[str, bytes]]:
+        header = self._traces.header(exec_id) if self._traces is not None else None
+        return [(tracing.HEADER, header)] if header else []
+
     # ------------------------------------------------------------ partitions
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **_: Any) -> None:
@@ -240,7 +270,8 @@ class Processor:
                 began = time.perf_counter()
                 engine = PartitionEngine(partition)
                 durable = _DurableUpTo()
-                events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
+                accept = durable.see if self._traces is None else functools.partial(self._recover_trace, durable)
+                events = [item.event async for item in EventReader(self.settings, [partition], accept=accept)]
                 engine.replay(events, utc_now())
                 self._durable[partition] = durable.offset
                 self._next_offsets[partition] = durable.offset + 1
@@ -277,6 +308,9 @@ class Processor:
                 self._durable[message.partition] = max(self._durable[message.partition], message.offset)
 
     def _forget(self, partition: int) -> None:
+        engine = self.engines.get(partition)
+        if engine is not None and self._traces is not None:
+            self._traces.forget(list(engine.states))
         self.engines.pop(partition, None)
         self._ready.pop(partition, None)
         self._durable.pop(partition, None)
@@ -343,8 +377,11 @@ class Processor:
                               command.command_id, partition, command.root_workflow_exec_id)
                     continue
                 began = clock()
-                results.append((partition, engine.handle(command, now)))
+                effects = engine.handle(command, now)
                 observe(clock() - began)
+                results.append((partition, effects))
+                if self._traces is not None:
+                    self._traces.observe(effects.events, self._command_traces.pop(command.command_id, None))
                 counter(type(command.payload)).inc()
                 self.stats.commands += 1
             await self._publish(results, on_durable)
@@ -362,8 +399,11 @@ class Processor:
                 for engine in due:
                     if engine.partition in self.engines:
                         began = time.perf_counter()
-                        results.append((engine.partition, engine.tick(utc_now(), f"tick-{new_id()}")))
+                        effects = engine.tick(utc_now(), f"tick-{new_id()}")
                         metrics.DECISION_SECONDS.observe(time.perf_counter() - began)
+                        results.append((engine.partition, effects))
+                        if self._traces is not None:
+                            self._traces.observe(effects.events, None)
                         metrics.command_counter(Tick).inc()
                 await self._publish(results)
 
@@ -403,7 +443,10 @@ class Processor:
                 else:
                     self.stats.remote_tasks += 1
                     outgoing.append((topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
-                                     dispatch.context.root_workflow_exec_id.encode(), None, []))
+                                     dispatch.context.root_workflow_exec_id.encode(), None,
+                                     self._trace_headers(dispatch.context.workflow_exec_id)))
+        if self._traces is not None:
+            self._traces.release()
         if appended or outgoing:
             previous = self._last_queued
             self._last_queued = asyncio.get_running_loop().create_future()
@@ -424,11 +467,13 @@ class Processor:
         durable = str(self._durable.get(partition, -1)).encode()
         for event in events:
             context = event.workflow_context
+            headers = [("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
+                       (DURABLE_HEADER, durable)]
+            if self._traces is not None:
+                headers.extend(self._trace_headers(context.workflow_exec_id))
             futures.append(await self._producer.send(
                 self.settings.topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
-                partition=partition,
-                headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
-                         (DURABLE_HEADER, durable)]))
+                partition=partition, headers=headers))
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
@@ -474,7 +519,12 @@ class Processor:
 
         async def run_activity() -> None:
             began = time.perf_counter()
-            result = await runner.run_activity_task(dispatch.context, dispatch.task.payload, self._send_local)
+            task = dispatch.task.payload
+            traceparent = self._traces.header(dispatch.context.workflow_exec_id) if self._traces else None
+            with tracing.activity_span(task.activity_name, task.activity_id, task.attempt, dispatch.context,
+                                       traceparent) as span:
+                result = await runner.run_activity_task(dispatch.context, task, self._send_local)
+                tracing.activity_outcome(span, result)
             metrics.activity_ran(dispatch.task.payload.activity_name,
                                  isinstance(result.payload, CompleteActivityTask), time.perf_counter() - began)
             await self._local.put(result)

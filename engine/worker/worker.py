@@ -24,7 +24,7 @@ from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPositi
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
-from ..observability import metrics
+from ..observability import metrics, tracing
 from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -196,15 +196,21 @@ class Worker:
             return
         metrics.worker_task_counter((queue, "activity")).inc()
         await self._slots.acquire()
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets))
+        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets,
+                                                       tracing.traceparent_of(record.headers)))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
-    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets) -> None:
+    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
+                            traceparent: bytes | None = None) -> None:
         try:
             self.stats.activity_tasks += 1
             began = time.perf_counter()
-            result = await self.runner.run_activity_task(task.workflow_context, task.payload, self._send)
+            payload = task.payload
+            with tracing.activity_span(payload.activity_name, payload.activity_id, payload.attempt,
+                                       task.workflow_context, traceparent) as span:
+                result = await self.runner.run_activity_task(task.workflow_context, payload, self._send)
+                tracing.activity_outcome(span, result)
             metrics.activity_ran(task.payload.activity_name, isinstance(result.payload, m.CompleteActivityTask),
                                  time.perf_counter() - began)
             await self._send(result)
