@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
+from treeflow.schemas import confluent
 from treeflow.schemas.models import CompleteActivityTask, Tick
 
 from ..ids import new_id
@@ -107,6 +108,8 @@ class Processor:
         self._traces: tracing.RunSpans | None = None
         #: The trace context of commands waiting to be decided, by command id.
         self._command_traces: dict[str, bytes] = {}
+        #: How events are written: single-object encoding, or Confluent's format with a registry.
+        self._encode_event: Callable[[Event], bytes] = EVENTS.encode
         self._app = self._make_app(app_id or f"{settings.topic_prefix}-processor")
         self.started = asyncio.Event()
 
@@ -151,6 +154,10 @@ class Processor:
 
     async def start(self) -> None:
         self._traces = tracing.RunSpans() if tracing.enabled() else None
+        schema_registry = confluent.from_environment()
+        if schema_registry is not None:
+            schema_id = await asyncio.to_thread(EVENTS.register, schema_registry, self.settings.topics.events)
+            self._encode_event = functools.partial(EVENTS.encode_confluent, schema_id=schema_id)
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
                                           max_request_size=16 * 1024 * 1024,
                                           **self.settings.profile.producer_options())
@@ -472,7 +479,7 @@ class Processor:
             if self._traces is not None:
                 headers.extend(self._trace_headers(context.workflow_exec_id))
             futures.append(await self._producer.send(
-                self.settings.topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
+                self.settings.topics.events, self._encode_event(event), key=context.root_workflow_exec_id.encode(),
                 partition=partition, headers=headers))
         return futures
 
