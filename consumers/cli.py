@@ -119,3 +119,68 @@ async def _draw(subscription: Any) -> None:
 
 main.add_command(serve)
 main.add_command(tail)
+
+
+def _exit_with(error: Exception, code: int) -> None:
+    failure = click.ClickException(str(error))
+    failure.exit_code = code
+    raise failure
+
+
+@click.command("export")
+@bootstrap_option
+@prefix_option
+@click.option("--format", "format_", type=click.Choice(["parquet", "jsonl"]), default="parquet", show_default=True,
+              help="Parquet (needs the `export` extra: pyarrow) or JSON lines.")
+@click.option("--output", "-o", required=True, metavar="PATH",
+              help="The file to write (refused if it exists); `-` writes JSON lines to stdout.")
+@click.option("--since", metavar="CURSOR",
+              help="Continue where the export that printed CURSOR stopped. Default: from the beginning.")
+@click.option("--root", metavar="ROOT_ID", help="Only the events of this tree (read from its partition only).")
+@click.option("--cursor-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Read --since from FILE when it exists (and --since is not given); write the new cursor there "
+                   "once the export is complete.")
+def export(bootstrap_servers: str | None, prefix: str | None, format_: str, output: str, since: str | None,
+           root: str | None, cursor_file: str | None) -> None:
+    """Write the events topic as a table, one row per event, up to its end as it is now.
+
+    Prints the cursor to pass as --since to the next export (which then continues
+    exactly where this one stopped) as the last line on stderr.
+    """
+    from pathlib import Path
+
+    from aiokafka.errors import KafkaError
+
+    from .export import ExportError, export_events
+
+    settings = _settings(bootstrap_servers, prefix)
+    if since is None and cursor_file is not None and Path(cursor_file).exists():
+        since = Path(cursor_file).read_text().strip()
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"export: {done:,} of {total:,} records read ({100 * done // max(total, 1)}%)", err=True)
+
+    try:
+        report = asyncio.run(export_events(settings, output, format=format_,  # type: ignore[arg-type]
+                                           since=since, root=root, progress=progress))
+    except ExportError as error:
+        _exit_with(error, error.exit_code)
+    except LookupError as error:
+        _exit_with(error, 5)
+    except KafkaError as error:
+        _exit_with(ValueError(f"Kafka at {settings.bootstrap_servers}: {error}"), 4)
+    except OSError as error:
+        _exit_with(error, 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    where = "stdout" if output == "-" else output
+    skipped = f" ({report.undecodable} undecodable records skipped, see the log)" if report.undecodable else ""
+    click.echo(f"export: {report.rows:,} events written to {where}{skipped}", err=True)
+    if cursor_file is not None:
+        partial = Path(cursor_file).with_name(f".{Path(cursor_file).name}.partial")
+        partial.write_text(f"{report.cursor}\n")
+        partial.replace(cursor_file)
+    click.echo(f"next: --since {report.cursor}", err=True)
+
+
+main.add_command(export)

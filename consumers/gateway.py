@@ -42,6 +42,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
+from treeflow.observability import metrics
+from treeflow.observability.http import KafkaProbe
 
 from . import sse
 from .cursor import Cursor, CursorError, cursor_before
@@ -88,6 +90,8 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
         Route("/v1/workflows/executions/{execution_id}/stream", gateway.execution_stream),
         Route("/v1/workflows/events/stream", gateway.events_stream),
         Route("/healthz", gateway.health),
+        Route("/readyz", gateway.ready),
+        Route("/metrics", gateway.metrics),
     ])
     app.state.gateway = gateway
     return app
@@ -99,9 +103,22 @@ class _Gateway:
         self.options = options
         self.roots = RootCache(settings, scan=options.scan_for_roots, size=options.root_cache_size)
         self.closing = asyncio.Event()
+        self.probe = KafkaProbe(settings, [settings.topics.events])
 
     async def health(self, request: Request) -> Response:
+        """The process is alive (it answers); says nothing of Kafka: that is `/readyz`."""
         return JSONResponse({"status": "ok", "events_topic": self.settings.topics.events})
+
+    async def ready(self, request: Request) -> Response:
+        """Kafka answers and the events topic exists, else 503 with what is wrong."""
+        problem = await self.probe.check()
+        return JSONResponse({"status": "not ready" if problem else "ready", "problems": [problem] if problem else [],
+                             "events_topic": self.settings.topics.events}, status_code=503 if problem else 200)
+
+    async def metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def execution_stream(self, request: Request) -> Response:
         execution_id = request.path_params["execution_id"]
@@ -187,6 +204,7 @@ class _Gateway:
         getter: asyncio.Future[Any] | None = None
         keepalive = self.options.keepalive.total_seconds()
         retry: int | None = int(self.options.retry.total_seconds() * 1000)  # sent with the first frame
+        metrics.GATEWAY_STREAMS.inc()
         try:
             while True:
                 getter = getter or asyncio.ensure_future(queue.get())
@@ -212,6 +230,7 @@ class _Gateway:
                     task.cancel()
             await asyncio.gather(reading, gone, closing, return_exceptions=True)
             await subscription.aclose()
+            metrics.GATEWAY_STREAMS.dec()
 
     def close(self) -> None:
         """End every open stream (the server is stopping); clients reconnect with Last-Event-ID."""

@@ -36,6 +36,7 @@ from treeflow.kafka import (
     watch_topics,
 )
 from treeflow.kafka.errors import OptionsError
+from treeflow.observability import metrics
 from treeflow.schemas import EVENTS, DecodeError, RecordPosition
 
 from .cursor import Cursor
@@ -160,6 +161,9 @@ class ServiceSubscription:
         self.options = options or ServiceOptions()
         self.dead_letter_topic = self.options.dead_letter_topic or dead_letter_topic_name(settings, group_id)
         self.stats = ServiceStats()
+        self._handled_metric = metrics.SERVICE_HANDLED.labels(group_id)
+        self._retries_metric = metrics.SERVICE_RETRIES.labels(group_id)
+        self._dead_lettered_metric = metrics.SERVICE_DEAD_LETTERED.labels(group_id)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._ledgers: dict[TopicPartition, OffsetLedger] = {}
@@ -358,6 +362,7 @@ class ServiceSubscription:
                 async with self._slots:
                     await self.handler(item.event)
                 self.stats.handled += 1
+                self._handled_metric.inc()
                 return True
             except asyncio.CancelledError:
                 raise
@@ -368,6 +373,7 @@ class ServiceSubscription:
                     await self._dead_letter(item.tp, item.record, error, attempts=attempt)
                     return True
                 self.stats.retries += 1
+                self._retries_metric.inc()
                 delay = self.options.backoff(attempt)
                 log.warning("handler failed on event %s (attempt %d of %d), retrying in %.2fs: %r",
                             item.event.event_id, attempt, self.options.max_attempts, delay, error)
@@ -391,6 +397,7 @@ class ServiceSubscription:
         ]
         await self._producer.send_and_wait(self.dead_letter_topic, record.value, key=record.key, headers=headers)
         self.stats.dead_lettered += 1
+        self._dead_lettered_metric.inc()
 
     async def _stop_lanes(self, roots: Iterable[str]) -> None:
         """Hand the lanes' queued events to the handler (nothing new is read meanwhile), so that

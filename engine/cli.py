@@ -42,6 +42,10 @@ partitions_option = click.option(
     "--partitions", type=click.IntRange(min=1),
     help=f"Partitions of every treeflow topic. Default: ${PARTITIONS_ENV} or 12.")
 
+metrics_port_option = click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+    help="Serve /metrics, /healthz and /readyz on PORT (0: a free one). Default: $TREEFLOW_METRICS_PORT, else none.")
+
 root_option = click.option(
     "--root", metavar="ROOT_ID",
     help="The tree's root execution id (a top-level execution is its own). Default: looked up in the events topic.")
@@ -208,11 +212,13 @@ def dev(file: str, serve: bool) -> None:
 @click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
               help="Task queue to serve (repeatable). Default: 'default'.")
 @click.option("--max-concurrent-activities", type=click.IntRange(min=1), default=100, show_default=True)
+@metrics_port_option
 def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
-           max_concurrent_activities: int) -> None:
+           max_concurrent_activities: int, metrics_port: int | None) -> None:
     """Run workflow and activity tasks from task queues until SIGTERM (then finish or hand back)."""
     from treeflow.definitions import collect
     from treeflow.loading import load_module
+    from treeflow.observability.http import Health, KafkaProbe
     from treeflow.worker.worker import Worker
 
     workflows, activities = collect(load_module(target) for target in modules)
@@ -223,14 +229,32 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
                f"{list(task_queues or ('default',))} via {settings.bootstrap_servers}", err=True)
 
     async def run() -> None:
+        probe = KafkaProbe(settings, [settings.topics.commands, *map(settings.topics.tasks, running.task_queues)])
+        health = Health([running.liveness], [running.readiness], probe)
+        server = await _serve_observability(metrics_port, health, "worker")
         try:
             await running.run_until_signalled()
         except BaseException:
             with contextlib.suppress(Exception):
                 await running.stop(grace=0)  # close the Kafka clients that did start
             raise
+        finally:
+            if server is not None:
+                await server.stop()
 
     asyncio.run(run())
+
+
+async def _serve_observability(port: int | None, health: Any, what: str) -> Any:
+    from treeflow.observability.http import serve_observability
+
+    try:
+        server = await serve_observability(port, health)
+    except (ValueError, OSError) as error:
+        fail_cleanly(ValueError(f"cannot serve metrics: {error}"))
+    if server is not None:
+        click.echo(f"{what}: metrics and health on {server.url}/metrics, /healthz, /readyz", err=True)
+    return server
 
 
 @main.command()
@@ -239,7 +263,9 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
               help="Also run these workflows and activities inside the processor (repeatable).")
 @click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
               help="Queues whose tasks run inside the processor (with --module). Default: 'default'.")
-def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...]) -> None:
+@metrics_port_option
+def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
+              metrics_port: int | None) -> None:
     """Run the stream processor until SIGTERM.
 
     With --module, the processor also runs those workflows and activities itself for
@@ -247,6 +273,7 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
     """
     from treeflow.definitions import collect
     from treeflow.loading import load_module
+    from treeflow.observability.http import Health, KafkaProbe
     from treeflow.processor.app import Processor
     from treeflow.worker.runner import TaskRunner
 
@@ -261,11 +288,17 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
 
         await ensure_topics(settings, task_queues or ("default",))
         running = Processor(settings, runner=runner, local_queues=task_queues or ("default",))
+        topics = settings.topics
+        probe = KafkaProbe(settings, [topics.commands, topics.events, topics.replies])
+        health = Health([running.liveness], [running.readiness], probe)
+        server = await _serve_observability(metrics_port, health, "processor")
         try:
             await running.start()
         except BaseException:
             with contextlib.suppress(Exception):
                 await running.stop()  # close the Kafka clients that did start
+            if server is not None:
+                await server.stop()
             raise
         click.echo(f"processor: consuming {settings.topics.commands} on {settings.bootstrap_servers}", err=True)
         stop = asyncio.Event()
@@ -275,6 +308,8 @@ def processor(bootstrap_servers: str | None, modules: tuple[str, ...], task_queu
         await asyncio.wait([asyncio.ensure_future(stop.wait()), asyncio.ensure_future(running.halted.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         await running.stop()
+        if server is not None:
+            await server.stop()
         if running.failed is not None:
             raise running.failed
 

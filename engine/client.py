@@ -37,6 +37,7 @@ from .core import ExecutionState, Status, fold
 from .deadlines import command_timeout as _command_timeout, wait_arg, why_no_answer
 from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_definition
 from .ids import new_id
+from .observability import tracing
 from .errors import (
     CommandRejectedError,
     CommandTimeoutError,
@@ -400,10 +401,12 @@ class Client:
         exec_id = execution_id or new_id()
         run_timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
-        reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
-            workflow_name=name, task_queue=queue, input_json=None if params is None else to_json(params),
-            execution_timeout_ms=millis(run_timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
-            identity=self.identity), timeout)
+        with tracing.client_span(name, exec_id):
+            reply = await self._send(exec_id, exec_id, m.StartWorkflowExecution(
+                workflow_name=name, task_queue=queue, input_json=None if params is None else to_json(params),
+                execution_timeout_ms=millis(run_timeout),
+                retry_policy=retry_policy.to_record() if retry_policy else None,
+                identity=self.identity), timeout)
         if not reply.accepted:
             error = reply.error
             if error is not None and error.type == "WorkflowAlreadyStarted":
@@ -512,7 +515,8 @@ class Client:
         async def write_and_wait() -> Reply:
             assert self._producer is not None
             written.append(await self._producer.send_and_wait(self.settings.topics.commands,
-                                                              COMMANDS.encode(command), key=root.encode()))
+                                                              COMMANDS.encode(command), key=root.encode(),
+                                                              headers=tracing.current_headers() or None))
             return await answered
 
         try:

@@ -1,9 +1,13 @@
-"""Encode and decode treeflow's records: Avro binary, single-object encoding.
+"""Encode and decode treeflow's records: Avro binary, single-object encoding or Confluent's format.
 
 A record on the wire is ``C3 01`` + the writer schema's 8-byte CRC-64-AVRO
 fingerprint + the Avro binary body. A reader resolves the writer schema by its
 fingerprint among the current schema and every released one (`avro/history/`),
 so records written by any released version of treeflow stay readable.
+
+Records in Confluent's schema-registry format (``00`` + a 4-byte schema id + the
+body, see `treeflow.schemas.confluent`) decode too: the writer schema is asked of
+the registry once per id (``TREEFLOW_SCHEMA_REGISTRY_URL``, or `use_registry`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from . import registry
+from . import confluent, registry
 from ._base import AvroModel
 from .models import Command, Event, Reply, Task
 
@@ -62,6 +66,54 @@ class RecordCodec(Generic[M]):
         }
         # The current schema reads its own records without resolution.
         self._writers_by_fingerprint[current.fingerprint] = None
+        self.schema: dict[str, Any] = current.schema
+        self._writers_by_id: dict[int, dict[str, Any] | None] = {}
+        self._registry: confluent.SchemaRegistry | None = None
+
+    def use_registry(self, schema_registry: confluent.SchemaRegistry | None) -> None:
+        """Ask this registry for the writer schemas of Confluent-format records (None: the environment's).
+
+        Schema ids belong to a registry: the ids learnt from the previous one are forgotten.
+        """
+        self._registry = schema_registry
+        self._writers_by_id.clear()
+
+    def register(self, schema_registry: confluent.SchemaRegistry, topic: str) -> int:
+        """Register the current schema under ``<topic>-value``; the id `encode_confluent` takes."""
+        schema_id = schema_registry.register(confluent.subject(topic), self.schema)
+        self._writers_by_id[schema_id] = None
+        if self._registry is None:
+            self._registry = schema_registry
+        return schema_id
+
+    def encode_confluent(self, record: M, schema_id: int) -> bytes:
+        """`record` in Confluent's wire format, for the registered schema `schema_id` (see `register`)."""
+        buffer = BytesIO()
+        buffer.write(confluent.frame(schema_id, b""))
+        schemaless_writer(buffer, self._writer_schema, record.to_avro())
+        return buffer.getvalue()
+
+    def _writer_of_id(self, schema_id: int, position: RecordPosition | None) -> dict[str, Any] | None:
+        """The parsed writer schema of `schema_id` (None: the current one), asked of the registry once."""
+        if schema_id in self._writers_by_id:
+            return self._writers_by_id[schema_id]
+        schema_registry = self._registry or confluent.from_environment()
+        if schema_registry is None:
+            raise DecodeError(f"a schema-registry record (schema id {schema_id}): set "
+                              f"{confluent.REGISTRY_URL_ENV} to read it", position)
+        self._registry = schema_registry
+        try:
+            schema = schema_registry.schema(schema_id)
+            version = registry.make_top_schema(self.kind, schema)
+            writer = (None if version.fingerprint == self.fingerprint
+                      else self._writers_by_fingerprint.get(version.fingerprint) or parse_schema(schema))
+        except confluent.SchemaRegistryError as error:
+            raise DecodeError(str(error), position) from None
+        except Exception as error:  # noqa: BLE001 - not an Avro schema treeflow can read
+            raise DecodeError(f"schema id {schema_id} is not a readable {self.kind} schema: {error}",
+                              position) from None
+        self._writers_by_id[schema_id] = writer
+        return writer
 
     @property
     def fingerprint(self) -> bytes:
@@ -77,6 +129,10 @@ class RecordCodec(Generic[M]):
         """Decode one record; raises `DecodeError` (never a fastavro error) on bad input."""
         if data is None:
             raise DecodeError("the record has no value (a tombstone)", position)
+        schema_id = confluent.schema_id_of(data)
+        if schema_id is not None:
+            writer = self._writer_of_id(schema_id, position)
+            return self._read(data, confluent.HEADER_SIZE, writer or self._reader_schema, position)
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError(
                 f"not an Avro single-object record (starts with {bytes(data[:4]).hex() or 'nothing'})",
@@ -90,8 +146,11 @@ class RecordCodec(Generic[M]):
                 position,
             )
         writer = self._writers_by_fingerprint[fingerprint] or self._reader_schema
+        return self._read(data, HEADER_SIZE, writer, position)
+
+    def _read(self, data: bytes, start: int, writer: dict[str, Any], position: RecordPosition | None) -> M:
         body = BytesIO(data)
-        body.seek(HEADER_SIZE)
+        body.seek(start)
         try:
             raw = schemaless_reader(
                 body,

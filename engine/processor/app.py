@@ -18,12 +18,13 @@ import asyncio
 import functools
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
 from treeflow.kafka import (
@@ -36,9 +37,12 @@ from treeflow.kafka import (
     watch_topics,
 )
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
+from treeflow.schemas import confluent
+from treeflow.schemas.models import CompleteActivityTask, Tick
 
 from ..deadlines import processor_group
 from ..ids import new_id
+from ..observability import metrics, tracing
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
@@ -114,6 +118,16 @@ class Processor:
         self._app_stop: asyncio.Future[None] | None = None
         #: Task queues whose topic is known to exist.
         self._queues: set[str] = set()
+        #: Per commands partition: the next offset to take (for `treeflow_consumer_lag`).
+        self._next_offsets: dict[int, int] = {}
+        #: Whether the group has given this processor its partitions (possibly none) at least once.
+        self.assignment_seen = False
+        #: Run spans and each execution's trace context, when tracing is on (see `start`).
+        self._traces: tracing.RunSpans | None = None
+        #: The trace context of commands waiting to be decided, by command id.
+        self._command_traces: dict[str, bytes] = {}
+        #: How events are written: single-object encoding, or Confluent's format with a registry.
+        self._encode_event: Callable[[Event], bytes] = EVENTS.encode
         self._app = self._make_app(app_id or processor_group(settings))
         self.started = asyncio.Event()
 
@@ -148,6 +162,8 @@ class Processor:
                 messages = [event.message for event in batch]
                 for message in messages:
                     message.incref()
+                if self._traces is not None:
+                    self._remember_traces(messages)
                 await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
                                    functools.partial(self._release, messages, app.consumer))
 
@@ -158,10 +174,17 @@ class Processor:
 
     async def start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "processor")
+        self._traces = tracing.RunSpans() if tracing.enabled() else None
+        schema_registry = confluent.from_environment()
+        if schema_registry is not None:
+            schema_id = await asyncio.to_thread(EVENTS.register, schema_registry, self.settings.topics.events)
+            self._encode_event = functools.partial(EVENTS.encode_confluent, schema_id=schema_id)
         self._producer = await clients.start(clients.producer(self.settings, "processor",
                                                               max_request_size=16 * 1024 * 1024), self.settings)
         for coroutine in (self._clock(), self._local_loop(), self._watch_topics()):
             self._spawn(coroutine)
+        for gauge, source in self._metric_sources():
+            gauge.add(source)
         await self._app.start()
 
     async def stop(self) -> None:
@@ -173,6 +196,8 @@ class Processor:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._producer is not None:
             await self._producer.stop()
+        for gauge, source in self._metric_sources():
+            gauge.remove(source)
         self._datadir.cleanup()
 
     async def _watch_topics(self) -> None:
@@ -205,6 +230,79 @@ class Processor:
         task.add_done_callback(self._background.discard)
         return task
 
+    # ------------------------------------------------------------ health and metrics
+
+    def liveness(self) -> str | None:
+        """None while the processor works; why not once an append failed (it stops then)."""
+        if self.failed is not None:
+            return f"the processor stopped: appending to the log failed ({self.failed!r}); restart it"
+        return None
+
+    def readiness(self) -> str | None:
+        """None once the group gave this processor its partitions and every one is recovered."""
+        if not self.assignment_seen:
+            return "waiting for the consumer group to assign partitions"
+        recovering = sorted(p for p, ready in self._ready.items() if not ready.is_set())
+        if recovering:
+            return f"recovering partitions {recovering}"
+        return None
+
+    def _metric_sources(self) -> list[tuple[metrics.SourcedGauge, metrics.Source]]:
+        return [(metrics.CONSUMER_LAG, self._lag), (metrics.OPEN_EXECUTIONS, self._open_executions),
+                (metrics.PARTITIONS, self._partition_states)]
+
+    def _lag(self) -> dict[tuple[str, ...], float]:
+        topic = self.settings.topics.commands
+        try:
+            consumer = self._app.consumer
+        except Exception:  # noqa: BLE001 - not started yet
+            return {}
+        lag: dict[tuple[str, ...], float] = {}
+        for partition, next_offset in list(self._next_offsets.items()):
+            try:
+                highwater = consumer.highwater(TopicPartition(topic, partition))
+            except Exception:  # noqa: BLE001 - the consumer is between assignments
+                continue
+            if highwater is not None:
+                lag[("processor", topic, str(partition))] = max(highwater - next_offset, 0)
+        return lag
+
+    def _open_executions(self) -> dict[tuple[str, ...], float]:
+        counts: dict[tuple[str, ...], float] = {}
+        for engine in list(self.engines.values()):
+            for state in list(engine.states.values()):
+                if state.open:
+                    key = (state.context.task_queue,)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _partition_states(self) -> dict[tuple[str, ...], float]:
+        ready = [event.is_set() for event in list(self._ready.values())]
+        return {("recovered",): sum(ready), ("recovering",): len(ready) - sum(ready)}
+
+    def _remember_traces(self, messages: list[Any]) -> None:
+        """Keep the trace context of the commands that carry one, until they are decided."""
+        for message in messages:
+            traceparent = tracing.traceparent_of(message.headers)
+            if traceparent is not None:
+                try:
+                    command_id = COMMANDS.decode(message.value).command_id
+                except DecodeError:
+                    continue
+                self._command_traces[command_id] = traceparent
+
+    def _recover_trace(self, durable: _DurableUpTo, record: Any) -> bool:
+        assert self._traces is not None
+        headers = dict(record.headers or ())
+        traceparent, exec_id = headers.get(tracing.HEADER), headers.get("tf.exec")
+        if traceparent is not None and exec_id is not None:
+            self._traces.recovered(exec_id.decode(), traceparent)
+        return durable.see(record)
+
+    def _trace_headers(self, exec_id: str) -> list[tuple[str, bytes]]:
+        header = self._traces.header(exec_id) if self._traces is not None else None
+        return [(tracing.HEADER, header)] if header else []
+
     # ------------------------------------------------------------ partitions
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **_: Any) -> None:
@@ -216,17 +314,23 @@ class Processor:
             for partition in new:
                 self._ready[partition] = asyncio.Event()
             for partition in new:
+                began = time.perf_counter()
                 engine = PartitionEngine(partition)
                 durable = _DurableUpTo()
-                events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
+                accept = durable.see if self._traces is None else functools.partial(self._recover_trace, durable)
+                events = [item.event async for item in EventReader(self.settings, [partition], accept=accept)]
                 engine.replay(events, utc_now())
                 self._durable[partition] = durable.offset
+                self._next_offsets[partition] = durable.offset + 1
                 self.stats.recovered_events += len(events)
+                metrics.RECOVERED_EVENTS.inc(len(events))
+                metrics.RECOVERY_SECONDS.labels(str(partition)).set(time.perf_counter() - began)
                 self.engines[partition] = engine
                 self._ready[partition].set()
                 log.info("partition %d recovered from %d events, %d executions", partition, len(events),
                          len(engine.states))
                 await self._dispatch(engine.redispatch_all(utc_now()))
+        self.assignment_seen = True
         if mine:
             self.started.set()
 
@@ -251,9 +355,13 @@ class Processor:
                 self._durable[message.partition] = max(self._durable[message.partition], message.offset)
 
     def _forget(self, partition: int) -> None:
+        engine = self.engines.get(partition)
+        if engine is not None and self._traces is not None:
+            self._traces.forget(list(engine.states))
         self.engines.pop(partition, None)
         self._ready.pop(partition, None)
         self._durable.pop(partition, None)
+        self._next_offsets.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
@@ -261,16 +369,20 @@ class Processor:
         topic = self.settings.topics.commands
         await self._recovered({p for p, _, _ in records})
         commands = []
+        next_offsets = self._next_offsets
         for partition, offset, value in records:
+            next_offsets[partition] = offset + 1
             if offset <= self._durable.get(partition, -1):
                 # Decided before, and its offset commit was lost: a rejection leaves no
                 # event to dedupe it by, so the log's record of durable offsets does.
                 self.stats.redelivered += 1
+                metrics.COMMANDS_SKIPPED.labels("redelivered").inc()
                 continue
             try:
                 command = COMMANDS.decode(value, RecordPosition(topic, partition, offset))
             except DecodeError as error:
                 self.stats.undecodable += 1
+                metrics.COMMANDS_SKIPPED.labels("undecodable").inc()
                 log.error("skipping an undecodable command: %s", error)
                 continue
             commands.append((partition, command))
@@ -296,6 +408,9 @@ class Processor:
         async with self._lock:
             now = utc_now()
             results: list[tuple[int, Effects]] = []
+            clock = time.perf_counter
+            observe = metrics.DECISION_SECONDS.observe
+            counter = metrics.command_counter
             for partition, command in commands:
                 engine = self.engines.get(partition)
                 if engine is None:
@@ -304,10 +419,17 @@ class Processor:
                 if command.root_workflow_exec_id and partition_for(
                         command.root_workflow_exec_id, self.settings.partitions) != partition:
                     self.stats.misrouted += 1
+                    metrics.COMMANDS_SKIPPED.labels("misrouted").inc()
                     log.error("skipping command %s: keyed for another partition than %d (root %s)",
                               command.command_id, partition, command.root_workflow_exec_id)
                     continue
-                results.append((partition, engine.handle(command, now)))
+                began = clock()
+                effects = engine.handle(command, now)
+                observe(clock() - began)
+                results.append((partition, effects))
+                if self._traces is not None:
+                    self._traces.observe(effects.events, self._command_traces.pop(command.command_id, None))
+                counter(type(command.payload)).inc()
                 self.stats.commands += 1
             await self._publish(results, on_durable)
 
@@ -320,8 +442,16 @@ class Processor:
             if not due:
                 continue
             async with self._lock:
-                results = [(engine.partition, engine.tick(utc_now(), f"tick-{new_id()}"))
-                           for engine in due if engine.partition in self.engines]
+                results = []
+                for engine in due:
+                    if engine.partition in self.engines:
+                        began = time.perf_counter()
+                        effects = engine.tick(utc_now(), f"tick-{new_id()}")
+                        metrics.DECISION_SECONDS.observe(time.perf_counter() - began)
+                        results.append((engine.partition, effects))
+                        if self._traces is not None:
+                            self._traces.observe(effects.events, None)
+                        metrics.command_counter(Tick).inc()
                 await self._publish(results)
 
     # ------------------------------------------------------------ output
@@ -337,6 +467,7 @@ class Processor:
         would no longer be the fold of the log.
         """
         assert self._producer is not None
+        began = time.perf_counter()
         topics = self.settings.topics
         appended = []
         by_partition: dict[int, list[Event]] = {}
@@ -345,12 +476,14 @@ class Processor:
         for partition, events in by_partition.items():
             appended.extend(await self._append(partition, events))
             self.stats.events += len(events)
+            metrics.count_events(events)
         outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
                 outgoing.append((topics.replies, REPLIES.encode(reply), reply.root_workflow_exec_id.encode(),
                                  partition, [("tf.command", reply.command_id.encode())]))
             for dispatch in effects.dispatches:
+                metrics.dispatch_counter((dispatch.item.task_queue, dispatch.item.kind)).inc()
                 if dispatch.item.task_queue in self.local_queues:
                     self.stats.local_tasks += 1
                     self._run_locally(dispatch)
@@ -358,12 +491,15 @@ class Processor:
                     self.stats.remote_tasks += 1
                     await self._ensure_queue(dispatch.item.task_queue)
                     outgoing.append((topics.tasks(dispatch.item.task_queue), TASKS.encode(dispatch.task),
-                                     dispatch.context.root_workflow_exec_id.encode(), None, []))
+                                     dispatch.context.root_workflow_exec_id.encode(), None,
+                                     self._trace_headers(dispatch.context.workflow_exec_id)))
+        if self._traces is not None:
+            self._traces.release()
         if appended or outgoing:
             previous = self._last_queued
             self._last_queued = asyncio.get_running_loop().create_future()
             self._last_publish = self._spawn(self._deliver(previous, self._last_queued, appended, outgoing,
-                                                           on_durable))
+                                                           on_durable, began))
         elif on_durable is not None:
             on_durable()
 
@@ -386,21 +522,25 @@ class Processor:
         durable = str(self._durable.get(partition, -1)).encode()
         for event in events:
             context = event.workflow_context
+            headers = [("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
+                       (DURABLE_HEADER, durable)]
+            if self._traces is not None:
+                headers.extend(self._trace_headers(context.workflow_exec_id))
             futures.append(await self._producer.send(
-                self.settings.topics.events, EVENTS.encode(event), key=context.root_workflow_exec_id.encode(),
-                partition=partition,
-                headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
-                         (DURABLE_HEADER, durable)]))
+                self.settings.topics.events, self._encode_event(event), key=context.root_workflow_exec_id.encode(),
+                partition=partition, headers=headers))
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
                        outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]],
-                       on_durable: Callable[[], None] | None) -> None:
+                       on_durable: Callable[[], None] | None, began: float) -> None:
         """Once `appended` are acknowledged, queue `outgoing` after the previous decision's
         (`previous` resolves when those are queued; the producer keeps that order)."""
         assert self._producer is not None
         try:
             await asyncio.gather(*appended)
+            if appended:
+                metrics.APPEND_SECONDS.observe(time.perf_counter() - began)
             if on_durable is not None:
                 on_durable()
             if previous is not None:
@@ -434,7 +574,15 @@ class Processor:
             return
 
         async def run_activity() -> None:
-            result = await runner.run_activity_task(dispatch.context, dispatch.task.payload, self._send_local)
+            began = time.perf_counter()
+            task = dispatch.task.payload
+            traceparent = self._traces.header(dispatch.context.workflow_exec_id) if self._traces else None
+            with tracing.activity_span(task.activity_name, task.activity_id, task.attempt, dispatch.context,
+                                       traceparent) as span:
+                result = await runner.run_activity_task(dispatch.context, task, self._send_local)
+                tracing.activity_outcome(span, result)
+            metrics.activity_ran(dispatch.task.payload.activity_name,
+                                 isinstance(result.payload, CompleteActivityTask), time.perf_counter() - began)
             await self._local.put(result)
 
         self._spawn(run_activity())

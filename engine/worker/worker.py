@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPositi
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
+from ..observability import metrics, tracing
 from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class Worker:
         self._watch: asyncio.Task[None] | None = None
         #: Why the worker stopped by itself (its topics vanished), else None.
         self.failed: BaseException | None = None
+        #: The next offset to take of each task partition (for `treeflow_consumer_lag`).
+        self._next_offsets: dict[TopicPartition, int] = {}
+        self._queues = {self.settings.topics.tasks(queue): queue for queue in self.task_queues}
+        self.started = False
 
     async def start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "worker")
@@ -109,6 +115,8 @@ class Worker:
             log.critical("%s", error)
             self.failed = error
             self._stopping.set()
+        metrics.CONSUMER_LAG.add(self._lag)
+        self.started = True
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
@@ -128,6 +136,28 @@ class Worker:
             await consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
+        metrics.CONSUMER_LAG.remove(self._lag)
+
+    def liveness(self) -> str | None:
+        """None while every task queue is being consumed; else which loop died, and why."""
+        for queue, loop in zip(self.task_queues, self._loops):
+            if loop.done() and not self._stopping.is_set():
+                error = None if loop.cancelled() else loop.exception()
+                return f"the worker stopped consuming {queue}: {error!r}"
+        return None
+
+    def readiness(self) -> str | None:
+        return None if self.started else "starting"
+
+    def _lag(self) -> dict[tuple[str, ...], float]:
+        lag: dict[tuple[str, ...], float] = {}
+        for consumer in self._consumers:
+            for tp in consumer.assignment():
+                highwater = consumer.highwater(tp)
+                taken = self._next_offsets.get(tp)
+                if highwater is not None and taken is not None:
+                    lag[("worker", tp.topic, str(tp.partition))] = max(highwater - taken, 0)
+        return lag
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
@@ -150,6 +180,7 @@ class Worker:
                 batches = await consumer.getmany(timeout_ms=200, max_records=500)
                 for tp, records in batches.items():
                     for record in records:
+                        self._next_offsets[tp] = record.offset + 1
                         offsets.begin(tp, record.offset)
                         await self._take(tp, record, offsets)
                 await self._commit(consumer, offsets)
@@ -166,26 +197,39 @@ class Worker:
             log.error("skipping an undecodable task: %s", error)
             offsets.finish(tp, record.offset)
             return
+        queue = self._queues.get(tp.topic, tp.topic)
         if isinstance(task.payload, m.WorkflowTask):
             self.stats.workflow_tasks += 1
+            metrics.worker_task_counter((queue, "workflow")).inc()
             await self._send(self.runner.run_workflow_task(task.workflow_context, task.task_id,
                                                            task.payload.history))
             offsets.finish(tp, record.offset)
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
+            metrics.worker_task_counter((queue, "query")).inc()
             await self._send(self.runner.run_query_task(task.workflow_context, task.payload))
             offsets.finish(tp, record.offset)
             return
+        metrics.worker_task_counter((queue, "activity")).inc()
         await self._slots.acquire()
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets))
+        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets,
+                                                       tracing.traceparent_of(record.headers)))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
-    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets) -> None:
+    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
+                            traceparent: bytes | None = None) -> None:
         try:
             self.stats.activity_tasks += 1
-            result = await self.runner.run_activity_task(task.workflow_context, task.payload, self._send)
+            began = time.perf_counter()
+            payload = task.payload
+            with tracing.activity_span(payload.activity_name, payload.activity_id, payload.attempt,
+                                       task.workflow_context, traceparent) as span:
+                result = await self.runner.run_activity_task(task.workflow_context, payload, self._send)
+                tracing.activity_outcome(span, result)
+            metrics.activity_ran(task.payload.activity_name, isinstance(result.payload, m.CompleteActivityTask),
+                                 time.perf_counter() - began)
             await self._send(result)
             offsets.finish(tp, offset)
         finally:

@@ -480,3 +480,134 @@ def test_topics_init_rejects_a_non_numeric_partition_count(compose, tmp_path):
     run = run_topics_init(compose, tmp_path, compose_env={"TREEFLOW_PARTITIONS": "twelve"})
     assert run.returncode != 0
     assert not [args for args in run.calls if "--create" in args]
+
+
+# --------------------------------------------------------------------------
+# the treeflow services, PostgreSQL and Prometheus
+# --------------------------------------------------------------------------
+
+TREEFLOW_SERVICES = ("processor", "worker", "gateway", "visibility")
+PROMETHEUS_FILE = COMPOSE_FILE.parent / "prometheus.yml"
+DOCKERFILE = COMPOSE_FILE.parent / "Dockerfile"
+#: Where each HTTP service serves /metrics and /readyz inside its container.
+HTTP_PORTS = {"processor": 9100, "worker": 9100, "gateway": 8000}
+PUBLISHED = {"processor": 9100, "worker": 9101, "gateway": 8000, "postgres": 5432, "prometheus": 9090}
+
+
+def published_ports(service: dict) -> set[tuple[str, int, int]]:
+    out = set()
+    for port in service.get("ports") or []:
+        host_ip, host_port, target = str(port).split(":")
+        out.add((host_ip, int(host_port), int(target)))
+    return out
+
+
+def healthcheck_text(service: dict) -> str:
+    test = (service.get("healthcheck") or {}).get("test")
+    assert test, "no healthcheck"
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+def test_the_whole_stack_is_there(compose):
+    assert {*BROKERS, "topics-init", *TREEFLOW_SERVICES, "postgres", "prometheus"} == set(compose["services"])
+    assert {"postgres-data", "prometheus-data"} <= set(compose["volumes"])
+
+
+def test_treeflow_services_share_the_image_kafka_and_topic_settings(compose):
+    topics_env = env_of(compose["services"]["topics-init"])
+    for name in TREEFLOW_SERVICES:
+        svc = compose["services"][name]
+        assert svc["image"] == "treeflow:local", name
+        assert svc["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
+        env = env_of(svc)
+        # Inside the network the brokers are reached on their INTERNAL listeners, all three of them.
+        internal = {f"{broker}:{parse_listeners(env_of(compose['services'][broker])['KAFKA_LISTENERS'])['INTERNAL'][1]}"
+                    for broker in BROKERS}
+        assert set(env["TREEFLOW_BOOTSTRAP_SERVERS"].split(",")) == internal, name
+        # The same topics as topics-init created, with the same partition count.
+        assert env["TREEFLOW_TOPIC_PREFIX"] == topics_env["TREEFLOW_TOPIC_PREFIX"], name
+        assert env["TREEFLOW_PARTITIONS"] == topics_env["TREEFLOW_PARTITIONS"], name
+        assert env["TREEFLOW_BROKER_PROFILE"] == "kafka" and env["TREEFLOW_REPLICATION_FACTOR"] == "3", name
+        assert svc["depends_on"]["topics-init"] == {"condition": "service_completed_successfully"}, name
+        assert svc["command"][0] == "treeflow", name
+
+
+@pytest.mark.parametrize("name", ["processor", "worker", "gateway"])
+def test_treeflow_commands_parse_with_the_real_cli(compose, name):
+    from treeflow.cli import main
+
+    command = compose["services"][name]["command"]
+    subcommand = main.commands[command[1]]
+    context = subcommand.make_context(command[1], list(command[2:]))  # raises on an unknown flag
+    port = context.params.get("metrics_port") or context.params.get("port")
+    assert port == HTTP_PORTS[name]
+    if name == "gateway":
+        assert context.params["host"] == "0.0.0.0"
+
+
+def test_the_worker_runs_the_example_module(compose):
+    import importlib.util
+
+    command = compose["services"]["worker"]["command"]
+    module = command[command.index("--module") + 1]
+    assert module == "treeflow.examples.child_workflows"
+    assert importlib.util.find_spec(module) is not None
+
+
+def test_visibility_writes_to_the_compose_postgres(compose):
+    from urllib.parse import urlparse
+
+    svc = compose["services"]["visibility"]
+    command = svc["command"]
+    assert command[:2] == ["treeflow", "visibility"]
+    url = urlparse(command[command.index("--database") + 1])
+    pg = env_of(compose["services"]["postgres"])
+    assert url.scheme in ("postgresql", "postgres")
+    assert (url.hostname, url.port or 5432) == ("postgres", 5432)
+    assert (url.username, url.password, url.path.lstrip("/")) == (
+        pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert svc["depends_on"]["postgres"] == {"condition": "service_healthy"}
+
+
+def test_services_publish_their_ports_on_localhost_only(compose):
+    for name, host_port in PUBLISHED.items():
+        ports = published_ports(compose["services"][name])
+        target = HTTP_PORTS.get(name, host_port)
+        assert ("127.0.0.1", host_port, target) in ports, (name, ports)
+    host_ports = [port for svc in compose["services"].values() for _, port, _ in published_ports(svc)]
+    assert len(host_ports) == len(set(host_ports)), "two services publish the same host port"
+
+
+def test_health_checks_ask_readyz_on_the_served_port(compose):
+    for name, port in HTTP_PORTS.items():
+        text = healthcheck_text(compose["services"][name])
+        assert f"http://127.0.0.1:{port}/readyz" in text, name
+        # urlopen raises on a 503, so the check fails while the service is not ready.
+        assert "urllib.request.urlopen" in text, name
+    assert "pg_isready" in healthcheck_text(compose["services"]["postgres"])
+    assert "/-/ready" in healthcheck_text(compose["services"]["prometheus"])
+
+
+def test_prometheus_scrapes_every_metrics_endpoint(compose):
+    svc = compose["services"]["prometheus"]
+    assert f"./{PROMETHEUS_FILE.name}:/etc/prometheus/prometheus.yml:ro" in svc["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in svc["command"]
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    targets = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets.update(static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            assert dns["type"] == "A"
+            targets.update(f"{name}:{dns['port']}" for name in dns["names"])
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert {f"{name}:{port}" for name, port in HTTP_PORTS.items()} <= targets
+
+
+def test_the_image_installs_the_extras_the_services_need():
+    text = DOCKERFILE.read_text()
+    extras = re.search(r"ARG TREEFLOW_EXTRAS=(\S+)", text).group(1).split(",")
+    assert {"processor", "serve"} <= set(extras)
+    assert 'pip install --no-cache-dir "/src[${TREEFLOW_EXTRAS}]"' in text
+    for folder in ("engine", "schemas", "consumers"):
+        assert f"COPY {folder} ./{folder}" in text
