@@ -44,6 +44,7 @@ from starlette.routing import Route
 from treeflow.kafka import KafkaSettings, partition_for
 
 from . import sse
+from .api import api_routes
 from .cursor import Cursor, CursorError, cursor_before
 from .filters import EventFilter
 from .lookup import RootCache
@@ -81,15 +82,22 @@ class _HttpError(Exception):
 
 
 def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str | None = None,
-               options: GatewayOptions | None = None) -> Starlette:
-    """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app."""
+               options: GatewayOptions | None = None, visibility_url: str | None = None) -> Starlette:
+    """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app.
+
+    Besides the streams it serves the JSON API and the web page (`treeflow.consumers.api`);
+    their visibility store is `visibility_url`, default ``$TREEFLOW_VISIBILITY_URL``.
+    """
     gateway = _Gateway(resolve_settings(bootstrap_servers, settings), options or GatewayOptions())
+    api, app_api = api_routes(gateway.settings, visibility_url)
     app = Starlette(routes=[
         Route("/v1/workflows/executions/{execution_id}/stream", gateway.execution_stream),
         Route("/v1/workflows/events/stream", gateway.events_stream),
         Route("/healthz", gateway.health),
+        *api,
     ])
     app.state.gateway = gateway
+    app.state.api = app_api
     return app
 
 
@@ -258,6 +266,9 @@ class GatewayServer:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
+        api = getattr(self.app.state, "api", None)
+        if api is not None:
+            await api.close()
 
     async def wait_stopped(self) -> None:
         """Return once the server stopped: after `stop()`, or SIGINT/SIGTERM."""

@@ -26,6 +26,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
 from treeflow.consumers.lookup import RootCache
+from treeflow.consumers.visibility import ExecutionQuery, ExecutionRecord, Freshness, VisibilityStore, open_store
+from treeflow.consumers.visibility import freshness as visibility_freshness
 from treeflow.kafka import KafkaSettings, end_offsets, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
 from treeflow.schemas import models as m
@@ -215,9 +217,13 @@ def _handler_name(handler: str | Callable[..., Any], marker: str) -> str:
 class Client:
     """A connection to treeflow's topics. Use `await Client.connect()` (or `treeflow.connect()`)."""
 
-    def __init__(self, settings: KafkaSettings, identity: str | None = None) -> None:
+    def __init__(self, settings: KafkaSettings, identity: str | None = None, *,
+                 visibility_url: str | None = None) -> None:
         self.settings = settings
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
+        #: The visibility store of `list_executions`; None: ``$TREEFLOW_VISIBILITY_URL`` when first needed.
+        self.visibility_url = visibility_url
+        self._visibility: VisibilityStore | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -229,9 +235,9 @@ class Client:
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
-                      **settings: Any) -> Client:
+                      visibility_url: str | None = None, **settings: Any) -> Client:
         """Connect to the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`."""
-        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity)
+        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity, visibility_url=visibility_url)
         await client.start()
         return client
 
@@ -260,6 +266,9 @@ class Client:
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
+        if self._visibility is not None:
+            await self._visibility.close()
+            self._visibility = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -357,6 +366,43 @@ class Client:
         root = root_execution_id or await self.find_root(execution_id)
         states = fold(await self._tree_events(root))
         return [ExecutionDescription.of(state) for state in states.values()]
+
+    # ------------------------------------------------------------ visibility
+
+    async def list_executions(self, *, status: str | list[str] | None = None, workflow_name: str | None = None,
+                              root_execution_id: str | None = None, parent_execution_id: str | None = None,
+                              since: str | datetime | timedelta | None = None,
+                              limit: int = 100) -> list[ExecutionRecord]:
+        """Executions from the visibility store, newest start first (see `treeflow.consumers.visibility`).
+
+        Every filter given must hold: `status` (one, a list, or comma-separated; ``open`` /
+        ``closed``), workflow name, root, parent, started at or after `since` (a time, a
+        `timedelta` back from now, or ``"15m"``). The store lags the events topic by
+        `visibility_freshness().lag` events. Raises `VisibilityError` when no store is set
+        (``visibility_url`` or ``$TREEFLOW_VISIBILITY_URL``) and `QueryError` for a bad filter.
+        """
+        query = ExecutionQuery.of(status=status, workflow_name=workflow_name, root_execution_id=root_execution_id,
+                                  parent_execution_id=parent_execution_id, since=since, limit=limit)
+        return await (await self._visibility_store()).list(query)
+
+    async def count_executions(self, *, status: str | list[str] | None = None, workflow_name: str | None = None,
+                               root_execution_id: str | None = None, parent_execution_id: str | None = None,
+                               since: str | datetime | timedelta | None = None) -> int:
+        """How many executions of the visibility store match the filters (those of `list_executions`)."""
+        query = ExecutionQuery.of(status=status, workflow_name=workflow_name, root_execution_id=root_execution_id,
+                                  parent_execution_id=parent_execution_id, since=since)
+        return await (await self._visibility_store()).count(query)
+
+    async def visibility_freshness(self) -> Freshness:
+        """How far the visibility store is behind the events topic (`Freshness.lag`, in events)."""
+        return await visibility_freshness(await self._visibility_store(), self.settings)
+
+    async def _visibility_store(self) -> VisibilityStore:
+        if self._visibility is None:
+            store = open_store(self.visibility_url)
+            await store.open()
+            self._visibility = store
+        return self._visibility
 
     async def _tree_events(self, root: str) -> list[Event]:
         reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)], key=root)
