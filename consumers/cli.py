@@ -52,8 +52,10 @@ def _serve_extra(error: ImportError) -> None:
                    "Default: $TREEFLOW_VISIBILITY_URL.")
 @click.option("--run-visibility", is_flag=True,
               help="Also keep that store from the events topic in this process (as `treeflow visibility` does).")
+@click.option("--group-id", metavar="GROUP",
+              help="The consumer group of --run-visibility (one per store). Default: <prefix>.visibility.")
 def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: int, keepalive: float,
-          scan_for_roots: bool, database: str | None, run_visibility: bool) -> None:
+          scan_for_roots: bool, database: str | None, run_visibility: bool, group_id: str | None) -> None:
     """Serve the web page, the JSON API and workflow trees as server-sent events until SIGINT/SIGTERM.
 
     \b
@@ -76,7 +78,7 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
     options = GatewayOptions(keepalive=timedelta(seconds=keepalive), scan_for_roots=scan_for_roots)
     server = GatewayServer(create_app(settings, options=options, visibility_url=database), host=host, port=port)
     try:
-        service = VisibilityService(database, settings=settings) if run_visibility else None
+        service = VisibilityService(database, settings=settings, group_id=group_id) if run_visibility else None
     except VisibilityError as error:
         fail_cleanly(error)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -183,3 +184,44 @@ async def test_the_http_api_lists_counts_and_controls(tree_env: Environment, tre
                                                                        workflow_name="tree_straggler"),
                                lambda rows: rows[0].status == "TERMINATED")
         assert row[0].close_reason == "from the test"
+
+
+async def test_treeflow_visibility_and_serve_run_the_service(tree_env: Environment, trees: dict[str, str],
+                                                             tmp_path) -> None:
+    """The standalone service fills a store of its own; `serve --run-visibility` fills another and answers
+    from it; both stop on SIGTERM."""
+    common = ["--bootstrap-servers", tree_env.settings.bootstrap_servers, "--prefix", tree_env.settings.topic_prefix]
+    alone = f"sqlite:///{tmp_path}/alone.db"
+    served = f"sqlite:///{tmp_path}/served.db"
+    service = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from treeflow.cli import main; main()", "visibility", "--database", alone,
+        "--group-id", f"cli-{uuid.uuid4().hex[:6]}", *common, stderr=asyncio.subprocess.PIPE)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from treeflow.cli import main; main()", "serve", "--port", "0", "--run-visibility",
+        "--database", served, "--group-id", f"serve-{uuid.uuid4().hex[:6]}", *common, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert server.stderr is not None and service.stderr is not None
+        async with asyncio.timeout(30):
+            assert "treeflow visibility:" in (await service.stderr.readline()).decode()
+            url = (await server.stderr.readline()).decode().split(" on ")[1].split()[0]
+        a = trees["a"]
+        async with open_store(alone) as store:
+            rows = await eventually(lambda: store.list(ExecutionQuery.of(root_execution_id=a)),
+                                    lambda rows: len(rows) == 4 and all(r.status == "COMPLETED" for r in rows),
+                                    timeout=60, interval=0.3)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            async def count() -> int:
+                return int((await http.get("/api/executions/count", params={"root": a})).json()["count"])
+            await eventually(count, lambda n: n == 4, timeout=60, interval=0.3)
+        for process in (service, server):
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(40):
+            assert await service.wait() == 0
+            assert await server.wait() in (0, -signal.SIGTERM)
+        assert [r.execution_id for r in rows] == [r.execution_id for r in await tree_env.client.list_executions(
+            root_execution_id=a)]
+    finally:
+        for process in (service, server):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
