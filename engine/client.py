@@ -26,7 +26,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
 from treeflow.consumers.lookup import RootCache
-from treeflow.consumers.visibility import ExecutionQuery, ExecutionRecord, Freshness, VisibilityStore, open_store
+from treeflow.consumers.visibility import (
+    VISIBILITY_URL_ENV,
+    ExecutionQuery,
+    ExecutionRecord,
+    Freshness,
+    VisibilityStore,
+    open_store,
+)
 from treeflow.consumers.visibility import freshness as visibility_freshness
 from treeflow.kafka import KafkaSettings, end_offsets, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
@@ -336,9 +343,14 @@ class Client:
         child's default id is `<parent id>.<suffix>`), then the others, decoding only the
         execution's own records and stopping at its first event. Cost: the records ahead
         of that event in its partition; for an id that names none of its ancestors, up to
-        one pass over the whole events topic. Raises `CommandRejectedError` when no event
-        names the execution.
+        one pass over the whole events topic. When a visibility store is set (``visibility_url`` or
+        ``$TREEFLOW_VISIBILITY_URL``) and keeps this client's events topic, its row answers first
+        (one indexed read). Raises `CommandRejectedError` when no event names the execution.
         """
+        root = await self._root_from_visibility(execution_id)
+        if root is not None:
+            self._roots.remember(execution_id, root)
+            return root
         root = await self._roots.find(execution_id)
         if root is None:
             raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
@@ -396,6 +408,20 @@ class Client:
     async def visibility_freshness(self) -> Freshness:
         """How far the visibility store is behind the events topic (`Freshness.lag`, in events)."""
         return await visibility_freshness(await self._visibility_store(), self.settings)
+
+    async def _root_from_visibility(self, execution_id: str) -> str | None:
+        """The root the visibility store records, if one is set and fed from this client's events topic."""
+        if self.visibility_url is None and not os.environ.get(VISIBILITY_URL_ENV):
+            return None
+        try:
+            store = await self._visibility_store()
+            if not (await store.positions(self.settings.topics.events))[0]:
+                return None  # a store of other topics (or still empty): its rows do not answer for ours
+            row = await store.get(execution_id)
+        except Exception as error:  # noqa: BLE001 - the events topic still answers
+            log.debug("visibility store not used for the root of %s: %r", execution_id, error)
+            return None
+        return row.root_execution_id if row is not None else None
 
     async def _visibility_store(self) -> VisibilityStore:
         if self._visibility is None:

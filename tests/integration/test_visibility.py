@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -225,3 +226,27 @@ async def test_treeflow_visibility_and_serve_run_the_service(tree_env: Environme
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_the_client_finds_roots_in_the_store_without_reading_the_topic(
+        tree_env: Environment, trees: dict[str, str]) -> None:
+    from treeflow.client import Client
+
+    a = trees["a"]
+    [grandchild] = await tree_env.client.list_executions(root_execution_id=a, workflow_name="tree_grandchild")
+    client = Client(tree_env.settings)
+    await client.start()
+    try:
+        async def no_topic_read(execution_id: str) -> str | None:
+            raise AssertionError(f"the events topic was read for the root of {execution_id}")
+
+        client._roots.find = no_topic_read  # type: ignore[method-assign]
+        assert await client.find_root(grandchild.execution_id) == a
+        described = await client.describe(grandchild.execution_id)
+        assert (described.status.value, described.root_execution_id) == ("COMPLETED", a)
+        # A store of other topics does not answer: the lookup falls back to the topic.
+        other = Client(replace(tree_env.settings, topic_prefix=f"other-{uuid.uuid4().hex[:6]}"))
+        assert await other._root_from_visibility(grandchild.execution_id) is None
+        await other.close()
+    finally:
+        await client.close()
