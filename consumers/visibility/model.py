@@ -41,8 +41,9 @@ class ExecutionRecord:
     parent_execution_id: str | None
     root_execution_id: str
     task_queue: str
-    #: When the execution's first run started (None if its start was not read, e.g. a store fed from "latest").
-    start_time: datetime | None
+    #: When the execution's first run started (or, if its start was never read, e.g. by a service that
+    #: began at the end of the topic, the time of the first event the store got).
+    start_time: datetime
     #: When it closed (status not RUNNING); None while it runs.
     close_time: datetime | None
     #: Why it closed, on one line: the failure ("Type: message"), the terminate reason, the timeout.

@@ -38,7 +38,7 @@ SCHEMA = [
         parent_execution_id TEXT,
         root_execution_id TEXT NOT NULL,
         task_queue TEXT NOT NULL,
-        start_time BIGINT,
+        start_time BIGINT NOT NULL,
         close_time BIGINT,
         close_reason TEXT,
         failure_json TEXT,
@@ -48,11 +48,14 @@ SCHEMA = [
         last_event_time BIGINT NOT NULL,
         partition_id INTEGER NOT NULL,
         event_offset BIGINT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS tf_executions_status ON tf_executions (status, start_time)",
-    "CREATE INDEX IF NOT EXISTS tf_executions_name ON tf_executions (workflow_name, start_time)",
-    "CREATE INDEX IF NOT EXISTS tf_executions_root ON tf_executions (root_execution_id, start_time)",
-    "CREATE INDEX IF NOT EXISTS tf_executions_parent ON tf_executions (parent_execution_id, start_time)",
-    "CREATE INDEX IF NOT EXISTS tf_executions_start ON tf_executions (start_time)",
+    # Each filter's index ends with the list order (start_time, execution_id): a filtered,
+    # limited list reads the index backwards and stops, sorting nothing.
+    "CREATE INDEX IF NOT EXISTS tf_executions_status ON tf_executions (status, start_time, execution_id)",
+    "CREATE INDEX IF NOT EXISTS tf_executions_name ON tf_executions (workflow_name, start_time, execution_id)",
+    "CREATE INDEX IF NOT EXISTS tf_executions_root ON tf_executions (root_execution_id, start_time, execution_id)",
+    "CREATE INDEX IF NOT EXISTS tf_executions_parent ON tf_executions (parent_execution_id, start_time, "
+    "execution_id)",
+    "CREATE INDEX IF NOT EXISTS tf_executions_start ON tf_executions (start_time, execution_id)",
     "CREATE INDEX IF NOT EXISTS tf_executions_close ON tf_executions (close_time)",
     """CREATE TABLE IF NOT EXISTS tf_visibility_offsets (
         topic TEXT NOT NULL,
@@ -69,7 +72,7 @@ INSERT INTO tf_executions (execution_id, run_id, workflow_name, status, parent_e
     task_queue, start_time, close_time, close_reason, failure_json, attempt, last_sequence, last_event_type,
     last_event_time, partition_id, event_offset)
 VALUES (:execution_id, :run_id, :workflow_name, COALESCE(CAST(:status AS TEXT), 'RUNNING'),
-    :parent_execution_id, :root_execution_id, :task_queue, :start_time, :close_time, :close_reason, :failure_json,
+    :parent_execution_id, :root_execution_id, :task_queue, COALESCE(:start_time, :last_event_time), :close_time, :close_reason, :failure_json,
     COALESCE(CAST(:attempt AS INTEGER), 1), :last_sequence, :last_event_type, :last_event_time, :partition_id,
     :event_offset)
 ON CONFLICT (execution_id) DO UPDATE SET
@@ -79,8 +82,8 @@ ON CONFLICT (execution_id) DO UPDATE SET
     parent_execution_id = excluded.parent_execution_id,
     root_execution_id = excluded.root_execution_id,
     task_queue = excluded.task_queue,
-    start_time = CASE WHEN CAST(:fresh_start AS INTEGER) = 1 OR tf_executions.start_time IS NULL
-                      THEN excluded.start_time ELSE tf_executions.start_time END,
+    start_time = CASE WHEN CAST(:fresh_start AS INTEGER) = 1 THEN excluded.start_time
+                      ELSE tf_executions.start_time END,
     close_time = CASE WHEN CAST(:status AS TEXT) IS NULL THEN tf_executions.close_time ELSE excluded.close_time END,
     close_reason = CASE WHEN CAST(:status AS TEXT) IS NULL THEN tf_executions.close_reason
                         ELSE excluded.close_reason END,
@@ -125,7 +128,8 @@ def record_of(row: Sequence[Any]) -> ExecutionRecord:
         execution_id=values["execution_id"], run_id=values["run_id"], workflow_name=values["workflow_name"],
         status=values["status"], parent_execution_id=values["parent_execution_id"],
         root_execution_id=values["root_execution_id"], task_queue=values["task_queue"],
-        start_time=from_millis(values["start_time"]), close_time=from_millis(values["close_time"]),
+        start_time=from_millis(values["start_time"]),  # type: ignore[arg-type]
+        close_time=from_millis(values["close_time"]),
         close_reason=values["close_reason"], failure_json=values["failure_json"], attempt=values["attempt"],
         last_sequence=values["last_sequence"], last_event_type=values["last_event_type"],
         last_event_time=from_millis(values["last_event_time"]),  # type: ignore[arg-type]
@@ -154,9 +158,8 @@ def where(query: ExecutionQuery) -> tuple[str, dict[str, Any]]:
 def list_sql(query: ExecutionQuery) -> tuple[str, dict[str, Any]]:
     clause, params = where(query)
     params["limit"] = query.limit
-    # Newest first; a row whose start was not read sorts last.
     return (f"SELECT {', '.join(COLUMNS)} FROM tf_executions{clause} "
-            "ORDER BY start_time IS NULL, start_time DESC, execution_id LIMIT :limit", params)
+            "ORDER BY start_time DESC, execution_id DESC LIMIT :limit", params)
 
 
 def count_sql(query: ExecutionQuery) -> tuple[str, dict[str, Any]]:
