@@ -164,10 +164,15 @@ def visibility_command(database: str | None, bootstrap_servers: str | None, pref
         runner = asyncio.ensure_future(service.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.subscription.stop()))
+            # Cancelling run() stops the subscription in order: what was read is applied and committed.
+            loop.add_signal_handler(sig, runner.cancel)
         click.echo(f"treeflow visibility: {settings.topics.events} on {settings.bootstrap_servers} -> "
                    f"{service.store.url} (group {service.group_id})", err=True)
-        await runner
+        try:
+            await runner
+        except asyncio.CancelledError:
+            if not runner.cancelled():
+                raise
 
     try:
         asyncio.run(run())

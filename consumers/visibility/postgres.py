@@ -83,6 +83,9 @@ class PostgresStore(VisibilityStore):
                 await connection.close()
 
     async def _conn(self) -> psycopg.AsyncConnection[Any]:
+        if self._connection is not None and (self._connection.closed or self._connection.broken):
+            # The server went away (restart, failover): connect again; the caller's retry goes on.
+            self._connection = None
         if self._connection is None:
             await self.open()
         assert self._connection is not None

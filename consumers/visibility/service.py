@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +27,18 @@ from .model import ExecutionUpdate, Freshness
 from .store import VisibilityStore, open_store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _UntilStored(ServiceOptions):
+    def backoff(self, attempt: int) -> float:
+        return super().backoff(min(attempt, 64))  # the exponent stays finite however long the outage
+
+
+#: The service's subscription options: an event whose write fails is retried with backoff (up to 30 s
+#: apart) until the store takes it. A store outage stalls the service; it never parks an event on
+#: the dead-letter topic (only undecodable records go there), so no row misses an event.
+DEFAULT_OPTIONS: ServiceOptions = _UntilStored(max_attempts=2**62, max_backoff=timedelta(seconds=30))
 
 
 def default_group_id(settings: KafkaSettings) -> str:
@@ -68,7 +81,8 @@ class VisibilityService:
         self.max_batch = max_batch
         self.stats = VisibilityStats()
         self.subscription: ServiceSubscription = subscribe(self._handle, group_id=self.group_id,
-                                                           settings=self.settings, options=options)
+                                                           settings=self.settings,
+                                                           options=options or DEFAULT_OPTIONS)
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None

@@ -250,3 +250,37 @@ async def test_the_client_finds_roots_in_the_store_without_reading_the_topic(
         await other.close()
     finally:
         await client.close()
+
+
+async def test_a_store_outage_stalls_the_service_and_loses_nothing(tree_env: Environment, trees: dict[str, str],
+                                                                   tmp_path) -> None:
+    """A 4 s outage (more failed attempts per event than a subscription's default 5): the events wait,
+    none is dead-lettered, every row arrives."""
+    from treeflow.consumers.visibility.service import DEFAULT_OPTIONS
+
+    assert DEFAULT_OPTIONS.backoff(10**6) == 30.0
+    inner = open_store(f"sqlite:///{tmp_path}/outage.db")
+
+    class Flaky(type(inner)):  # type: ignore[misc]
+        failures = 0
+        down_until: float | None = None
+
+        async def apply(self, updates, positions):  # type: ignore[no-untyped-def]
+            now = asyncio.get_running_loop().time()
+            Flaky.down_until = Flaky.down_until or now + 4.0
+            if now < Flaky.down_until:
+                Flaky.failures += 1
+                raise OSError("the database is down")
+            await super().apply(updates, positions)
+
+    store = Flaky(inner.url)
+    async with store:
+        service = VisibilityService(store, settings=tree_env.settings, group_id=f"outage-{uuid.uuid4().hex[:6]}")
+        async with service:
+            rows = await eventually(lambda: store.list(ExecutionQuery.of(root_execution_id=trees["a"])),
+                                    lambda rows: len(rows) == 4 and all(r.status == "COMPLETED" for r in rows),
+                                    timeout=90, interval=0.3)
+        assert Flaky.failures >= 5 and service.stats.failures == Flaky.failures
+        assert service.subscription.stats.dead_lettered == 0 and service.subscription.stats.retries >= 5
+    assert [r.execution_id for r in rows] == [
+        r.execution_id for r in await tree_env.client.list_executions(root_execution_id=trees["a"])]

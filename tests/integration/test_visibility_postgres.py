@@ -99,3 +99,15 @@ async def test_list_and_count_against_postgres(tree_env: Environment, database: 
             "--parent", roots[1], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(process.communicate(), 60)
         assert (process.returncode, out.decode().strip()) == (0, "2"), err.decode()
+
+
+async def test_the_store_connects_again_after_the_server_dropped_it(database: str) -> None:
+    async with open_store(database) as store:
+        assert await store.count(ExecutionQuery()) == 0
+        pid = store._connection.info.backend_pid  # type: ignore[attr-defined]
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            await store.count(ExecutionQuery())  # this call fails (the service retries it) ...
+        assert await store.count(ExecutionQuery()) == 0  # ... and the next one has a new connection
+        assert store._connection.info.backend_pid != pid  # type: ignore[attr-defined]
