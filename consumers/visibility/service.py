@@ -184,5 +184,5 @@ async def freshness(store: VisibilityStore, settings: KafkaSettings, *, ask_kafk
                 ends = await end_offsets(settings, [TopicPartition(topic, p) for p in range(settings.partitions)])
             end = {tp.partition: offset for tp, offset in ends.items()}
         except Exception as error:  # noqa: BLE001 - freshness is reported as unknown, the answer still stands
-            log.warning("cannot read the end of %s for the visibility lag: %r", topic, error)
+            log.info("cannot read the end of %s for the visibility lag: %r", topic, error)
     return Freshness(applied=applied, end=end, applied_at=applied_at)
