@@ -40,11 +40,22 @@ def _serve_extra(error: ImportError) -> None:
 @click.option("--scan-for-roots", is_flag=True,
               help="Find an execution's tree by reading every partition when its id does not name its root "
                    "(a full-topic read per unknown execution).")
+@click.option("--database", metavar="URL",
+              help="The visibility store the page and /api/executions read: sqlite:///FILE or postgresql://... "
+                   "Default: $TREEFLOW_VISIBILITY_URL.")
+@click.option("--run-visibility", is_flag=True,
+              help="Also keep that store from the events topic in this process (as `treeflow visibility` does).")
+@click.option("--group-id", metavar="GROUP",
+              help="The consumer group of --run-visibility (one per store). Default: <prefix>.visibility.")
 def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: int, keepalive: float,
-          scan_for_roots: bool) -> None:
-    """Serve workflow trees as server-sent events over HTTP until SIGINT/SIGTERM.
+          scan_for_roots: bool, database: str | None, run_visibility: bool, group_id: str | None) -> None:
+    """Serve the web page, the JSON API and workflow trees as server-sent events until SIGINT/SIGTERM.
 
     \b
+    GET /                 the web page: executions, a live tree, histories, signal/cancel/terminate
+    GET /api/executions?status=...&workflow=...&root=...&parent=...&since=...&limit=...
+    GET /api/executions/count?...   GET /api/executions/{execution_id}
+    POST /api/executions/{execution_id}/signal|cancel|terminate
     GET /v1/workflows/executions/{execution_id}/stream
     GET /v1/workflows/events/stream?root_workflow_exec_id=...&workflow_event_types=...&start_seq=...
     """
@@ -54,18 +65,30 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
         from .gateway import GatewayOptions, GatewayServer, create_app
     except ImportError as error:
         _serve_extra(error)
+    from .visibility import VisibilityError, VisibilityService
+
     settings = _settings(bootstrap_servers, prefix)
     options = GatewayOptions(keepalive=timedelta(seconds=keepalive), scan_for_roots=scan_for_roots)
-    server = GatewayServer(create_app(settings, options=options), host=host, port=port)
+    server = GatewayServer(create_app(settings, options=options, visibility_url=database), host=host, port=port)
+    try:
+        service = VisibilityService(database, settings=settings, group_id=group_id) if run_visibility else None
+    except VisibilityError as error:
+        fail_cleanly(error)
 
     async def run() -> None:
         from .reader import partition_count
 
         await partition_count(settings)  # fail now, in one line, when Kafka or the events topic is missing
-        await server.start()
-        click.echo(f"treeflow gateway on {server.url} streaming {settings.topics.events} "
-                   f"from {settings.bootstrap_servers}", err=True)
-        await server.wait_stopped()
+        if service is not None:
+            await service.start()
+        try:
+            await server.start()
+            click.echo(f"treeflow gateway on {server.url} streaming {settings.topics.events} "
+                       f"from {settings.bootstrap_servers}", err=True)
+            await server.wait_stopped()
+        finally:
+            if service is not None:
+                await service.stop()
 
     asyncio.run(run())
 
@@ -184,3 +207,6 @@ def export(bootstrap_servers: str | None, prefix: str | None, format_: str, outp
 
 
 main.add_command(export)
+
+# `treeflow list`, `count` and `visibility` register themselves the same way.
+import treeflow.consumers.visibility.cli  # noqa: E402,F401

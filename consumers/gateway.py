@@ -46,6 +46,7 @@ from treeflow.observability import metrics
 from treeflow.observability.http import KafkaProbe
 
 from . import sse
+from .api import api_routes
 from .cursor import Cursor, CursorError, cursor_before
 from .filters import EventFilter
 from .lookup import RootCache
@@ -83,17 +84,24 @@ class _HttpError(Exception):
 
 
 def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str | None = None,
-               options: GatewayOptions | None = None) -> Starlette:
-    """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app."""
+               options: GatewayOptions | None = None, visibility_url: str | None = None) -> Starlette:
+    """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app.
+
+    Besides the streams it serves the JSON API and the web page (`treeflow.consumers.api`);
+    their visibility store is `visibility_url`, default ``$TREEFLOW_VISIBILITY_URL``.
+    """
     gateway = _Gateway(resolve_settings(bootstrap_servers, settings), options or GatewayOptions())
+    api, app_api = api_routes(gateway.settings, visibility_url)
     app = Starlette(routes=[
         Route("/v1/workflows/executions/{execution_id}/stream", gateway.execution_stream),
         Route("/v1/workflows/events/stream", gateway.events_stream),
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
+        *api,
     ])
     app.state.gateway = gateway
+    app.state.api = app_api
     return app
 
 
@@ -277,6 +285,9 @@ class GatewayServer:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
+        api = getattr(self.app.state, "api", None)
+        if api is not None:
+            await api.close()
 
     async def wait_stopped(self) -> None:
         """Return once the server stopped: after `stop()`, or SIGINT/SIGTERM."""

@@ -28,6 +28,15 @@ from aiokafka.errors import KafkaError
 
 from treeflow.consumers import EventReader
 from treeflow.consumers.lookup import RootCache
+from treeflow.consumers.visibility import (
+    VISIBILITY_URL_ENV,
+    ExecutionQuery,
+    ExecutionRecord,
+    Freshness,
+    VisibilityStore,
+    open_store,
+)
+from treeflow.consumers.visibility import freshness as visibility_freshness
 from treeflow.kafka import KafkaSettings, adopt_partitions, clients, end_offsets, partition_for, watch_topics
 from treeflow.kafka.errors import from_kafka_error
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
@@ -312,10 +321,13 @@ class Client:
     """
 
     def __init__(self, settings: KafkaSettings, identity: str | None = None, *,
-                 command_timeout: float | None = None) -> None:
+                 command_timeout: float | None = None, visibility_url: str | None = None) -> None:
         self.settings = settings
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self.command_timeout = _command_timeout(command_timeout)
+        #: The visibility store of `list_executions`; None: ``$TREEFLOW_VISIBILITY_URL`` when first needed.
+        self.visibility_url = visibility_url
+        self._visibility: VisibilityStore | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -329,12 +341,15 @@ class Client:
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
-                      command_timeout: float | None = None, **settings: Any) -> Client:
+                      command_timeout: float | None = None, visibility_url: str | None = None,
+                      **settings: Any) -> Client:
         """Connect to the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`.
 
-        Raises `BrokerUnreachableError` (or another `treeflow.kafka.errors` error) when Kafka does not answer there (nothing is left open).
+        Raises `BrokerUnreachableError` (or another `treeflow.kafka.errors` error) when Kafka does
+        not answer there (nothing is left open).
         """
-        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity, command_timeout=command_timeout)
+        client = cls(KafkaSettings.resolve(bootstrap_servers, **settings), identity, command_timeout=command_timeout,
+                     visibility_url=visibility_url)
         await client.start()
         return client
 
@@ -373,6 +388,9 @@ class Client:
             await consumer.stop()
         if producer is not None:
             await producer.stop()
+        if self._visibility is not None:
+            await self._visibility.close()
+            self._visibility = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -454,9 +472,14 @@ class Client:
         child's default id is `<parent id>.<suffix>`), then the others, decoding only the
         execution's own records and stopping at its first event. Cost: the records ahead
         of that event in its partition; for an id that names none of its ancestors, up to
-        one pass over the whole events topic. Raises `ExecutionNotFoundError` when no event
-        names the execution.
+        one pass over the whole events topic. When a visibility store is set (``visibility_url`` or
+        ``$TREEFLOW_VISIBILITY_URL``) and keeps this client's events topic, its row answers first
+        (one indexed read). Raises `ExecutionNotFoundError` when no event names the execution.
         """
+        root = await self._root_from_visibility(execution_id)
+        if root is not None:
+            self._roots.remember(execution_id, root)
+            return root
         root = await self._roots.find(execution_id)
         if root is None:
             raise ExecutionNotFoundError(f"workflow execution {execution_id} not found: no event of it in "
@@ -486,6 +509,57 @@ class Client:
         root = root_execution_id or await self.find_root(execution_id)
         events = await self._tree_events(root)
         return [ExecutionDescription.of(state, _of(events, exec_id)) for exec_id, state in fold(events).items()]
+
+    # ------------------------------------------------------------ visibility
+
+    async def list_executions(self, *, status: str | list[str] | None = None, workflow_name: str | None = None,
+                              root_execution_id: str | None = None, parent_execution_id: str | None = None,
+                              since: str | datetime | timedelta | None = None,
+                              limit: int = 100) -> list[ExecutionRecord]:
+        """Executions from the visibility store, newest start first (see `treeflow.consumers.visibility`).
+
+        Every filter given must hold: `status` (one, a list, or comma-separated; ``open`` /
+        ``closed``), workflow name, root, parent, started at or after `since` (a time, a
+        `timedelta` back from now, or ``"15m"``). The store lags the events topic by
+        `visibility_freshness().lag` events. Raises `VisibilityError` when no store is set
+        (``visibility_url`` or ``$TREEFLOW_VISIBILITY_URL``) and `QueryError` for a bad filter.
+        """
+        query = ExecutionQuery.of(status=status, workflow_name=workflow_name, root_execution_id=root_execution_id,
+                                  parent_execution_id=parent_execution_id, since=since, limit=limit)
+        return await (await self._visibility_store()).list(query)
+
+    async def count_executions(self, *, status: str | list[str] | None = None, workflow_name: str | None = None,
+                               root_execution_id: str | None = None, parent_execution_id: str | None = None,
+                               since: str | datetime | timedelta | None = None) -> int:
+        """How many executions of the visibility store match the filters (those of `list_executions`)."""
+        query = ExecutionQuery.of(status=status, workflow_name=workflow_name, root_execution_id=root_execution_id,
+                                  parent_execution_id=parent_execution_id, since=since)
+        return await (await self._visibility_store()).count(query)
+
+    async def visibility_freshness(self) -> Freshness:
+        """How far the visibility store is behind the events topic (`Freshness.lag`, in events)."""
+        return await visibility_freshness(await self._visibility_store(), self.settings)
+
+    async def _root_from_visibility(self, execution_id: str) -> str | None:
+        """The root the visibility store records, if one is set and fed from this client's events topic."""
+        if self.visibility_url is None and not os.environ.get(VISIBILITY_URL_ENV):
+            return None
+        try:
+            store = await self._visibility_store()
+            if not (await store.positions(self.settings.topics.events))[0]:
+                return None  # a store of other topics (or still empty): its rows do not answer for ours
+            row = await store.get(execution_id)
+        except Exception as error:  # noqa: BLE001 - the events topic still answers
+            log.debug("visibility store not used for the root of %s: %r", execution_id, error)
+            return None
+        return row.root_execution_id if row is not None else None
+
+    async def _visibility_store(self) -> VisibilityStore:
+        if self._visibility is None:
+            store = open_store(self.visibility_url)
+            await store.open()
+            self._visibility = store
+        return self._visibility
 
     async def _tree_events(self, root: str) -> list[Event]:
         reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)], key=root)

@@ -49,6 +49,9 @@ async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None])
         echo(f"treeflow dev: broker {settings.bootstrap_servers}, topics {settings.topic_prefix}.*, "
              f"{len(env.workflows)} workflow(s) {sorted(env.workflows)}, "
              f"{len(env.activities)} activity(ies) {sorted(env.activities)} on {env.task_queues}")
+        echo(f"treeflow dev: visibility store {env.visibility_url}; from another shell: "
+             f"TREEFLOW_BOOTSTRAP_SERVERS={settings.bootstrap_servers} TREEFLOW_TOPIC_PREFIX={settings.topic_prefix} "
+             f"TREEFLOW_VISIBILITY_URL={env.visibility_url} treeflow list")
         main = getattr(module, "main", None)
         has_main = main is not None and inspect.iscoroutinefunction(main)
         if not has_main and not serve:

@@ -5,10 +5,12 @@
 
 It uses the Kafka named by `bootstrap_servers` or `TREEFLOW_BOOTSTRAP_SERVERS`, or
 the embedded broker: one per process (`shared_broker()`), started by the first
-environment and reused by the next ones (`own_broker=True` starts one of its own); creates the topics under its own prefix; and runs the
-processor with the given workflows and activities hosted in-process. While it runs,
-`TREEFLOW_*` variables point at it, so `treeflow.execute_workflow` and
-`treeflow.connect()` need no arguments.
+environment and reused by the next ones (`own_broker=True` starts one of its own); creates
+the topics under its own prefix; and runs the processor with the given workflows and
+activities hosted in-process, and the visibility service on a SQLite file of its own
+(``visibility=False`` leaves it out). While it runs, `TREEFLOW_*` variables point at it
+(`TREEFLOW_VISIBILITY_URL` too), so `treeflow.execute_workflow`, `treeflow.connect()` and
+`client.list_executions()` need no arguments.
 
 `Replayer` (from `treeflow.replay`) checks changed workflow code against recorded
 histories.
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable
 from types import ModuleType, TracebackType
 from typing import Any
 
+from treeflow.consumers.visibility import VISIBILITY_URL_ENV, VisibilityService
 from treeflow.kafka import TANSU, BrokerProfile, EmbeddedBroker, KafkaSettings, ensure_topics
 from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -54,7 +59,7 @@ class Environment:
                  modules: Iterable[ModuleType] = (), bootstrap_servers: str | None = None,
                  topic_prefix: str | None = None, partitions: int | None = None,
                  task_queues: Iterable[str] | None = None, profile: BrokerProfile | None = None,
-                 own_broker: bool = False) -> None:
+                 own_broker: bool = False, visibility: bool = True) -> None:
         found_workflows, found_activities = collect(modules)
         self.workflows = {**found_workflows, **{d.name: d for d in map(workflow_definition, workflows)}}
         self.activities = {**found_activities, **{a.name: a for a in activities}}
@@ -72,6 +77,11 @@ class Environment:
         self.settings: KafkaSettings | None = None
         self.processor: Processor | None = None
         self.client: Client = None  # type: ignore[assignment]
+        self._visibility = visibility
+        self._visibility_dir: str | None = None
+        #: The visibility service keeping `visibility_url` (None with ``visibility=False``).
+        self.visibility: VisibilityService | None = None
+        self.visibility_url: str | None = None
 
     async def __aenter__(self) -> Environment:
         await self.start()
@@ -101,6 +111,12 @@ class Environment:
         self.processor = Processor(self.settings, runner=runner, local_queues=self.task_queues)
         await self.processor.start()
         await self.processor.wait_assigned()
+        if self._visibility:
+            self._visibility_dir = tempfile.mkdtemp(prefix="treeflow-visibility-")
+            self.visibility_url = f"sqlite:///{self._visibility_dir}/visibility.db"
+            self._export({VISIBILITY_URL_ENV: self.visibility_url})
+            self.visibility = VisibilityService(self.visibility_url, settings=self.settings)
+            await self.visibility.start()  # it joins its group in the background
         self.client = Client(self.settings)
         await self.client.start()
 
@@ -108,6 +124,10 @@ class Environment:
         await close_default_clients()
         if self.client is not None:
             await self.client.close()
+        if self.visibility is not None:
+            await self.visibility.stop()
+        if self._visibility_dir is not None:
+            shutil.rmtree(self._visibility_dir, ignore_errors=True)
         if self.processor is not None:
             await self.processor.stop()
         if self._broker is not None:

@@ -31,6 +31,7 @@ def test_the_wheel_holds_only_the_treeflow_namespace_and_its_schemas(tmp_path: P
     assert {name.split("/")[0] for name in names} == {"treeflow", wheel.name.split("-py3")[0] + ".dist-info"}
     assert "treeflow/schemas/avro/events/Event.avsc" in names
     assert "treeflow/schemas/avro/history/event-v1.avsc" in names
+    assert "treeflow/consumers/web/index.html" in names and "treeflow/consumers/web/app.js" in names
     # Every package of the source tree is in the wheel (the list in pyproject.toml is by hand).
     for top, installed in (("engine", "treeflow"), ("schemas", "treeflow/schemas"), ("consumers", "treeflow/consumers")):
         for init in (ROOT / top).rglob("__init__.py"):
