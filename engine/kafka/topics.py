@@ -177,7 +177,7 @@ async def _partition_counts(client: AIOKafkaClient, names: list[str]) -> dict[st
 
 
 async def adopt_partitions(settings: KafkaSettings, role: str) -> KafkaSettings:
-    """`settings` with the partition count the commands and events topics have on the broker.
+    """`settings` with the partition count the commands, events and replies topics have on the broker.
 
     Raises `TopicsMissingError` when one of them does not exist, and
     `PartitionMismatchError` when they disagree with each other, or with a count the
@@ -185,19 +185,21 @@ async def adopt_partitions(settings: KafkaSettings, role: str) -> KafkaSettings:
     count, so every part must use the topics' own.
     """
     names = settings.topics
-    counts = await partition_counts(settings, [names.commands, names.events], role)
-    missing = [name for name in (names.commands, names.events) if name not in counts]
+    wanted = [names.commands, names.events, names.replies]
+    counts = await partition_counts(settings, wanted, role)
+    missing = [name for name in wanted if name not in counts]
     if missing:
         raise TopicsMissingError(
             f"treeflow's topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
             f"{'do' if len(missing) > 1 else 'does'} not exist on {settings.bootstrap_servers}: "
             "create them with `treeflow topics create` (or check TREEFLOW_TOPIC_PREFIX)")
-    if counts[names.commands] != counts[names.events]:
-        raise PartitionMismatchError(
-            f"{names.commands} has {counts[names.commands]} partitions and {names.events} has "
-            f"{counts[names.events]}: they must agree (a tree's commands and events share a partition number); "
-            "recreate them under another prefix")
     count = counts[names.events]
+    if any(counts[name] != count for name in wanted):
+        raise PartitionMismatchError(
+            "treeflow's topics disagree on the partition count ("
+            + ", ".join(f"{name}: {counts[name]}" for name in wanted)
+            + "): they must agree (a tree's commands, events and replies share a partition number); "
+            "recreate them under another prefix")
     if settings.partitions_explicit and settings.partitions != count:
         raise PartitionMismatchError(
             f"{PARTITIONS_ENV} (or --partitions) is {settings.partitions} but {names.events} has {count} "
