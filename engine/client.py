@@ -110,11 +110,11 @@ class ExecutionDescription:
     workflow_task_failure: m.Failure | None = None
 
     @classmethod
-    def of(cls, state: ExecutionState, events: list[Event] = ()) -> ExecutionDescription:  # type: ignore[assignment]
-        """`state`, and from `events` (the execution's, in order) its last workflow-task failure."""
+    def of(cls, state: ExecutionState, task_failure: Event | None = None) -> ExecutionDescription:
+        """`state`, with `task_failure` (see `pending_task_failures`) when it is still open."""
         context = state.context
-        found = _pending_task_failure(events, context.workflow_run_id) if state.open else None
-        failed: m.WorkflowTaskFailed | None = found.payload if found else None  # type: ignore[assignment]
+        failed: m.WorkflowTaskFailed | None = task_failure.payload \
+            if task_failure is not None and state.open else None  # type: ignore[assignment]
         return cls(context.workflow_exec_id, context.workflow_run_id, context.workflow_name, state.status,
                    context.parent_workflow_exec_id, context.root_workflow_exec_id, context.task_queue,
                    state.run_started_at, state.closed_at, state.last_sequence,
@@ -123,20 +123,14 @@ class ExecutionDescription:
                    failed.cause if failed else None, failed.failure if failed else None)
 
 
-def _of(events: Iterable[Event], execution_id: str) -> list[Event]:
-    return [e for e in events if e.workflow_context.workflow_exec_id == execution_id]
-
-
-def _pending_task_failure(events: Iterable[Event], run_id: str) -> Event | None:
-    """The WORKFLOW_TASK_FAILED event of run `run_id` not followed by a completed workflow task."""
-    found = None
+def pending_task_failures(events: Iterable[Event]) -> dict[str, Event]:
+    """Per run id: its last WORKFLOW_TASK_FAILED event, when no workflow task of the run completed since."""
+    found: dict[str, Event] = {}
     for event in events:
-        if event.workflow_context.workflow_run_id != run_id:
-            continue
         if event.event_type is EventType.WORKFLOW_TASK_FAILED:
-            found = event
+            found[event.workflow_context.workflow_run_id] = event
         elif event.event_type is EventType.WORKFLOW_TASK_COMPLETED:
-            found = None
+            found.pop(event.workflow_context.workflow_run_id, None)
     return found
 
 
@@ -500,7 +494,8 @@ class Client:
         if execution_id not in states:
             raise ExecutionNotFoundError(f"workflow execution {execution_id} not found in the tree of {root} "
                                          "(check the id and --root)")
-        return ExecutionDescription.of(states[execution_id], _of(events, execution_id))
+        state = states[execution_id]
+        return ExecutionDescription.of(state, pending_task_failures(events).get(state.context.workflow_run_id))
 
     async def describe_tree(self, execution_id: str, *, root_execution_id: str | None = None
                             ) -> list[ExecutionDescription]:
@@ -508,7 +503,9 @@ class Client:
         parents before their children. Reads the root's partition of the events topic."""
         root = root_execution_id or await self.find_root(execution_id)
         events = await self._tree_events(root)
-        return [ExecutionDescription.of(state, _of(events, exec_id)) for exec_id, state in fold(events).items()]
+        failures = pending_task_failures(events)
+        return [ExecutionDescription.of(state, failures.get(state.context.workflow_run_id))
+                for state in fold(events).values()]
 
     # ------------------------------------------------------------ visibility
 
@@ -646,7 +643,7 @@ class Client:
                         return event
                     if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
                         break
-                failed = _pending_task_failure(history, history[-1].workflow_context.workflow_run_id) \
+                failed = pending_task_failures(history).get(history[-1].workflow_context.workflow_run_id) \
                     if history else None
                 if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
                     self._unregistered.setdefault(exec_id, failed)

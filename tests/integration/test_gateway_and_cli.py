@@ -153,7 +153,7 @@ async def test_tail_prints_json_lines_resumes_from_a_cursor_and_draws_the_tree(t
     assert drawn[-1] == "tree closed"
 
     code, _, err = await treeflow(tree_env, "tail", root, "--from-cursor", "nonsense")
-    assert code == 1 and "not a cursor" in err
+    assert code == 2 and "not a cursor" in err  # bad input
 
 
 async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(tree_env: Environment) -> None:
