@@ -106,6 +106,7 @@ class CompleteActivityTask(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     result_json: None | str = Field(default=None, description='The result, as JSON text.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class CompleteWorkflowExecution(AvroModel):
@@ -141,6 +142,7 @@ class FailActivityTask(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     failure: Failure = Field(description='What went wrong.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class FailWorkflowExecution(AvroModel):
@@ -178,6 +180,7 @@ class RecordActivityHeartbeat(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     details_json: None | str = Field(default=None, description='Progress details, as JSON text.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class RecordCustomTaskEvent(AvroModel):
@@ -192,6 +195,7 @@ class RecordCustomTaskEvent(AvroModel):
     custom_task_type: str = Field(description='A free-form type.')
     payload: None | CustomTaskPayload = Field(default=None, description='The payload, if any.')
     failure: None | Failure = Field(default=None, description='For CUSTOM_TASK_FAILED: what went wrong.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class ReportActivityTaskStarted(AvroModel):
@@ -201,6 +205,7 @@ class ReportActivityTaskStarted(AvroModel):
     activity_id: str = Field(description="The activity's id.")
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
+    claim_id: None | str = Field(default=None, description='The claim this attempt was handed to: a fresh id per task a worker takes, sent with its ReportActivityTaskStarted. The start is refused when the attempt is closed; a report whose claim was taken over by a newer claim is stale. Null for a runner the processor hosts itself.')
 
 
 class RequestCancelActivityTask(AvroModel):

@@ -5,6 +5,14 @@ run inline (they are short and CPU-bound); activities run concurrently up to
 `max_concurrent_activities`. A record's offset is committed once it and every record
 before it in its partition are done, so a worker killed mid-task leaves the task to
 the next worker of the group (activities run at least once).
+
+Before an activity's code runs, the worker claims the attempt: it sends a
+ReportActivityTaskStarted with a fresh claim id and waits for the processor's reply
+(one round trip, like Temporal recording the start before handing out the task). The
+processor refuses the claim once the attempt is closed, so a task read again after a
+crash, or dispatched twice, whose completion is recorded never runs again (DESIGN §5
+invariant 5); a copy arriving while this process runs the same attempt is dropped
+without asking.
 """
 
 from __future__ import annotations
@@ -14,15 +22,17 @@ import logging
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from treeflow.kafka import KafkaSettings
-from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPosition, Task
+from treeflow.kafka import KafkaSettings, end_offsets
+from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
+from ..ids import new_id
 from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,69 @@ class WorkerStats:
     activity_tasks: int = 0
     query_tasks: int = 0
     undecodable: int = 0
+    #: Claims sent again because no reply came (a processor outage, a lost reply).
+    claim_retries: int = 0
+
+
+#: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
+CLAIM_RETRY = 5.0
+CLAIM_RETRY_MAX = 30.0
+
+
+class _Replies:
+    """Follows the replies topic from its end for the claims this worker waits on."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._follower: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        topic = self.settings.topics.replies
+        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+        ends = await end_offsets(self.settings, partitions)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+                                          enable_auto_commit=False, auto_offset_reset="latest",
+                                          fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms)
+        await self._consumer.start()
+        self._consumer.assign(partitions)
+        for tp, offset in ends.items():
+            self._consumer.seek(tp, offset)
+        self._follower = asyncio.ensure_future(self._follow())
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    def expect(self, command_id: str) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        return future
+
+    def forget(self, command_id: str) -> None:
+        self._waiting.pop(command_id, None)
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    command_id = dict(record.headers or ()).get("tf.command", b"").decode()
+                    if command_id not in self._waiting:
+                        continue
+                    try:
+                        reply = REPLIES.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+                    except DecodeError as error:
+                        log.error("skipped a reply: %s", error)
+                        continue
+                    future = self._waiting.pop(reply.command_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
 
 
 class _Offsets:
@@ -84,11 +157,13 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._grace = 0.0
+        self._replies = _Replies(settings)
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
                                           **self.settings.profile.producer_options())
         await self._producer.start()
+        await self._replies.start()  # before any claim is sent
         for queue in self.task_queues:
             consumer = AIOKafkaConsumer(
                 self.settings.topics.tasks(queue), bootstrap_servers=self.settings.bootstrap_servers,
@@ -112,6 +187,7 @@ class Worker:
             task.cancel()
         for consumer in self._consumers:
             await consumer.stop()
+        await self._replies.stop()
         if self._producer is not None:
             await self._producer.stop()
 
@@ -168,11 +244,31 @@ class Worker:
     async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets) -> None:
         try:
             self.stats.activity_tasks += 1
-            result = await self.runner.run_activity_task(task.workflow_context, task.payload, self._send)
-            await self._send(result)
+            await self.runner.run_activity(task.workflow_context, task.payload, self._send, self._claim)
             offsets.finish(tp, offset)
         finally:
             self._slots.release()
+
+    async def _claim(self, claim: Command) -> bool:
+        """Send the claim; True once the processor grants it, False when it refuses.
+
+        Unanswered (the processor is down, or died between recording the claim and
+        replying), it is sent again under a new command id; the processor answers a
+        claim it granted before the same way while the attempt is open.
+        """
+        wait = CLAIM_RETRY
+        while True:
+            answer = self._replies.expect(claim.command_id)
+            try:
+                await self._send(claim)
+                reply = await asyncio.wait_for(answer, wait)
+                return reply.accepted
+            except asyncio.TimeoutError:
+                self.stats.claim_retries += 1
+            finally:
+                self._replies.forget(claim.command_id)
+            claim = claim.model_copy(update={"command_id": new_id(), "timestamp": datetime.now(timezone.utc)})
+            wait = min(wait * 2, CLAIM_RETRY_MAX)
 
     async def _send(self, command: Command) -> None:
         assert self._producer is not None

@@ -917,5 +917,7 @@ def test_recovery_gives_heartbeating_activities_a_fresh_heartbeat():
     assert types(folded) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"], "the fold alone would time it out"
     recovered = PartitionEngine(0)
     recovered.replay(tree.log, at(1200))
+    assert recovered.tick(at(1500), "tick-a").events == [], "nothing time-based before the backlog is decided"
+    recovered.resume(at(1200))
     assert recovered.tick(at(1500), "tick-a").events == live
     assert types(recovered.tick(at(2200), "tick-b").events) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"]
