@@ -214,7 +214,7 @@ class Processor:
         self.stats.recovered_events += len(events)
         self.engines[partition] = engine
         start = max(durable.offset + 1, await self._committed(commands))
-        log.warning("partition %d recovered from %d events, %d executions; %d command(s) waiting", partition,
+        log.info("partition %d recovered from %d events, %d executions; %d command(s) waiting", partition,
                  len(events), len(engine.states), max(0, end - start))
         self._read[partition] = start - 1
         self._backlog[partition] = end
@@ -264,7 +264,6 @@ class Processor:
     async def _resume(self, partition: int) -> None:
         """The backlog is decided: re-dispatch what is pending, let the clock tick it."""
         self._backlog.pop(partition, None)
-        log.warning("DEBUG resume %d", partition)
         engine = self.engines.get(partition)
         if engine is not None and engine.recovering:
             await self._dispatch(engine.resume(utc_now()))

@@ -213,6 +213,15 @@ def check_log(events: list[tuple[int, int, Event]], settings: KafkaSettings,
     return dict(by_exec)
 
 
+async def unfinished(settings: KafkaSettings) -> str:
+    """The event types of every execution whose last event does not close it (diagnostics)."""
+    by_exec: dict[str, list[str]] = defaultdict(list)
+    for _, _, event in await read_events(settings):
+        by_exec[event.workflow_context.workflow_exec_id].append(event.event_type.value)
+    return "\n".join(f"{exec_id}: {kinds}" for exec_id, kinds in by_exec.items()
+                     if EventType(kinds[-1]) not in CLOSING_STATUS)
+
+
 def activity_counts(history: list[Event], event_type: EventType) -> Counter[str]:
     return Counter(event.payload.activity_name for event in history if event.event_type is event_type)
 
@@ -323,10 +332,8 @@ async def test_processor_killed_mid_stream_loses_and_duplicates_nothing(
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         if isinstance(error, TimeoutError):
-            dump = {}
-            for _, _, e in await read_events(settings):
-                dump.setdefault(e.workflow_context.workflow_exec_id, []).append(e.event_type.value)
-            raise AssertionError("DUMP\n" + "\n".join(f"{k}: {v}" for k, v in dump.items() if v[-1] != "WORKFLOW_EXECUTION_COMPLETED") + f"not every execution finished after the processor restart\n{processes.logs()}")
+            raise AssertionError(f"not every execution finished after the processor restart\n"
+                                 f"{await unfinished(settings)}\n{processes.logs()}")
         raise
     assert [result for _, result in outcomes] == [spec[3] for spec in specs]
     handles = [handle for handle, _ in outcomes]
