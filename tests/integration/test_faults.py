@@ -10,7 +10,7 @@ was appended (DESIGN §5 invariant 5). Activity timeouts must not appear: the wo
 start-to-close is far longer than any kill leaves it idle (invariant 6).
 
 Sizes: TREEFLOW_FAULT_TREES trees (default 100) over TREEFLOW_FAULT_SECONDS of chaos
-(default 50); with the defaults the test takes about 2-3 minutes on the embedded broker.
+(default 60); with the defaults the test takes about 2-3 minutes on the embedded broker.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .test_durability import (  # noqa: F401  (fixtures: client, processes, work
 pytestmark = pytest.mark.integration
 
 TREES = int(os.environ.get("TREEFLOW_FAULT_TREES", "100"))
-CHAOS_SECONDS = float(os.environ.get("TREEFLOW_FAULT_SECONDS", "50"))
+CHAOS_SECONDS = float(os.environ.get("TREEFLOW_FAULT_SECONDS", "60"))
 
 
 async def start_tree(client: Client, exec_id: str, params: app.FaultInput) -> WorkflowHandle:
@@ -69,16 +69,25 @@ async def test_kill_9_of_processors_and_workers_under_load(
     workers = [processes.worker(), processes.worker()]
     kills: Counter[str] = Counter()
 
+    def working_since(moment: float) -> bool:
+        """An activity started after `moment` (wall clock): the processor is dispatching."""
+        return any(at > moment for _, _, _, at in app.starts(workdir))
+
     async def chaos() -> None:
         nonlocal processor
         deadline = time.monotonic() + CHAOS_SECONDS
+        restarted = time.time()
         while time.monotonic() < deadline:
-            await asyncio.sleep(rng.uniform(1.5, 4.0))
-            if rng.random() < 0.4:
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            # A new processor needs seconds to get its partitions: kill it at a random
+            # point once it dispatches work again (activities in flight, reports waiting).
+            if rng.random() < 0.7 and working_since(restarted):
+                await asyncio.sleep(rng.uniform(0, 1.0))
                 processes.kill(processor)
                 kills["processor"] += 1
-                await asyncio.sleep(rng.uniform(0, 1.5))
+                await asyncio.sleep(rng.uniform(0, 2))
                 processor = processes.processor()
+                restarted = time.time()
             else:
                 index = rng.randrange(len(workers))
                 processes.kill(workers[index])
@@ -87,9 +96,9 @@ async def test_kill_9_of_processors_and_workers_under_load(
                 workers[index] = processes.worker()
 
     async def run_tree(i: int) -> tuple[str, str]:
-        await asyncio.sleep(i * (CHAOS_SECONDS * 0.8) / TREES)  # starts spread over the chaos
+        await asyncio.sleep(i * (CHAOS_SECONDS * 0.7) / TREES)  # starts spread over the chaos
         tag = f"t{i}"
-        params = app.FaultInput(workdir=str(workdir), tag=tag, seconds=rng.uniform(0.05, 0.4))
+        params = app.FaultInput(workdir=str(workdir), tag=tag, seconds=rng.uniform(0.2, 0.8))
         handle = await start_tree(client, f"fault-{i}-{uuid.uuid4().hex[:6]}", params)
         return handle.execution_id, await handle.result()
 
@@ -129,4 +138,7 @@ async def test_kill_9_of_processors_and_workers_under_load(
           f"({reruns} re-runs before a completion); timeouts {dict(timed_out) or 'none'}")
     assert not late, f"attempts started after their completion was recorded (s after): {late[:10]}"
     assert timed_out["ACTIVITY_TASK_TIMED_OUT"] == 0, "an activity timed out although its worker was replaced"
+    # A workflow task times out only when its worker died and the next one got it more
+    # than 10 s later: at most one per worker kill, never because a processor was down.
+    assert timed_out["WORKFLOW_TASK_TIMED_OUT"] <= kills["worker"], timed_out
     assert len(completed_at) == 4 * TREES  # a, b, c in the root, d in its child
