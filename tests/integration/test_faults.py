@@ -64,7 +64,8 @@ async def start_tree(client: Client, exec_id: str, params: app.FaultInput) -> Wo
 @pytest.mark.timeout(600)
 async def test_kill_9_of_processors_and_workers_under_load(
         settings: KafkaSettings, client: Client, processes: Processes, workdir: Path) -> None:
-    rng = random.Random(os.environ.get("TREEFLOW_FAULT_SEED", str(uuid.uuid4())))
+    seed = os.environ.get("TREEFLOW_FAULT_SEED", uuid.uuid4().hex[:8])
+    rng = random.Random(seed)
     processor = processes.processor()
     workers = [processes.worker(), processes.worker()]
     kills: Counter[str] = Counter()
@@ -133,7 +134,7 @@ async def test_kill_9_of_processors_and_workers_under_load(
             for exec_id, activity_id, attempt, at in runs
             if (exec_id, activity_id, attempt) in completed_at and at > completed_at[(exec_id, activity_id, attempt)]]
     reruns = sum(n - 1 for n in Counter((e, a, n) for e, a, n, _ in runs).values())
-    print(f"\nfault test: {TREES} trees, {len(by_exec)} executions, {len(events)} events in {elapsed:.0f} s; "
+    print(f"\nfault test (TREEFLOW_FAULT_SEED={seed}): {TREES} trees, {len(by_exec)} executions, {len(events)} events in {elapsed:.0f} s; "
           f"kills {dict(kills)}; {len(runs)} activity starts for {len(completed_at)} completions "
           f"({reruns} re-runs before a completion); timeouts {dict(timed_out) or 'none'}")
     assert not late, f"attempts started after their completion was recorded (s after): {late[:10]}"
