@@ -746,6 +746,7 @@ class ActivityTask(AvroModel):
     scheduled_at: Timestamp = Field(description='When the attempt was scheduled.')
     start_to_close_timeout_ms: None | int = Field(default=None, description='Bound of this attempt.')
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
+    first_dispatch: bool = Field(default=False, description="True when this is the attempt's only task: the processor that sent it decided the attempt in its current lifetime and sends each attempt once. False (a task sent again after a recovery, or of an older writer): another copy may exist, and the worker claims the attempt before running it.")
 
 
 class QueryTask(AvroModel):

@@ -229,9 +229,8 @@ class _Session:
         activity = state.activities.get(payload.activity_id)
         if activity is None or activity.attempt != payload.attempt or activity.cancel_requested:
             return None
-        claim = getattr(payload, "claim_id", None)
         current = state.claims.get(activity.activity_id)
-        if not claiming and claim is not None and current is not None and claim != current:
+        if not claiming and current is not None and getattr(payload, "claim_id", None) != current:
             return None  # taken over by a newer claim: that run's report is the one that counts
         return state, activity
 
@@ -371,7 +370,8 @@ def _activity_started(s: _Session, p: m.ReportActivityTaskStarted) -> None:
 
     A claim is granted (replied accepted) while the attempt is open, whoever held it
     before: a worker killed mid-attempt is replaced at once, and the newest claim
-    becomes the one whose reports count. It is refused once the attempt is closed
+    becomes the one whose reports count (a report without a claim, of a run that did
+    not need one, is stale then too). It is refused once the attempt is closed
     (completed, failed, timed out, superseded by a retry, canceled, or its run closed),
     so a task read again after its completion is recorded never runs. Claims are
     decided in commands-topic order, after every report written before them.

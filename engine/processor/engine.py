@@ -58,6 +58,9 @@ class PartitionEngine:
         #: The latest decision time: decisions never go back in time (a clock step back
         #: must not make a history read out of order).
         self.clock: datetime | None = None
+        #: Work pending when the partition was recovered: an earlier processor may have
+        #: dispatched it already, so its tasks are not `first_dispatch`.
+        self._inherited: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ recovery
 
@@ -79,6 +82,7 @@ class PartitionEngine:
         for exec_id, state in self.states.items():
             if state.open:
                 self.states[exec_id] = updated(state, resumed_at=now)
+                self._inherited[exec_id] = {item.key for item in pending_work(state)}
         self.recovering = True
 
     def resume(self, now: datetime) -> list[Dispatch]:
@@ -161,6 +165,7 @@ class PartitionEngine:
         else:
             self.histories.pop(exec_id, None)
             self._dispatched.pop(exec_id, None)
+            self._inherited.pop(exec_id, None)
 
     def _ready_work(self, exec_id: str, now: datetime) -> list[Dispatch]:
         state = self.states.get(exec_id)
@@ -214,6 +219,6 @@ class PartitionEngine:
             activity_id=activity.activity_id, activity_name=activity.activity_name, input_json=activity.input_json,
             attempt=activity.attempt, scheduled_at=activity.ready_at,
             start_to_close_timeout_ms=activity.start_to_close_timeout_ms,
-            heartbeat_timeout_ms=activity.heartbeat_timeout_ms)
+            heartbeat_timeout_ms=activity.heartbeat_timeout_ms, first_dispatch=item.key not in self._inherited.get(state.exec_id, ()))
         return Dispatch(item, state.context, Task(task_id=item.key, timestamp=now, workflow_context=state.context,
                                                   payload=payload))

@@ -6,13 +6,17 @@ run inline (they are short and CPU-bound); activities run concurrently up to
 before it in its partition are done, so a worker killed mid-task leaves the task to
 the next worker of the group (activities run at least once).
 
-Before an activity's code runs, the worker claims the attempt: it sends a
-ReportActivityTaskStarted with a fresh claim id and waits for the processor's reply
-(one round trip, like Temporal recording the start before handing out the task). The
-processor refuses the claim once the attempt is closed, so a task read again after a
-crash, or dispatched twice, whose completion is recorded never runs again (DESIGN §5
-invariant 5); a copy arriving while this process runs the same attempt is dropped
-without asking.
+A task that may have run before is claimed before the activity's code runs: the
+worker sends a ReportActivityTaskStarted with a fresh claim id and waits for the
+processor's reply (one round trip, like Temporal recording the start before handing out
+the task). The processor refuses the claim once the attempt is closed, so a task read
+again after a crash, or dispatched twice, whose completion is recorded never runs again
+(DESIGN §5 invariant 5). A task may have run before when the processor marks it as
+possibly not the only copy (not `first_dispatch`: sent again after a recovery), or when
+its record was already in its partition when this worker was given the partition
+(another member may have read it and not committed). Every other task, the steady
+state, runs without the round trip. A copy arriving while this process runs the same
+attempt is dropped without asking.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from treeflow.kafka import KafkaSettings, end_offsets
 from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
@@ -44,6 +48,8 @@ class WorkerStats:
     activity_tasks: int = 0
     query_tasks: int = 0
     undecodable: int = 0
+    #: Activity tasks claimed before running (possibly not their attempt's only task).
+    claimed_tasks: int = 0
     #: Claims sent again because no reply came (a processor outage, a lost reply).
     claim_retries: int = 0
 
@@ -51,6 +57,32 @@ class WorkerStats:
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
 CLAIM_RETRY = 5.0
 CLAIM_RETRY_MAX = 30.0
+
+
+class _Fresh(ConsumerRebalanceListener):
+    """Per assigned partition, its end when it was assigned: a record from there on was
+    never read by another member of the group (an eager rebalance revokes before it
+    assigns), so it cannot be a task someone else ran and did not commit."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.start: dict[TopicPartition, int] = {}
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        for tp in revoked:
+            self.start.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if not assigned:
+            return
+        try:
+            self.start.update(await end_offsets(self.settings, list(assigned)))
+        except Exception as exc:  # then every task of these partitions is claimed
+            log.warning("could not read the end of %s (%r): their tasks will be claimed", sorted(assigned), exc)
+
+    def fresh(self, tp: TopicPartition, offset: int) -> bool:
+        start = self.start.get(tp)
+        return start is not None and offset >= start
 
 
 class _Replies:
@@ -166,12 +198,14 @@ class Worker:
         await self._replies.start()  # before any claim is sent
         for queue in self.task_queues:
             consumer = AIOKafkaConsumer(
-                self.settings.topics.tasks(queue), bootstrap_servers=self.settings.bootstrap_servers,
+                bootstrap_servers=self.settings.bootstrap_servers,
                 group_id=f"{self.settings.topic_prefix}.workers.{queue}",
                 max_partition_fetch_bytes=16 * 1024 * 1024, **self.settings.profile.consumer_options())
+            fresh = _Fresh(self.settings)
+            consumer.subscribe([self.settings.topics.tasks(queue)], listener=fresh)
             await consumer.start()
             self._consumers.append(consumer)
-            self._loops.append(asyncio.ensure_future(self._consume(consumer)))
+            self._loops.append(asyncio.ensure_future(self._consume(consumer, fresh)))
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
@@ -202,7 +236,7 @@ class Worker:
         log.info("stopping: finishing %d running task(s)", len(self._in_flight))
         await self.stop()
 
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+    async def _consume(self, consumer: AIOKafkaConsumer, fresh: _Fresh) -> None:
         offsets = _Offsets()
         try:
             while not self._stopping.is_set():
@@ -210,14 +244,14 @@ class Worker:
                 for tp, records in batches.items():
                     for record in records:
                         offsets.begin(tp, record.offset)
-                        await self._take(tp, record, offsets)
+                        await self._take(tp, record, offsets, fresh)
                 await self._commit(consumer, offsets)
         finally:
             if self._in_flight and self._stopping.is_set():
                 await asyncio.wait(self._in_flight, timeout=self._grace)
             await self._commit(consumer, offsets)
 
-    async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets) -> None:
+    async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets, fresh: _Fresh) -> None:
         try:
             task = TASKS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
         except DecodeError as error:
@@ -237,14 +271,19 @@ class Worker:
             offsets.finish(tp, record.offset)
             return
         await self._slots.acquire()
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets))
+        only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
+        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets, claim=not only_copy))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
-    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets) -> None:
+    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
+                            claim: bool) -> None:
         try:
             self.stats.activity_tasks += 1
-            await self.runner.run_activity(task.workflow_context, task.payload, self._send, self._claim)
+            if claim:
+                self.stats.claimed_tasks += 1
+            await self.runner.run_activity(task.workflow_context, task.payload, self._send,
+                                           self._claim if claim else None)
             offsets.finish(tp, offset)
         finally:
             self._slots.release()

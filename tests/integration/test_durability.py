@@ -736,9 +736,9 @@ async def test_a_task_redelivered_after_its_completion_does_not_run(
 
 
 async def test_copies_of_a_task_run_once(settings: KafkaSettings, client: Client, workdir: Path) -> None:
-    """Two more copies of a running activity's task arrive at once (a processor
-    re-dispatching it, say): the worker running it drops them. A copy arriving after the
-    completion is recorded is refused by the processor. The attempt runs once."""
+    """Two more copies of a running activity's task arrive at once: the worker running it
+    drops them. A copy a recovered processor sends (not `first_dispatch`) arriving after
+    the completion is recorded is claimed and refused. The attempt runs once."""
     processor = await remote_processor(settings)
     worker = await in_process_worker(settings)
     tag = "gate-copies"
@@ -756,7 +756,9 @@ async def test_copies_of_a_task_run_once(settings: KafkaSettings, client: Client
             await wait_until(lambda: worker.runner.duplicate_tasks == 2, 20, "the copies to be dropped")
             (workdir / f"release-{tag}").touch()
             assert await asyncio.wait_for(handle.result(), 60) == f"gated({tag})"
-            await producer.send_and_wait(settings.topics.tasks("default"), TASKS.encode(task), key=key)
+            # As a processor re-sends it after a recovery: marked as maybe not the only copy.
+            again = task.model_copy(update={"payload": task.payload.model_copy(update={"first_dispatch": False})})
+            await producer.send_and_wait(settings.topics.tasks("default"), TASKS.encode(again), key=key)
             await wait_until(lambda: worker.runner.closed_tasks == 1, 20, "the late copy to be refused")
         finally:
             await producer.stop()

@@ -249,3 +249,27 @@ async def test_a_signal_and_a_timer_in_one_activation_apply_the_signal_first(ord
     mem.queue.append(mem.runner.run_workflow_task(task.context, task.task.task_id, history))
     await mem.drain()
     assert mem.state("w").result_json == '"ready"', mem.types("w")
+
+
+def test_tasks_sent_again_after_a_recovery_are_marked_as_maybe_not_the_only_copy() -> None:
+    """A worker claims an attempt only when its task may not be the only one: the
+    processor marks the tasks it re-sends after a recovery (`first_dispatch=False`)."""
+    live = PartitionEngine(0)
+    log: list[Any] = []
+    log += live.handle(command(m.StartWorkflowExecution(workflow_name="w", task_queue="q"), 0), at(0)).events
+    task_id = live.states[ROOT].workflow_task.task_id  # type: ignore[union-attr]
+    run = live.states[ROOT].context.workflow_run_id
+    effects = live.handle(command(m.CompleteWorkflowTask(
+        task_id=task_id, workflow_run_id=run, history_length=1, decisions=[
+            m.ScheduleActivityTask(activity_id="a", activity_name="act", task_queue="q")]), 1), at(1))
+    log += effects.events
+    [first] = [d.task.payload for d in effects.dispatches if d.item.kind == "activity"]
+    assert first.first_dispatch
+    engine = recovered(log, 10)
+    [again] = [d.task.payload for d in engine.resume(at(10)) if d.item.kind == "activity"]
+    assert not again.first_dispatch
+    # The attempt fails and is retried: the new attempt's task is its only one.
+    engine.handle(command(m.FailActivityTask(activity_id="a", workflow_run_id=run, attempt=1,
+                                             failure=m.Failure(type="Boom", message="boom")), 11), at(11))
+    [retry] = [d.task.payload for d in engine.tick(at(13), "t").dispatches if d.item.kind == "activity"]
+    assert retry.attempt == 2 and retry.first_dispatch
