@@ -191,21 +191,25 @@ class Processor:
             new = sorted(mine - set(self.engines))
             for partition in new:
                 self._ready[partition] = asyncio.Event()
-            for partition in new:
-                await self._recover(partition)
+            if new:
+                # What is waiting in each commands partition now is its backlog.
+                commands = [TopicPartition(self.settings.topics.commands, p) for p in new]
+                ends = await end_offsets(self.settings, commands)
+                committed = await self._committed(commands)
+                for tp in commands:
+                    await self._recover(tp, ends[tp], committed[tp])
         if mine:
             self.started.set()
 
-    async def _recover(self, partition: int) -> None:
+    async def _recover(self, commands: TopicPartition, end: int, committed: int) -> None:
         """Fold the partition's events, then decide its backlog before anything else.
 
         The backlog is what was waiting in the commands partition when it was assigned:
-        from the group's committed offset (or past the commands the log records as
-        decided) to the partition's true end. Until it is decided, the engine
-        dispatches nothing and the clock skips it; `_resume` ends that.
+        from the group's `committed` offset (or past the commands the log records as
+        decided) to `end`, the partition's true end then. Until it is decided, the
+        engine dispatches nothing and the clock skips it; `_resume` ends that.
         """
-        commands = TopicPartition(self.settings.topics.commands, partition)
-        end = (await end_offsets(self.settings, [commands]))[commands]
+        partition = commands.partition
         engine = PartitionEngine(partition)
         durable = _DurableUpTo()
         events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
@@ -213,7 +217,7 @@ class Processor:
         self._durable[partition] = durable.offset
         self.stats.recovered_events += len(events)
         self.engines[partition] = engine
-        start = max(durable.offset + 1, await self._committed(commands))
+        start = max(durable.offset + 1, committed)
         log.info("partition %d recovered from %d events, %d executions; %d command(s) waiting", partition,
                  len(events), len(engine.states), max(0, end - start))
         self._read[partition] = start - 1
@@ -225,16 +229,16 @@ class Processor:
         else:
             self._spawn(self._watch_backlog(partition, commands))
 
-    async def _committed(self, tp: TopicPartition) -> int:
-        """The processor group's committed offset of `tp` (0 when none)."""
+    async def _committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The processor group's committed offset of each partition (0 when none)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
         await admin.start()
         try:
-            offsets = await admin.list_consumer_group_offsets(self._app.conf.id, partitions=[tp])
+            offsets = await admin.list_consumer_group_offsets(self._app.conf.id, partitions=partitions)
         finally:
             await admin.close()
-        meta = offsets.get(tp)
-        return meta.offset if meta is not None and meta.offset >= 0 else 0
+        found = {tp: meta.offset for tp, meta in offsets.items() if meta is not None and meta.offset >= 0}
+        return {tp: found.get(tp, 0) for tp in partitions}
 
     async def _watch_backlog(self, partition: int, tp: TopicPartition) -> None:
         """Safety net: the backlog also ends when the group's committed offset passes it
@@ -245,7 +249,7 @@ class Processor:
             if end is None:
                 return
             try:
-                committed = await self._committed(tp)
+                committed = (await self._committed([tp]))[tp]
             except Exception as exc:  # the next round asks again
                 log.warning("could not read the committed offset of %s: %r", tp, exc)
                 continue
