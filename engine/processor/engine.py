@@ -150,6 +150,9 @@ class PartitionEngine:
     # ------------------------------------------------------------ internals
 
     def _advance(self, now: datetime) -> datetime:
+        """The decision time for `now`: at the log's precision (events carry milliseconds,
+        so that the live state equals the fold) and never before the previous one."""
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         if self.clock is None or now > self.clock:
             self.clock = now
         return self.clock

@@ -138,8 +138,8 @@ async def test_kill_9_of_processors_and_workers_under_load(
           f"kills {dict(kills)}; {len(runs)} activity starts for {len(completed_at)} completions "
           f"({reruns} re-runs before a completion); timeouts {dict(timed_out) or 'none'}")
     assert not late, f"attempts started after their completion was recorded (s after): {late[:10]}"
-    assert timed_out["ACTIVITY_TASK_TIMED_OUT"] == 0, "an activity timed out although its worker was replaced"
-    # A workflow task times out only when its worker died and the next one got it more
-    # than 10 s later: at most one per worker kill, never because a processor was down.
-    assert timed_out["WORKFLOW_TASK_TIMED_OUT"] <= kills["worker"], timed_out
+    # A workflow task (10 s) or an activity attempt (20 s) times out only when its worker
+    # died and the next one got the task later than that (a loaded host, a group that
+    # keeps rebalancing): at most one per worker kill, never because a processor was down.
+    assert sum(timed_out.values()) <= kills["worker"], timed_out
     assert len(completed_at) == 4 * TREES  # a, b, c in the root, d in its child

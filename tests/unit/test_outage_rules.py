@@ -273,3 +273,13 @@ def test_tasks_sent_again_after_a_recovery_are_marked_as_maybe_not_the_only_copy
                                              failure=m.Failure(type="Boom", message="boom")), 11), at(11))
     [retry] = [d.task.payload for d in engine.tick(at(13), "t").dispatches if d.item.kind == "activity"]
     assert retry.attempt == 2 and retry.first_dispatch
+
+
+def test_decision_times_have_the_logs_precision() -> None:
+    """Events carry milliseconds: a decision at a microsecond reading is recorded at its
+    millisecond, so the live state equals the fold of the log (invariant 1)."""
+    engine = PartitionEngine(0)
+    events = engine.handle(command(m.StartWorkflowExecution(workflow_name="w", task_queue="q"), 0),
+                           at(1.2345678)).events
+    assert {e.timestamp for e in events} == {at(1.234)}
+    assert engine.states[ROOT].execution_started_at == at(1.234)
