@@ -122,6 +122,7 @@ class CompleteActivityTask(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     result_json: None | str = Field(default=None, description='The result, as JSON text.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class CompleteWorkflowExecution(AvroModel):
@@ -166,6 +167,7 @@ class FailActivityTask(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     failure: Failure = Field(description='What went wrong.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class FailWorkflowExecution(AvroModel):
@@ -203,6 +205,7 @@ class RecordActivityHeartbeat(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     details_json: None | str = Field(default=None, description='Progress details, as JSON text.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class RecordCustomTaskEvent(AvroModel):
@@ -217,6 +220,7 @@ class RecordCustomTaskEvent(AvroModel):
     custom_task_type: str = Field(description='A free-form type.')
     payload: None | CustomTaskPayload = Field(default=None, description='The payload, if any.')
     failure: None | Failure = Field(default=None, description='For CUSTOM_TASK_FAILED: what went wrong.')
+    claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
 
 
 class RecordMarker(AvroModel):
@@ -247,6 +251,7 @@ class ReportActivityTaskStarted(AvroModel):
     activity_id: str = Field(description="The activity's id.")
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
+    claim_id: None | str = Field(default=None, description='The claim this attempt was handed to: a fresh id per task a worker takes, sent with its ReportActivityTaskStarted. The start is refused when the attempt is closed; a report whose claim was taken over by a newer claim is stale. Null for a runner the processor hosts itself.')
 
 
 class RequestCancelActivityTask(AvroModel):
@@ -845,6 +850,7 @@ class ActivityTask(AvroModel):
     scheduled_at: Timestamp = Field(description='When the attempt was scheduled.')
     start_to_close_timeout_ms: None | int = Field(default=None, description='Bound of this attempt.')
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
+    first_dispatch: bool = Field(default=False, description="True when this is the attempt's only task: the processor that sent it decided the attempt in its current lifetime and sends each attempt once. False (a task sent again after a recovery, or of an older writer): another copy may exist, and the worker claims the attempt before running it.")
 
 
 class QueryTask(AvroModel):

@@ -3,8 +3,19 @@
 `view` maps execution ids to their states (at least the executions of the command's
 tree). A tick examines the executions named in `due` (all of `view` by default) and
 may reach any other in `view` (a parent to notify, a child to close). Ids derive from
-the command id and timestamps come from the command, so the same command on the same
-state always yields the same events.
+the command id and every timestamp is `now`, the decision time the caller passes in
+(the command's own timestamp when it passes none), so the same command on the same
+state at the same time always yields the same events.
+
+Why the decision time and not the command's timestamp (DESIGN §5 invariant 6): a
+command's timestamp is the sender's clock when it was written; a report that waited
+in the commands topic through a processor outage would start its deadlines in the
+past (an activity scheduled by it would time out the moment it was scheduled).
+Deadlines therefore count from when the processor decided. The event records that
+time, so folding the log stays deterministic. A command decided again after a crash
+(its events never became durable) gets a new decision time: nothing of the first
+decision is in the log or left the processor (replies and tasks go out only once the
+events are acknowledged), so no reader can see two times for one decision.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any
 
 from treeflow.schemas import (
@@ -66,16 +78,23 @@ class Outcome:
     queries: list[Query] = field(default_factory=list)
 
 
-def decide(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None) -> list[Event]:
-    """The events `command` appends, given the executions in `view`."""
-    return process(view, command, due).events
+def decide(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None, *,
+           now: datetime | None = None) -> list[Event]:
+    """The events `command` appends, given the executions in `view`, decided at `now`."""
+    return process(view, command, due, now=now).events
 
 
-def process(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None) -> Outcome:
-    """`decide`, plus the replies and the evolved states (so callers need not fold twice)."""
-    session = _Session(view, command, due)
+def process(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None, *,
+            now: datetime | None = None) -> Outcome:
+    """`decide`, plus the replies and the evolved states (so callers need not fold twice).
+
+    `now` is the decision time (the command's timestamp when None): every event's
+    timestamp, and where every deadline the command sets counts from.
+    """
+    session = _Session(view, command, due, now)
     target = view.get(command.workflow_exec_id)
-    if target is not None and command.command_id in target.recent_commands:
+    if (target is not None and command.command_id in target.recent_commands
+            and not _is_claim(command.payload)):
         # Delivered again (a crash before the offset commit, or a client retry):
         # its events are already in the log.
         if isinstance(command.payload, CLIENT_COMMANDS):
@@ -92,11 +111,12 @@ def run_id_for(*parts: str) -> str:
 class _Session:
     """Emits events for one command, evolving an overlay of the view as it goes."""
 
-    def __init__(self, view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None) -> None:
+    def __init__(self, view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None,
+                 now: datetime | None) -> None:
         self.view = view
         self.due = due
         self.command = command
-        self.now: datetime = command.timestamp
+        self.now: datetime = now or command.timestamp
         self.outcome = Outcome()
 
     def get(self, exec_id: str) -> ExecutionState | None:
@@ -208,14 +228,18 @@ class _Session:
 
     # ----------------------------------------------------------- activities
 
-    def current_activity(self, payload: Any) -> tuple[ExecutionState, Any] | None:
-        """The execution and activity a worker report is about, if the report is current."""
+    def current_activity(self, payload: Any, *, claiming: bool = False) -> tuple[ExecutionState, Any] | None:
+        """The execution and activity a worker report is about, if the report is current:
+        the run, attempt and (unless `claiming`) the claim are the activity's latest."""
         state = self.running(self.command.workflow_exec_id)
         if state is None or state.context.workflow_run_id != payload.workflow_run_id:
             return None
         activity = state.activities.get(payload.activity_id)
         if activity is None or activity.attempt != payload.attempt or activity.cancel_requested:
             return None
+        current = state.claims.get(activity.activity_id)
+        if not claiming and current is not None and getattr(payload, "claim_id", None) != current:
+            return None  # taken over by a newer claim: that run's report is the one that counts
         return state, activity
 
     def ensure_started(self, state: ExecutionState, activity: Any) -> None:
@@ -227,7 +251,8 @@ class _Session:
                      timeout_type: str | None = None) -> None:
         """Retry the activity by its policy, or fail it for good."""
         ids = {"activity_id": activity.activity_id, "activity_name": activity.activity_name}
-        backoff = _retry_backoff(activity, failure, self.now, final=timeout_type == "SCHEDULE_TO_CLOSE")
+        backoff = _retry_backoff(activity, failure, self.now, activity.schedule_deadline(state.resumed_at),
+                                 final=timeout_type == "SCHEDULE_TO_CLOSE")
         if timeout_type is not None:
             self.emit(state.context, m.ActivityTaskTimedOut(**ids, timeout_type=timeout_type,
                                                            will_retry=backoff is not None), activity.attempt)
@@ -238,12 +263,12 @@ class _Session:
             self.emit(state.context, m.ActivityTaskFailed(**ids, failure=failure), activity.attempt)
 
 
-def _retry_backoff(activity: Any, failure: Failure, now: datetime, final: bool) -> int | None:
+def _retry_backoff(activity: Any, failure: Failure, now: datetime, deadline: datetime | None,
+                   final: bool) -> int | None:
     """Milliseconds before the next attempt, or None when the activity fails for good."""
     if final:
         return None
-    return retry_backoff(activity.retry_policy or DEFAULT_RETRY, activity.attempt, failure, now,
-                         activity.schedule_deadline)
+    return retry_backoff(activity.retry_policy or DEFAULT_RETRY, activity.attempt, failure, now, deadline)
 
 
 def retry_backoff(policy: m.RetryPolicy, attempt: int, failure: Failure, now: datetime,
@@ -371,10 +396,35 @@ def _fail_workflow_task(s: _Session, p: m.FailWorkflowTask) -> None:
     s.emit(state.context, m.WorkflowTaskFailed(task_id=p.task_id, cause=p.cause, failure=p.failure))
 
 
+def _is_claim(payload: Any) -> bool:
+    return isinstance(payload, m.ReportActivityTaskStarted) and payload.claim_id is not None
+
+
 def _activity_started(s: _Session, p: m.ReportActivityTaskStarted) -> None:
-    found = s.current_activity(p)
-    if found is not None:
-        s.ensure_started(*found)
+    """A start report; with a `claim_id`, a worker asking to run the attempt (invariant 5).
+
+    A claim is granted (replied accepted) while the attempt is open, whoever held it
+    before: a worker killed mid-attempt is replaced at once, and the newest claim
+    becomes the one whose reports count (a report without a claim, of a run that did
+    not need one, is stale then too). It is refused once the attempt is closed
+    (completed, failed, timed out, superseded by a retry, canceled, or its run closed),
+    so a task read again after its completion is recorded never runs. Claims are
+    decided in commands-topic order, after every report written before them.
+    """
+    found = s.current_activity(p, claiming=True)
+    if found is None:
+        if p.claim_id is not None:
+            s.reply(False, f"activity {p.activity_id} attempt {p.attempt} of run {p.workflow_run_id} is closed",
+                    "ActivityTaskClosed")
+        return
+    state, activity = found
+    s.ensure_started(state, activity)
+    if p.claim_id is not None:
+        current = s.get(state.exec_id)
+        assert current is not None
+        s.outcome.states[state.exec_id] = updated(
+            current, claims=MappingProxyType({**current.claims, activity.activity_id: p.claim_id}))
+        s.reply(True)
 
 
 def _complete_activity(s: _Session, p: m.CompleteActivityTask) -> None:
@@ -425,7 +475,7 @@ def _tick(s: _Session, p: m.Tick) -> None:
         if state is None:
             continue
         deadline = state.deadline
-        if deadline is not None and deadline <= s.now:
+        if deadline is not None and deadline <= s.now:  # wall clock: an outage counts
             s.close(exec_id, m.WorkflowExecutionTimedOut(execution_timeout_ms=state.execution_timeout_ms),
                     Status.TIMED_OUT)
             continue
@@ -435,18 +485,19 @@ def _tick(s: _Session, p: m.Tick) -> None:
         for activity_id in sorted(state.activities):
             current = s.get(exec_id)
             activity = current.activities[activity_id]  # type: ignore[union-attr]
-            schedule_deadline = activity.schedule_deadline
+            schedule_deadline = activity.schedule_deadline(current.resumed_at)  # type: ignore[union-attr]
             if schedule_deadline is not None and schedule_deadline <= s.now:
                 s.fail_attempt(current, activity, _timeout_failure("SCHEDULE_TO_CLOSE", activity),  # type: ignore[arg-type]
                                "SCHEDULE_TO_CLOSE")
-            elif activity.attempt_deadline <= s.now:
+            elif activity.attempt_deadline(current.resumed_at) <= s.now:  # type: ignore[union-attr]
                 s.fail_attempt(current, activity, _timeout_failure("START_TO_CLOSE", activity),  # type: ignore[arg-type]
                                "START_TO_CLOSE")
             elif _heartbeat_deadline(current, activity) <= s.now:  # type: ignore[arg-type]
                 s.fail_attempt(current, activity, _timeout_failure("HEARTBEAT", activity),  # type: ignore[arg-type]
                                "HEARTBEAT")
         current = s.running(exec_id)
-        if current is not None and current.workflow_task is not None and current.workflow_task.deadline <= s.now:
+        if (current is not None and current.workflow_task is not None
+                and current.workflow_task.deadline(current.resumed_at) <= s.now):
             s.emit(current.context, m.WorkflowTaskTimedOut(task_id=current.workflow_task.task_id,
                                                           timeout_type="START_TO_CLOSE"))
 
@@ -457,8 +508,10 @@ NEVER = datetime.max.replace(tzinfo=timezone.utc)
 def _heartbeat_deadline(state: ExecutionState, activity: Any) -> datetime:
     if activity.heartbeat_timeout_ms is None or activity.started_at is None:
         return NEVER
-    last = state.heartbeats.get(activity.activity_id, activity.started_at)
-    return max(last, activity.started_at) + timedelta(milliseconds=activity.heartbeat_timeout_ms)
+    last = max(state.heartbeats.get(activity.activity_id, activity.started_at), activity.started_at)
+    if state.resumed_at is not None:
+        last = max(last, state.resumed_at)  # heartbeats are not events: the fold cannot know the last one
+    return last + timedelta(milliseconds=activity.heartbeat_timeout_ms)
 
 
 def _timeout_failure(timeout_type: str, activity: Any) -> Failure:

@@ -145,6 +145,7 @@ def _closed(state: ExecutionState, event: Event, payload: Any) -> ExecutionState
         children=EMPTY,
         updates=EMPTY,
         heartbeats=EMPTY,
+        claims=EMPTY,
     )
 
 
@@ -193,7 +194,8 @@ def _activity_closed(state: ExecutionState, event: Event, payload: Any) -> Execu
     if getattr(payload, "will_retry", False):
         return state  # a RETRYING event follows and starts the next attempt
     return updated(state, activities=_with(state.activities, payload.activity_id, remove=True),
-                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
+                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True),
+                   claims=_with(state.claims, payload.activity_id, remove=True))
 
 
 def _activity_retrying(state: ExecutionState, event: Event, payload: m.ActivityTaskRetrying) -> ExecutionState:
@@ -203,7 +205,8 @@ def _activity_retrying(state: ExecutionState, event: Event, payload: m.ActivityT
     changed = updated(activity, attempt=payload.next_attempt, started_at=None,
                       ready_at=event.timestamp + timedelta(milliseconds=payload.backoff_ms))
     return updated(state, activities=_with(state.activities, payload.activity_id, changed),
-                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True))
+                   heartbeats=_with(state.heartbeats, payload.activity_id, remove=True),
+                   claims=_with(state.claims, payload.activity_id, remove=True))
 
 
 def _timer_started(state: ExecutionState, event: Event, payload: m.TimerStarted) -> ExecutionState:

@@ -64,18 +64,31 @@ class ActivityState:
     cancel_requested: bool = False
 
     @property
-    def attempt_deadline(self) -> datetime:
-        """When the current attempt times out (start-to-close, counted from its start,
-        or from when it was ready if no worker reported a start)."""
-        bound = (timedelta(milliseconds=self.start_to_close_timeout_ms) if self.start_to_close_timeout_ms
-                 else DEFAULT_START_TO_CLOSE)
-        return (self.started_at or self.ready_at) + bound
+    def attempt_bound(self) -> timedelta:
+        """How long one attempt may take (start-to-close)."""
+        return (timedelta(milliseconds=self.start_to_close_timeout_ms) if self.start_to_close_timeout_ms
+                else DEFAULT_START_TO_CLOSE)
 
-    @property
-    def schedule_deadline(self) -> datetime | None:
+    def attempt_deadline(self, resumed_at: datetime | None = None) -> datetime:
+        """When the current attempt times out: start-to-close, counted from its start, or
+        from when it was ready if no worker reported a start; never before a full
+        attempt after `resumed_at` (the processor's recovery, see `ExecutionState.resumed_at`)."""
+        since = self.started_at or self.ready_at
+        if resumed_at is not None and resumed_at > since:
+            since = resumed_at
+        return since + self.attempt_bound
+
+    def schedule_deadline(self, resumed_at: datetime | None = None) -> datetime | None:
+        """When the whole activity times out (schedule-to-close); after a recovery at
+        `resumed_at`, not before one attempt's worth of time (bounded by the
+        schedule-to-close itself) has passed since."""
         if self.schedule_to_close_timeout_ms is None:
             return None
-        return self.scheduled_at + timedelta(milliseconds=self.schedule_to_close_timeout_ms)
+        window = timedelta(milliseconds=self.schedule_to_close_timeout_ms)
+        deadline = self.scheduled_at + window
+        if resumed_at is not None:
+            deadline = max(deadline, resumed_at + min(window, self.attempt_bound))
+        return deadline
 
 
 @dataclass(frozen=True)
@@ -95,9 +108,11 @@ class WorkflowTaskState:
     ready_at: datetime
     attempt: int = 1
 
-    @property
-    def deadline(self) -> datetime:
-        return self.ready_at + min(WORKFLOW_TASK_TIMEOUT * 2 ** min(self.attempt - 1, 16), MAX_WORKFLOW_TASK_TIMEOUT)
+    def deadline(self, resumed_at: datetime | None = None) -> datetime:
+        """When this attempt of the task times out, counted from when it was ready (or
+        from `resumed_at`, the processor's recovery, when later)."""
+        since = self.ready_at if resumed_at is None else max(self.ready_at, resumed_at)
+        return since + min(WORKFLOW_TASK_TIMEOUT * 2 ** min(self.attempt - 1, 16), MAX_WORKFLOW_TASK_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,14 @@ class ExecutionState:
     #: Volatile (not folded from events): when the current attempt of each activity
     #: last heartbeated. Excluded from equality, so that state == fold(events).
     heartbeats: Mapping[str, datetime] = field(default_factory=lambda: EMPTY, compare=False)
+    #: Volatile: the claim each activity's current attempt was last handed to (a
+    #: worker's ReportActivityTaskStarted with a `claim_id`). A report carrying another
+    #: claim is stale: that attempt was taken over by the newer claim.
+    claims: Mapping[str, str] = field(default_factory=lambda: EMPTY, compare=False)
+    #: Volatile: when a processor recovered this execution from the log. Activity and
+    #: workflow-task timeouts count from here at the earliest (invariant 6: an outage is
+    #: not time in which the work could progress); execution timeouts and timers do not.
+    resumed_at: datetime | None = field(default=None, compare=False)
 
     @property
     def exec_id(self) -> str:

@@ -48,11 +48,12 @@ def next_due(state: ExecutionState) -> datetime | None:
         return None
     times = [t for t in (state.deadline, *state.timers.values()) if t is not None]
     if state.workflow_task is not None:
-        times.append(state.workflow_task.deadline)
+        times.append(state.workflow_task.deadline(state.resumed_at))
     for activity in state.activities.values():
-        times.append(activity.attempt_deadline)
-        if activity.schedule_deadline is not None:
-            times.append(activity.schedule_deadline)
+        times.append(activity.attempt_deadline(state.resumed_at))
+        schedule_deadline = activity.schedule_deadline(state.resumed_at)
+        if schedule_deadline is not None:
+            times.append(schedule_deadline)
         if activity.heartbeat_timeout_ms is not None and activity.started_at is not None:
             times.append(_heartbeat_deadline(state, activity))
     return min(times) if times else None

@@ -10,6 +10,12 @@ State is the fold of the events topic: when it is given a partition, the process
 reads that partition of the events topic back and folds it before deciding anything
 there. (A faust Table changelog would be a second copy of the state, and without
 transactions, which Tansu lacks, it could disagree with the log.)
+
+Recovering a partition (`_recover`) goes in this order: note the end of its commands
+partition (the backlog that was waiting), fold its events, decide that backlog, and
+only then re-dispatch what is pending and let the clock decide time-based things for
+it (`_resume`). A report that waited through an outage is therefore decided before
+its task is sent again or timed out (DESIGN §5 invariants 5 and 6).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from treeflow.kafka import (
     TopicsResetError,
     adopt_partitions,
     clients,
+    end_offsets,
     ensure_topics,
     partition_for,
     watch_topics,
@@ -52,6 +59,9 @@ log = logging.getLogger(__name__)
 #: How often the clock loop looks for due timers, timeouts and backoffs.
 CLOCK_INTERVAL = 0.01
 BATCH_SIZE = 1000
+#: How often a partition whose backlog is not decided yet checks the group's committed
+#: offset again (a safety net: the backlog normally ends with its last record).
+BACKLOG_RECHECK = 2.0
 
 
 @dataclass
@@ -65,6 +75,8 @@ class ProcessorStats:
     recovered_events: int = 0
     #: Commands read again after a lost offset commit, skipped (already decided).
     redelivered: int = 0
+    #: Commands that were waiting in a partition's backlog when it was recovered.
+    backlog: int = 0
 
 
 DURABLE_HEADER = "tf.durable"
@@ -103,6 +115,10 @@ class Processor:
         self._ready: dict[int, asyncio.Event] = {}
         #: Per commands partition: every command up to this offset has its events in the log.
         self._durable: dict[int, int] = {}
+        #: Per recovering partition: the commands offset its backlog ends at (exclusive).
+        self._backlog: dict[int, int] = {}
+        #: Per partition: the highest commands offset read (decided or skipped).
+        self._read: dict[int, int] = {}
         self._lock = asyncio.Lock()
         self._local: asyncio.Queue[Command] = asyncio.Queue()
         self._background: set[asyncio.Task[Any]] = set()
@@ -313,26 +329,91 @@ class Processor:
             new = sorted(mine - set(self.engines))
             for partition in new:
                 self._ready[partition] = asyncio.Event()
-            for partition in new:
-                began = time.perf_counter()
-                engine = PartitionEngine(partition)
-                durable = _DurableUpTo()
-                accept = durable.see if self._traces is None else functools.partial(self._recover_trace, durable)
-                events = [item.event async for item in EventReader(self.settings, [partition], accept=accept)]
-                engine.replay(events, utc_now())
-                self._durable[partition] = durable.offset
-                self._next_offsets[partition] = durable.offset + 1
-                self.stats.recovered_events += len(events)
-                metrics.RECOVERED_EVENTS.inc(len(events))
-                metrics.RECOVERY_SECONDS.labels(str(partition)).set(time.perf_counter() - began)
-                self.engines[partition] = engine
-                self._ready[partition].set()
-                log.info("partition %d recovered from %d events, %d executions", partition, len(events),
-                         len(engine.states))
-                await self._dispatch(engine.redispatch_all(utc_now()))
+            if new:
+                # What is waiting in each commands partition now is its backlog.
+                commands = [TopicPartition(self.settings.topics.commands, p) for p in new]
+                ends = await end_offsets(self.settings, commands)
+                committed = await self._committed(commands)
+                for tp in commands:
+                    await self._recover(tp, ends[tp], committed[tp])
         self.assignment_seen = True
         if mine:
             self.started.set()
+
+    async def _recover(self, commands: TopicPartition, end: int, committed: int) -> None:
+        """Fold the partition's events, then decide its backlog before anything else.
+
+        The backlog is what was waiting in the commands partition when it was assigned:
+        from the group's `committed` offset (or past the commands the log records as
+        decided) to `end`, the partition's true end then. Until it is decided, the
+        engine dispatches nothing and the clock skips it; `_resume` ends that.
+        """
+        partition = commands.partition
+        began = time.perf_counter()
+        engine = PartitionEngine(partition)
+        durable = _DurableUpTo()
+        accept = durable.see if self._traces is None else functools.partial(self._recover_trace, durable)
+        events = [item.event async for item in EventReader(self.settings, [partition], accept=accept)]
+        engine.replay(events, utc_now())
+        self._durable[partition] = durable.offset
+        self.stats.recovered_events += len(events)
+        metrics.RECOVERED_EVENTS.inc(len(events))
+        metrics.RECOVERY_SECONDS.labels(str(partition)).set(time.perf_counter() - began)
+        self.engines[partition] = engine
+        start = max(durable.offset + 1, committed)
+        self._next_offsets[partition] = start
+        log.info("partition %d recovered from %d events, %d executions; %d command(s) waiting", partition,
+                 len(events), len(engine.states), max(0, end - start))
+        self._read[partition] = start - 1
+        self._backlog[partition] = end
+        self.stats.backlog += max(0, end - start)
+        self._ready[partition].set()
+        if start >= end:
+            await self._resume(partition)
+        else:
+            self._spawn(self._watch_backlog(partition, commands))
+
+    async def _committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The processor group's committed offset of each partition (0 when none)."""
+        admin = await clients.start(clients.admin(self.settings, "processor-offsets"), self.settings)
+        try:
+            offsets = await admin.list_consumer_group_offsets(self._app.conf.id, partitions=partitions)
+        finally:
+            await clients.stop(admin)
+        found = {tp: meta.offset for tp, meta in offsets.items() if meta is not None and meta.offset >= 0}
+        return {tp: found.get(tp, 0) for tp in partitions}
+
+    async def _watch_backlog(self, partition: int, tp: TopicPartition) -> None:
+        """Safety net: the backlog also ends when the group's committed offset passes it
+        (commands a previous owner decided without an event, then committed)."""
+        while partition in self._backlog:
+            await asyncio.sleep(BACKLOG_RECHECK)
+            end = self._backlog.get(partition)
+            if end is None:
+                return
+            try:
+                committed = (await self._committed([tp]))[tp]
+            except Exception as exc:  # the next round asks again
+                log.warning("could not read the committed offset of %s: %r", tp, exc)
+                continue
+            if committed >= end:
+                self._read[partition] = max(self._read.get(partition, -1), committed - 1)
+                async with self._lock:
+                    await self._resume_caught_up([partition])
+
+    async def _resume_caught_up(self, partitions: Iterable[int]) -> None:
+        """Resume the recovering partitions among `partitions` whose backlog is decided."""
+        for partition in partitions:
+            end = self._backlog.get(partition)
+            if end is not None and self._read.get(partition, -1) >= end - 1:
+                await self._resume(partition)
+
+    async def _resume(self, partition: int) -> None:
+        """The backlog is decided: re-dispatch what is pending, let the clock tick it."""
+        self._backlog.pop(partition, None)
+        engine = self.engines.get(partition)
+        if engine is not None and engine.recovering:
+            await self._dispatch(engine.resume(utc_now()))
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
         async with self._lock:
@@ -362,6 +443,8 @@ class Processor:
         self._ready.pop(partition, None)
         self._durable.pop(partition, None)
         self._next_offsets.pop(partition, None)
+        self._backlog.pop(partition, None)
+        self._read.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
@@ -372,6 +455,7 @@ class Processor:
         next_offsets = self._next_offsets
         for partition, offset, value in records:
             next_offsets[partition] = offset + 1
+            self._read[partition] = max(self._read.get(partition, -1), offset)
             if offset <= self._durable.get(partition, -1):
                 # Decided before, and its offset commit was lost: a rejection leaves no
                 # event to dedupe it by, so the log's record of durable offsets does.
@@ -387,6 +471,9 @@ class Processor:
                 continue
             commands.append((partition, command))
         await self._decide(commands, on_durable)
+        if self._backlog:
+            async with self._lock:
+                await self._resume_caught_up({p for p, _, _ in records})
 
     async def _local_loop(self) -> None:
         """Reports of the in-process runner: decided like commands, without the round trip."""
@@ -573,19 +660,11 @@ class Processor:
             self._local.put_nowait(runner.run_query_task(dispatch.context, dispatch.task.payload))
             return
 
-        async def run_activity() -> None:
-            began = time.perf_counter()
-            task = dispatch.task.payload
-            traceparent = self._traces.header(dispatch.context.workflow_exec_id) if self._traces else None
-            with tracing.activity_span(task.activity_name, task.activity_id, task.attempt, dispatch.context,
-                                       traceparent) as span:
-                result = await runner.run_activity_task(dispatch.context, task, self._send_local)
-                tracing.activity_outcome(span, result)
-            metrics.activity_ran(dispatch.task.payload.activity_name,
-                                 isinstance(result.payload, CompleteActivityTask), time.perf_counter() - began)
-            await self._local.put(result)
-
-        self._spawn(run_activity())
+        # No claim: a hosted attempt's reports are decided by this process, which hands
+        # out its task once per lifetime; the runner still drops a copy it is running.
+        traceparent = self._traces.header(dispatch.context.workflow_exec_id) if self._traces else None
+        self._spawn(runner.run_activity(dispatch.context, dispatch.task.payload, self._send_local,
+                                        traceparent=traceparent))
 
     async def _send_local(self, command: Command) -> None:
         await self._local.put(command)

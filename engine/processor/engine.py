@@ -4,6 +4,12 @@
 current run's history of each open one (workflow tasks carry it), what has been
 dispatched, and when something is due. It applies commands through `core.process`
 and says what to append, reply and dispatch; Kafka and faust stay outside.
+
+Recovery happens in steps (`replay`, then `handle` for each command of the backlog
+that was waiting, then `resume`): until `resume`, nothing is dispatched and nothing
+time-based is decided (`tick` refuses), so a report waiting in the commands topic is
+decided before the processor re-sends its task or times it out (DESIGN §5
+invariants 5 and 6).
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import MappingProxyType
 from typing import Any
 
 from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
@@ -48,44 +53,75 @@ class PartitionEngine:
         self.histories: dict[str, list[Event]] = {}
         self._dispatched: dict[str, set[str]] = {}
         self._due: list[tuple[datetime, str]] = []
+        #: True from `replay` until `resume`: the backlog is being decided.
+        self.recovering = False
+        #: The latest decision time: decisions never go back in time (a clock step back
+        #: must not make a history read out of order).
+        self.clock: datetime | None = None
+        #: Work pending when the partition was recovered: an earlier processor may have
+        #: dispatched it already, so its tasks are not `first_dispatch`.
+        self._inherited: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ recovery
 
     def replay(self, events: list[Event], now: datetime) -> None:
-        """Fold events read back from the events topic (nothing is dispatched).
+        """Fold events read back from the events topic; the partition is then
+        `recovering` (nothing is dispatched or ticked) until `resume`.
 
-        Heartbeats are not events, so the fold cannot know when a running activity last
-        heartbeated: its heartbeat timeout counts again from `now`, the recovery. (It
-        may have heartbeated to the processor that went away a moment ago.)
+        Every open execution is marked resumed at `now`: its activity (start-to-close,
+        schedule-to-close, heartbeat) and workflow-task timeouts count from the recovery
+        at the earliest. While the processor was down, the work may have progressed
+        with its report unable to be decided, or its task may never have been handed
+        out; either way the outage is not the work's time. (Heartbeats are not events
+        either: the fold cannot know the last one.) Execution timeouts and timers stay
+        wall-clock: one due during the outage fires once, after it.
         """
         for event in events:
             self._append(event)
+            self._advance(event.timestamp)
         for exec_id, state in self.states.items():
-            beating = {a.activity_id: now for a in state.activities.values()
-                       if a.started_at is not None and a.heartbeat_timeout_ms is not None}
-            if beating:
-                self.states[exec_id] = updated(state, heartbeats=MappingProxyType(beating))
-            self._schedule(self.states[exec_id])
+            if state.open:
+                self.states[exec_id] = updated(state, resumed_at=now)
+                self._inherited[exec_id] = {item.key for item in pending_work(state)}
+        self.recovering = True
+
+    def resume(self, now: datetime) -> list[Dispatch]:
+        """End the recovery (the backlog is decided): everything pending is dispatched
+        again (what was dispatched before may be lost) and ticks are decided again."""
+        self.recovering = False
+        dispatches = []
+        for exec_id in list(self.states):
+            dispatches.extend(self._ready_work(exec_id, now))
+            if exec_id in self.states:
+                self._schedule(self.states[exec_id])
+        return dispatches
 
     # ------------------------------------------------------------ commands
 
     def handle(self, command: Command, now: datetime) -> Effects:
-        """Decide `command`; the caller appends the events, sends the replies and dispatches."""
-        outcome = process(self.states, command)
+        """Decide `command` at `now` (the decision time: see `treeflow.core.decide`); the
+        caller appends the events, sends the replies and dispatches. While `recovering`,
+        only query tasks are dispatched (`resume` dispatches the rest)."""
+        now = self._advance(now)
+        outcome = process(self.states, command, now=now)
         for event in outcome.events:
             self._append(event)
         # States not moved by an event (a heartbeat) still change.
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects = Effects(outcome.events, outcome.replies)
-        moment = max(now, command.timestamp)
-        for exec_id in outcome.states:
-            effects.dispatches.extend(self._ready_work(exec_id, moment))
-        effects.dispatches.extend(self._query_task(query, moment) for query in outcome.queries)
+        if not self.recovering:
+            for exec_id in outcome.states:
+                effects.dispatches.extend(self._ready_work(exec_id, now))
+        effects.dispatches.extend(self._query_task(query, now) for query in outcome.queries)
         return effects
 
     def tick(self, now: datetime, command_id: str) -> Effects:
-        """Decide what is due at `now`, and dispatch work whose backoff has passed."""
+        """Decide what is due at `now`, and dispatch work whose backoff has passed
+        (nothing while `recovering`)."""
+        if self.recovering:
+            return Effects()
+        now = self._advance(now)
         due: set[str] = set()
         while self._due and self._due[0][0] <= now:
             _, exec_id = heapq.heappop(self._due)
@@ -108,16 +144,18 @@ class PartitionEngine:
         return effects
 
     def next_wakeup(self) -> datetime | None:
-        return self._due[0][0] if self._due else None
-
-    def redispatch_all(self, now: datetime) -> list[Dispatch]:
-        """Everything pending (after a recovery: what was dispatched before may be lost)."""
-        dispatches = []
-        for exec_id in list(self.states):
-            dispatches.extend(self._ready_work(exec_id, now))
-        return dispatches
+        """When a tick has something to decide (None while `recovering`)."""
+        return self._due[0][0] if self._due and not self.recovering else None
 
     # ------------------------------------------------------------ internals
+
+    def _advance(self, now: datetime) -> datetime:
+        """The decision time for `now`: at the log's precision (events carry milliseconds,
+        so that the live state equals the fold) and never before the previous one."""
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        if self.clock is None or now > self.clock:
+            self.clock = now
+        return self.clock
 
     def _append(self, event: Event) -> None:
         exec_id = event.workflow_context.workflow_exec_id
@@ -130,6 +168,7 @@ class PartitionEngine:
         else:
             self.histories.pop(exec_id, None)
             self._dispatched.pop(exec_id, None)
+            self._inherited.pop(exec_id, None)
 
     def _ready_work(self, exec_id: str, now: datetime) -> list[Dispatch]:
         state = self.states.get(exec_id)
@@ -183,6 +222,6 @@ class PartitionEngine:
             activity_id=activity.activity_id, activity_name=activity.activity_name, input_json=activity.input_json,
             attempt=activity.attempt, scheduled_at=activity.ready_at,
             start_to_close_timeout_ms=activity.start_to_close_timeout_ms,
-            heartbeat_timeout_ms=activity.heartbeat_timeout_ms)
+            heartbeat_timeout_ms=activity.heartbeat_timeout_ms, first_dispatch=item.key not in self._inherited.get(state.exec_id, ()))
         return Dispatch(item, state.context, Task(task_id=item.key, timestamp=now, workflow_context=state.context,
                                                   payload=payload))

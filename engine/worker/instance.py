@@ -65,6 +65,8 @@ CUSTOM_TASK_EVENTS = {
 }
 #: The `marker_name` of the markers `workflow.patched()` records.
 VERSION_MARKER = "version"
+#: Resolved first in an activation (see `WorkflowInstance._apply_buffer`).
+FIRST_IN_ACTIVATION = {T.WORKFLOW_EXECUTION_STARTED, T.WORKFLOW_EXECUTION_SIGNALED}
 #: The events a decision leads to, and the decision each stands for.
 EFFECTS = {
     T.ACTIVITY_TASK_SCHEDULED: (m.ScheduleActivityTask, "activity_id"),
@@ -295,13 +297,22 @@ class WorkflowInstance:
         return [issued.decision for issued in self._issued]
 
     def _apply_buffer(self, upto: int) -> None:
-        later = []
-        for event in self._buffer:
-            if event.sequence <= upto:
-                self._resolve(event)
-            else:
-                later.append(event)
-        self._buffer = later
+        """Resolve the buffered events up to `upto`, as one activation: the start and the
+        signals first, then (after the code has run and conditions were re-checked) the
+        rest, timers included. So a signal that arrived with a timer's firing is seen
+        before the timer, whatever their order in the history: `wait_condition(pred,
+        timeout=...)` returns when the signal made `pred` true (Temporal's Python SDK
+        orders an activation's jobs the same way: signals and updates first)."""
+        now = [e for e in self._buffer if e.sequence <= upto]
+        self._buffer = [e for e in self._buffer if e.sequence > upto]
+        first = [e for e in now if e.event_type in FIRST_IN_ACTIVATION]
+        rest = [e for e in now if e.event_type not in FIRST_IN_ACTIVATION]
+        for event in first:
+            self._resolve(event)
+        if first and rest and self.main is not None:
+            self._run(upto)
+        for event in rest:
+            self._resolve(event)
         if self._start is not None:
             # The entrypoint starts after the signals delivered with the start event, so
             # their handlers have run (on the workflow object) when it begins.
@@ -383,6 +394,11 @@ class WorkflowInstance:
             handle = self._timers.pop(p.timer_id, None)  # type: ignore[union-attr]
             if handle is not None and not handle.cancelled():
                 self.loop.ready.append(handle)
+            elif handle is None:
+                # The code cancelled it before seeing it fire (a signal resolved first, or
+                # the fire was decided while the task ran): no TIMER_CANCELED will follow.
+                self._issued = deque(i for i in self._issued if not (
+                    isinstance(i.decision, m.CancelTimer) and i.key == p.timer_id))  # type: ignore[union-attr]
         elif t in (T.ACTIVITY_TASK_COMPLETED, T.ACTIVITY_TASK_FAILED, T.ACTIVITY_TASK_CANCELED):
             self._resolve_activity(event)
         elif t is T.ACTIVITY_TASK_TIMED_OUT:

@@ -7,6 +7,7 @@ import contextvars
 import inspect
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from treeflow.schemas import models as m
 from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
+from ..observability import metrics, tracing
 from ..errors import NonDeterminismError, WorkflowQueryError, WorkflowUpdateError, failure_from_exception
 from ..payloads import to_json, validate
 from .instance import RESOLVING, WorkflowInstance
@@ -25,7 +27,10 @@ from .instance import RESOLVING, WorkflowInstance
 log = logging.getLogger(__name__)
 
 Send = Callable[[Command], Awaitable[None]]
-#: A started report is sent for an activity still running after this long.
+#: Sends a claim (a ReportActivityTaskStarted with a claim id) and returns whether the
+#: processor granted it.
+Claim = Callable[[Command], Awaitable[bool]]
+#: Without a claim, a started report is sent for an activity still running after this long.
 STARTED_REPORT_AFTER = 0.05
 
 
@@ -62,6 +67,12 @@ class TaskRunner:
         self._warned_unknown: OrderedDict[str, None] = OrderedDict()
         self.replays = 0
         self.query_replays = 0
+        #: Activity attempts running in this process, by (execution, run, activity, attempt).
+        self._running: set[tuple[str, str, str, int]] = set()
+        #: Activity tasks dropped: a copy of an attempt this process was running, or an
+        #: attempt the processor said is closed.
+        self.duplicate_tasks = 0
+        self.closed_tasks = 0
 
     # ------------------------------------------------------------ workflow tasks
 
@@ -166,14 +177,60 @@ class TaskRunner:
 
     # ------------------------------------------------------------ activity tasks
 
-    async def run_activity_task(self, context: WorkflowContext, task: m.ActivityTask, send: Send) -> Command:
-        """Run one attempt; a CompleteActivityTask or FailActivityTask command.
+    async def run_activity(self, context: WorkflowContext, task: m.ActivityTask, send: Send,
+                           claim: Claim | None = None, traceparent: bytes | None = None) -> bool:
+        """Run one attempt unless it must not run, and send its outcome through `send`.
 
-        Reports the start when the attempt is still running after a moment, and
-        sends heartbeats and custom task events through `send` as the code makes them.
+        It does not run when this process is running the same attempt already (a task
+        delivered twice at once), nor, with `claim`, when the processor refuses the
+        claim: the attempt is closed (its completion is recorded, say). The attempt
+        counts as running here until its outcome was handed to `send`, so a later copy
+        of its task claims after that outcome, in the same producer's order, and is
+        refused. Returns whether the attempt ran.
+        """
+        key = (context.workflow_exec_id, context.workflow_run_id, task.activity_id, task.attempt)
+        if key in self._running:
+            self.duplicate_tasks += 1
+            log.info("activity %s attempt %d of %s is running here already: dropped a copy of its task",
+                     task.activity_id, task.attempt, context.workflow_exec_id)
+            return False
+        self._running.add(key)
+        try:
+            began = time.perf_counter()
+            with tracing.activity_span(task.activity_name, task.activity_id, task.attempt, context,
+                                       traceparent) as span:
+                result = await self.run_activity_task(context, task, send, claim)
+                if result is not None:
+                    tracing.activity_outcome(span, result)
+            if result is None:
+                self.closed_tasks += 1
+                log.info("activity %s attempt %d of %s is closed: its task was not run", task.activity_id,
+                         task.attempt, context.workflow_exec_id)
+                return False
+            metrics.activity_ran(task.activity_name, isinstance(result.payload, m.CompleteActivityTask),
+                                 time.perf_counter() - began)
+            await send(result)
+            return True
+        finally:
+            self._running.discard(key)
+
+    async def run_activity_task(self, context: WorkflowContext, task: m.ActivityTask, send: Send,
+                                claim: Claim | None = None) -> Command | None:
+        """Run one attempt; a CompleteActivityTask or FailActivityTask command, or None
+        when `claim` was refused (nothing ran).
+
+        With `claim`, the start is claimed before the activity's code runs (the claim is
+        the start report). Without, the start is reported when the attempt is still
+        running after a moment. Heartbeats and custom task events go through `send` as
+        the code makes them.
         """
         started_at = self.clock()
-        ids = {"activity_id": task.activity_id, "workflow_run_id": context.workflow_run_id, "attempt": task.attempt}
+        claim_id = new_id() if claim is not None else None
+        ids = {"activity_id": task.activity_id, "workflow_run_id": context.workflow_run_id, "attempt": task.attempt,
+               "claim_id": claim_id}
+        if claim is not None and not await claim(
+                self._command(context, m.ReportActivityTaskStarted(**ids), started_at)):
+            return None
         definition = self.activities.get(task.activity_name)
         if definition is None:
             return self._command(context, m.FailActivityTask(**ids, failure=Failure(
@@ -184,6 +241,8 @@ class TaskRunner:
                             context.workflow_run_id, context.root_workflow_exec_id, context.task_queue)
 
         async def send_payload(payload: Any) -> None:
+            if claim_id is not None and "claim_id" in type(payload).model_fields:
+                payload = payload.model_copy(update={"claim_id": claim_id})  # heartbeats, custom task events
             await send(self._command(context, payload))
 
         token = _context.set(ActivityContext(info, send_payload))
@@ -192,9 +251,10 @@ class TaskRunner:
         finally:
             _context.reset(token)
         try:
-            done, _ = await asyncio.wait({work}, timeout=STARTED_REPORT_AFTER)
-            if not done:
-                await send(self._command(context, m.ReportActivityTaskStarted(**ids), started_at))
+            if claim is None:
+                done, _ = await asyncio.wait({work}, timeout=STARTED_REPORT_AFTER)
+                if not done:
+                    await send(self._command(context, m.ReportActivityTaskStarted(**ids), started_at))
             timeout = task.start_to_close_timeout_ms / 1000 if task.start_to_close_timeout_ms else None
             result = await asyncio.wait_for(work, timeout)
         except asyncio.TimeoutError:

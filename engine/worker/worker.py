@@ -5,6 +5,18 @@ run inline (they are short and CPU-bound); activities run concurrently up to
 `max_concurrent_activities`. A record's offset is committed once it and every record
 before it in its partition are done, so a worker killed mid-task leaves the task to
 the next worker of the group (activities run at least once).
+
+A task that may have run before is claimed before the activity's code runs: the
+worker sends a ReportActivityTaskStarted with a fresh claim id and waits for the
+processor's reply (one round trip, like Temporal recording the start before handing out
+the task). The processor refuses the claim once the attempt is closed, so a task read
+again after a crash, or dispatched twice, whose completion is recorded never runs again
+(DESIGN §5 invariant 5). A task may have run before when the processor marks it as
+possibly not the only copy (not `first_dispatch`: sent again after a recovery), or when
+its record was already in its partition when this worker was given the partition
+(another member may have read it and not committed). Every other task, the steady
+state, runs without the round trip. A copy arriving while this process runs the same
+attempt is dropped without asking.
 """
 
 from __future__ import annotations
@@ -15,15 +27,25 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from treeflow.kafka import KafkaSettings, TopicsResetError, adopt_partitions, clients, ensure_topics, watch_topics
-from treeflow.schemas import COMMANDS, TASKS, Command, DecodeError, RecordPosition, Task
+from treeflow.kafka import (
+    KafkaSettings,
+    TopicsResetError,
+    adopt_partitions,
+    clients,
+    end_offsets,
+    ensure_topics,
+    watch_topics,
+)
+from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
+from ..ids import new_id
 from ..observability import metrics, tracing
 from .runner import TaskRunner
 
@@ -36,6 +58,94 @@ class WorkerStats:
     activity_tasks: int = 0
     query_tasks: int = 0
     undecodable: int = 0
+    #: Activity tasks claimed before running (possibly not their attempt's only task).
+    claimed_tasks: int = 0
+    #: Claims sent again because no reply came (a processor outage, a lost reply).
+    claim_retries: int = 0
+
+
+#: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
+CLAIM_RETRY = 5.0
+CLAIM_RETRY_MAX = 30.0
+
+
+class _Fresh(ConsumerRebalanceListener):
+    """Per assigned partition, its end when it was assigned: a record from there on was
+    never read by another member of the group (an eager rebalance revokes before it
+    assigns), so it cannot be a task someone else ran and did not commit."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.start: dict[TopicPartition, int] = {}
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        for tp in revoked:
+            self.start.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if not assigned:
+            return
+        try:
+            self.start.update(await end_offsets(self.settings, list(assigned)))
+        except Exception as exc:  # then every task of these partitions is claimed
+            log.warning("could not read the end of %s (%r): their tasks will be claimed", sorted(assigned), exc)
+
+    def fresh(self, tp: TopicPartition, offset: int) -> bool:
+        start = self.start.get(tp)
+        return start is not None and offset >= start
+
+
+class _Replies:
+    """Follows the replies topic from its end for the claims this worker waits on."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._follower: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        topic = self.settings.topics.replies
+        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+        ends = await end_offsets(self.settings, partitions)
+        self._consumer = await clients.start(clients.consumer(self.settings, "worker-replies"), self.settings)
+        self._consumer.assign(partitions)
+        for tp, offset in ends.items():
+            self._consumer.seek(tp, offset)
+        self._follower = asyncio.ensure_future(self._follow())
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        if self._consumer is not None:
+            await clients.stop(self._consumer)
+
+    def expect(self, command_id: str) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        return future
+
+    def forget(self, command_id: str) -> None:
+        self._waiting.pop(command_id, None)
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    command_id = dict(record.headers or ()).get("tf.command", b"").decode()
+                    if command_id not in self._waiting:
+                        continue
+                    try:
+                        reply = REPLIES.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+                    except DecodeError as error:
+                        log.error("skipped a reply: %s", error)
+                        continue
+                    future = self._waiting.pop(reply.command_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
 
 
 class _Offsets:
@@ -93,19 +203,25 @@ class Worker:
         self._next_offsets: dict[TopicPartition, int] = {}
         self._queues = {self.settings.topics.tasks(queue): queue for queue in self.task_queues}
         self.started = False
+        self._replies = _Replies(settings)
 
     async def start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "worker")
+        self._replies.settings = self.settings
         await ensure_topics(self.settings, self.task_queues)  # its queues' topics; nothing else is missing
         self._producer = await clients.start(clients.producer(self.settings, "worker"), self.settings)
+        await self._replies.start()  # before any claim is sent
         for queue in self.task_queues:
-            consumer = await clients.start(clients.consumer(
-                self.settings, "worker", self.settings.topics.tasks(queue),
-                group_id=f"{self.settings.topic_prefix}.workers.{queue}",
-                max_partition_fetch_bytes=16 * 1024 * 1024), self.settings)
+            consumer = clients.consumer(self.settings, "worker", group_id=f"{self.settings.topic_prefix}.workers.{queue}",
+                                        max_partition_fetch_bytes=16 * 1024 * 1024)
+            fresh = _Fresh(self.settings)
+            consumer.subscribe([self.settings.topics.tasks(queue)], listener=fresh)
+            await clients.start(consumer, self.settings)
             self._consumers.append(consumer)
-            self._loops.append(asyncio.ensure_future(self._consume(consumer)))
+            self._loops.append(asyncio.ensure_future(self._consume(consumer, fresh)))
         self._watch = asyncio.ensure_future(self._watch_topics())
+        metrics.CONSUMER_LAG.add(self._lag)
+        self.started = True
 
     async def _watch_topics(self) -> None:
         topics = self.settings.topics
@@ -115,8 +231,6 @@ class Worker:
             log.critical("%s", error)
             self.failed = error
             self._stopping.set()
-        metrics.CONSUMER_LAG.add(self._lag)
-        self.started = True
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop taking tasks, let running ones finish for up to `grace` seconds, commit, leave."""
@@ -134,6 +248,7 @@ class Worker:
             task.cancel()
         for consumer in self._consumers:
             await consumer.stop()
+        await self._replies.stop()
         if self._producer is not None:
             await self._producer.stop()
         metrics.CONSUMER_LAG.remove(self._lag)
@@ -173,7 +288,7 @@ class Worker:
         if self.failed is not None:
             raise self.failed
 
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+    async def _consume(self, consumer: AIOKafkaConsumer, fresh: _Fresh) -> None:
         offsets = _Offsets()
         try:
             while not self._stopping.is_set():
@@ -182,14 +297,14 @@ class Worker:
                     for record in records:
                         self._next_offsets[tp] = record.offset + 1
                         offsets.begin(tp, record.offset)
-                        await self._take(tp, record, offsets)
+                        await self._take(tp, record, offsets, fresh)
                 await self._commit(consumer, offsets)
         finally:
             if self._in_flight and self._stopping.is_set():
                 await asyncio.wait(self._in_flight, timeout=self._grace)
             await self._commit(consumer, offsets)
 
-    async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets) -> None:
+    async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets, fresh: _Fresh) -> None:
         try:
             task = TASKS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
         except DecodeError as error:
@@ -213,27 +328,44 @@ class Worker:
             return
         metrics.worker_task_counter((queue, "activity")).inc()
         await self._slots.acquire()
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets,
-                                                       tracing.traceparent_of(record.headers)))
+        only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
+        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets, claim=not only_copy,
+                                                       traceparent=tracing.traceparent_of(record.headers)))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
     async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
-                            traceparent: bytes | None = None) -> None:
+                            claim: bool, traceparent: bytes | None = None) -> None:
         try:
             self.stats.activity_tasks += 1
-            began = time.perf_counter()
-            payload = task.payload
-            with tracing.activity_span(payload.activity_name, payload.activity_id, payload.attempt,
-                                       task.workflow_context, traceparent) as span:
-                result = await self.runner.run_activity_task(task.workflow_context, payload, self._send)
-                tracing.activity_outcome(span, result)
-            metrics.activity_ran(task.payload.activity_name, isinstance(result.payload, m.CompleteActivityTask),
-                                 time.perf_counter() - began)
-            await self._send(result)
+            if claim:
+                self.stats.claimed_tasks += 1
+            await self.runner.run_activity(task.workflow_context, task.payload, self._send,
+                                           self._claim if claim else None, traceparent)
             offsets.finish(tp, offset)
         finally:
             self._slots.release()
+
+    async def _claim(self, claim: Command) -> bool:
+        """Send the claim; True once the processor grants it, False when it refuses.
+
+        Unanswered (the processor is down, or died between recording the claim and
+        replying), it is sent again under a new command id; the processor answers a
+        claim it granted before the same way while the attempt is open.
+        """
+        wait = CLAIM_RETRY
+        while True:
+            answer = self._replies.expect(claim.command_id)
+            try:
+                await self._send(claim)
+                reply = await asyncio.wait_for(answer, wait)
+                return reply.accepted
+            except asyncio.TimeoutError:
+                self.stats.claim_retries += 1
+            finally:
+                self._replies.forget(claim.command_id)
+            claim = claim.model_copy(update={"command_id": new_id(), "timestamp": datetime.now(timezone.utc)})
+            wait = min(wait * 2, CLAIM_RETRY_MAX)
 
     async def _send(self, command: Command) -> None:
         assert self._producer is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -183,3 +184,80 @@ class SleepyParentWorkflow:
     @workflows.workflow.entrypoint
     async def run(self, seconds: float) -> str:
         return await workflows.execute_workflow(SleeperWorkflow, params=seconds)
+
+
+# ---------------------------------------------------------------- crash and outage tests (issue 9)
+
+
+def trace_start(workdir: str) -> None:
+    """One line per real start of an activity attempt, in `<workdir>/starts.log`:
+    execution id, activity id, attempt, wall-clock time (what the fault test checks)."""
+    info = workflows.activity.info()
+    trace(workdir, "starts", f"{info.workflow_exec_id} {info.activity_id} {info.attempt} {time.time():.6f}")
+
+
+def starts(workdir: str | Path) -> list[tuple[str, str, int, float]]:
+    """The lines `trace_start` wrote: (execution, activity id, attempt, time)."""
+    found = []
+    for line in traces(workdir, "starts"):
+        exec_id, activity_id, attempt, at = line.split()
+        found.append((exec_id, activity_id, int(attempt), float(at)))
+    return found
+
+
+@workflows.activity(start_to_close_timeout=timedelta(seconds=5),
+                    retry_policy=workflows.RetryPolicy(maximum_attempts=1))
+async def durable_gated(workdir: str, tag: str) -> str:
+    """One attempt of at most 5 s; runs until `<workdir>/release-<tag>` appears (at once
+    when `tag` starts with "free")."""
+    trace_start(workdir)
+    release = Path(workdir) / f"release-{tag}"
+    while not tag.startswith("free") and not release.exists():
+        await asyncio.sleep(0.02)
+    return f"gated({tag})"
+
+
+@workflows.workflow.define(name="durable_one_shot")
+class OneShotWorkflow:
+    """One activity with a single 5 s attempt: any timeout fails the workflow."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, params: TaggedInput) -> str:
+        return await durable_gated(params.workdir, params.tag)
+
+
+@workflows.activity(start_to_close_timeout=timedelta(seconds=20))
+async def fault_step(workdir: str, value: str, seconds: float) -> str:
+    trace_start(workdir)
+    await asyncio.sleep(seconds)
+    return f"{value}!"
+
+
+class FaultInput(BaseModel):
+    workdir: str
+    tag: str
+    seconds: float = 0.2
+
+
+def fault_result(tag: str) -> str:
+    return f"{tag}-a!+{tag}-b!+{tag}-c!+child:{tag}-d!"
+
+
+@workflows.workflow.define(name="durable_fault_child")
+class FaultChildWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, params: FaultInput) -> str:
+        return "child:" + await fault_step(params.workdir, f"{params.tag}-d", params.seconds)
+
+
+@workflows.workflow.define(name="durable_fault_tree")
+class FaultTreeWorkflow:
+    """An activity, two in parallel, then a child with its own activity."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, params: FaultInput) -> str:
+        a = await fault_step(params.workdir, f"{params.tag}-a", params.seconds)
+        b, c = await asyncio.gather(fault_step(params.workdir, f"{params.tag}-b", params.seconds),
+                                    fault_step(params.workdir, f"{params.tag}-c", params.seconds))
+        child = await workflows.execute_workflow(FaultChildWorkflow, params=params)
+        return f"{a}+{b}+{c}+{child}"

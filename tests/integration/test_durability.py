@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 import treeflow
 from treeflow.client import Client
@@ -35,9 +35,10 @@ from treeflow.kafka import KafkaSettings, end_offsets, ensure_topics, partition_
 from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 from treeflow.processor.app import Processor
-from treeflow.schemas import CLOSING_STATUS, COMMANDS, Command, Event, EventType
+from treeflow.schemas import CLOSING_STATUS, COMMANDS, TASKS, Command, Event, EventType
 from treeflow.schemas import models as m
 from treeflow.worker.runner import TaskRunner
+from treeflow.worker.worker import Worker
 
 from . import durable_app as app
 from .durable_app import ChainInput, ChainWorkflow, TaggedInput, FlakyWorkflow, ParentInput, ParentWorkflow, traces
@@ -212,6 +213,15 @@ def check_log(events: list[tuple[int, int, Event]], settings: KafkaSettings,
     return dict(by_exec)
 
 
+async def unfinished(settings: KafkaSettings) -> str:
+    """The event types of every execution whose last event does not close it (diagnostics)."""
+    by_exec: dict[str, list[str]] = defaultdict(list)
+    for _, _, event in await read_events(settings):
+        by_exec[event.workflow_context.workflow_exec_id].append(event.event_type.value)
+    return "\n".join(f"{exec_id}: {kinds}" for exec_id, kinds in by_exec.items()
+                     if EventType(kinds[-1]) not in CLOSING_STATUS)
+
+
 def activity_counts(history: list[Event], event_type: EventType) -> Counter[str]:
     return Counter(event.payload.activity_name for event in history if event.event_type is event_type)
 
@@ -322,7 +332,8 @@ async def test_processor_killed_mid_stream_loses_and_duplicates_nothing(
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         if isinstance(error, TimeoutError):
-            raise AssertionError(f"not every execution finished after the processor restart\n{processes.logs()}")
+            raise AssertionError(f"not every execution finished after the processor restart\n"
+                                 f"{await unfinished(settings)}\n{processes.logs()}")
         raise
     assert [result for _, result in outcomes] == [spec[3] for spec in specs]
     handles = [handle for handle, _ in outcomes]
@@ -581,3 +592,177 @@ async def test_a_second_processor_group_rereading_every_command_appends_nothing(
         await asyncio.wait_for(second.stop(), 30)
     after = await read_events(settings)
     assert [e.event_id for _, _, e in after] == [e.event_id for _, _, e in before]
+
+
+# ---------------------------------------------------------------- 6. outages and redelivery (DESIGN §5 inv. 5, 6)
+
+
+async def remote_processor(settings: KafkaSettings) -> Processor:
+    """A processor in this process that hosts no queue: every task goes through the tasks topic."""
+    running = Processor(settings)
+    await running.start()
+    await running.wait_assigned(60)
+    await wait_until(lambda: len(running.engines) == settings.partitions and not any(
+        e.recovering for e in running.engines.values()), 30, "every partition recovered")
+    return running
+
+
+async def in_process_worker(settings: KafkaSettings) -> Worker:
+    workflows, activities = collect([app])
+    worker = Worker(settings, workflows, activities, QUEUES)
+    await worker.start()
+    return worker
+
+
+def activity_tasks(records: list[Any], activity_id: str) -> list[Any]:
+    return [t for t in records if isinstance(t.payload, m.ActivityTask) and t.payload.activity_id == activity_id]
+
+
+async def read_tasks(settings: KafkaSettings) -> list[Any]:
+    """Every record of the default queue's tasks topic, decoded."""
+    topic = settings.topics.tasks("default")
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        ends = await end_offsets(settings, partitions)
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, 0)
+        found = []
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        while remaining:
+            for tp, records in (await consumer.getmany(*remaining, timeout_ms=500)).items():
+                for record in records:
+                    found.append(TASKS.decode(record.value))
+                    if record.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def test_a_report_waiting_through_a_processor_outage_times_nothing_out(
+        settings: KafkaSettings, client: Client, workdir: Path) -> None:
+    """The worker's CompleteWorkflowTask (scheduling an activity with one 5 s attempt)
+    waits in the commands topic through a 6 s processor outage. Deadlines count from
+    the decision, not the report's timestamp: the activity runs and the workflow
+    completes (it used to be SCHEDULED and TIMED_OUT in the same instant, and fail)."""
+    first = await remote_processor(settings)
+    handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir), tag="free-wait"))
+    await wait_until(lambda: first.stats.remote_tasks >= 1, 20, "the workflow task to be dispatched")
+    await asyncio.wait_for(first.stop(), 30)
+    worker = await in_process_worker(settings)
+    try:
+        await wait_until(lambda: worker.stats.workflow_tasks >= 1, 30, "the worker to answer the workflow task")
+        await asyncio.sleep(6)  # the outage outlasts the activity's start-to-close
+        second = await remote_processor(settings)
+        try:
+            assert await asyncio.wait_for(handle.result(), 60) == "gated(free-wait)"
+        finally:
+            await asyncio.wait_for(second.stop(), 30)
+    finally:
+        await asyncio.wait_for(worker.stop(), 30)
+    history = await client.history(handle.execution_id)
+    kinds = [e.event_type for e in history]
+    assert EventType.ACTIVITY_TASK_TIMED_OUT not in kinds, [k.value for k in kinds]
+    [scheduled] = [e for e in history if e.event_type is EventType.ACTIVITY_TASK_SCHEDULED]
+    completed_task = next(e for e in history if e.event_type is EventType.WORKFLOW_TASK_COMPLETED)
+    assert scheduled.timestamp == completed_task.timestamp  # decided together, after the outage
+    assert len(app.starts(workdir)) == 1
+
+
+async def test_a_partition_recovered_with_reports_in_its_backlog_decides_them_first(
+        settings: KafkaSettings, client: Client, workdir: Path) -> None:
+    """The activity completes while the processor is down; its report waits in the
+    commands topic past the attempt's start-to-close. The recovering processor decides
+    that backlog before it re-dispatches anything or lets the clock tick: the task is
+    not sent again, the activity runs once, nothing times out."""
+    first = await remote_processor(settings)
+    worker = await in_process_worker(settings)
+    tag = "gate-backlog"
+    try:
+        handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir), tag=tag))
+        await wait_until(lambda: app.starts(workdir), 30, "the activity to start")
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(first.stop(), 30)
+        (workdir / f"release-{tag}").touch()  # it completes during the outage
+        await asyncio.sleep(max(0.0, 6 - (time.monotonic() - stopped_at)))
+        second = await remote_processor(settings)
+        try:
+            assert await asyncio.wait_for(handle.result(), 60) == f"gated({tag})"
+            await asyncio.sleep(1)  # a re-dispatched task would be picked up by now
+        finally:
+            await asyncio.wait_for(second.stop(), 30)
+    finally:
+        await asyncio.wait_for(worker.stop(), 30)
+    assert second.stats.backlog >= 1
+    history = await client.history(handle.execution_id)
+    kinds = [e.event_type for e in history]
+    assert EventType.ACTIVITY_TASK_TIMED_OUT not in kinds, [k.value for k in kinds]
+    assert kinds.count(EventType.ACTIVITY_TASK_COMPLETED) == 1
+    assert len(activity_tasks(await read_tasks(settings), "1")) == 1, "the activity's task was dispatched again"
+    assert len(app.starts(workdir)) == 1
+
+
+async def test_a_task_redelivered_after_its_completion_does_not_run(
+        settings: KafkaSettings, client: Client, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker reports the completion and goes away before committing the task's
+    offset: the next worker of the group reads the task again, claims the attempt, is
+    refused (the completion is recorded) and does not run it."""
+    processor = await remote_processor(settings)
+    try:
+        first = await in_process_worker(settings)
+
+        async def no_commit(*_: Any) -> None:
+            return None
+
+        monkeypatch.setattr(first, "_commit", no_commit)
+        handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir),
+                                                                               tag="free-redelivered"))
+        assert await asyncio.wait_for(handle.result(), 60) == "gated(free-redelivered)"
+        await asyncio.wait_for(first.stop(), 30)
+        second = await in_process_worker(settings)
+        try:
+            await wait_until(lambda: second.stats.activity_tasks >= 1, 60, "the task to be read again")
+            await wait_until(lambda: second.runner.closed_tasks >= 1, 20, "the claim to be refused",
+                             lambda: str(second.stats))
+        finally:
+            await asyncio.wait_for(second.stop(), 30)
+    finally:
+        await asyncio.wait_for(processor.stop(), 30)
+    assert len(app.starts(workdir)) == 1
+
+
+async def test_copies_of_a_task_run_once(settings: KafkaSettings, client: Client, workdir: Path) -> None:
+    """Two more copies of a running activity's task arrive at once: the worker running it
+    drops them. A copy a recovered processor sends (not `first_dispatch`) arriving after
+    the completion is recorded is claimed and refused. The attempt runs once."""
+    processor = await remote_processor(settings)
+    worker = await in_process_worker(settings)
+    tag = "gate-copies"
+    try:
+        handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir), tag=tag))
+        await wait_until(lambda: app.starts(workdir), 30, "the activity to start")
+        [task] = activity_tasks(await read_tasks(settings), "1")
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
+                                    **settings.profile.producer_options())
+        await producer.start()
+        try:
+            key = task.workflow_context.root_workflow_exec_id.encode()
+            for _ in range(2):
+                await producer.send_and_wait(settings.topics.tasks("default"), TASKS.encode(task), key=key)
+            await wait_until(lambda: worker.runner.duplicate_tasks == 2, 20, "the copies to be dropped")
+            (workdir / f"release-{tag}").touch()
+            assert await asyncio.wait_for(handle.result(), 60) == f"gated({tag})"
+            # As a processor re-sends it after a recovery: marked as maybe not the only copy.
+            again = task.model_copy(update={"payload": task.payload.model_copy(update={"first_dispatch": False})})
+            await producer.send_and_wait(settings.topics.tasks("default"), TASKS.encode(again), key=key)
+            await wait_until(lambda: worker.runner.closed_tasks == 1, 20, "the late copy to be refused")
+        finally:
+            await producer.stop()
+    finally:
+        await asyncio.wait_for(worker.stop(), 30)
+        await asyncio.wait_for(processor.stop(), 30)
+    assert len(app.starts(workdir)) == 1

@@ -237,16 +237,27 @@ def check_children_tracked(states: dict[str, ExecutionState]) -> None:
 
 
 def report_is_current(before: dict[str, ExecutionState], command: Command,
-                      open_attempts: set[tuple[str, str, str, int]]) -> bool:
+                      open_attempts: set[tuple[str, str, str, int]],
+                      claims: dict[tuple[str, str, str, int], str] | None = None) -> bool:
     """Whether a worker report is about something still pending. Activity attempts are
     tracked by the test from the events (scheduled/retrying open one; retrying, a close
-    of the attempt, or a close of the run end it), independently of the core's state."""
+    of the attempt, or a close of the run end it), independently of the core's state;
+    so are the claims granted (`claims`): a report of another claim than the attempt's
+    latest is stale, a claim itself is current while its attempt is open."""
     p = command.payload
     state = before.get(command.workflow_exec_id)
     if isinstance(p, TASK_REPORTS):
         return (state is not None and state.open and state.context.workflow_run_id == p.workflow_run_id
                 and state.workflow_task is not None and state.workflow_task.task_id == p.task_id)
-    return (command.workflow_exec_id, p.workflow_run_id, p.activity_id, p.attempt) in open_attempts
+    key = (command.workflow_exec_id, p.workflow_run_id, p.activity_id, p.attempt)
+    if key not in open_attempts:
+        return False
+    granted = (claims or {}).get(key)
+    return is_claim(command) or granted is None or granted == p.claim_id
+
+
+def is_claim(command: Command) -> bool:
+    return isinstance(command.payload, m.ReportActivityTaskStarted) and command.payload.claim_id is not None
 
 
 def track_attempts(open_attempts: set[tuple[str, str, str, int]], events: list[Event]) -> None:
@@ -267,8 +278,9 @@ def track_attempts(open_attempts: set[tuple[str, str, str, int]], events: list[E
 
 
 def with_heartbeats(rebuilt: dict[str, ExecutionState], live: dict[str, ExecutionState]) -> dict[str, ExecutionState]:
-    """`rebuilt` with the live heartbeats: the one volatile field, not folded from events."""
-    return {x: dataclasses.replace(s, heartbeats=live[x].heartbeats) for x, s in rebuilt.items()}
+    """`rebuilt` with the live volatile fields (heartbeats, claims, resumed_at): not folded from events."""
+    return {x: dataclasses.replace(s, heartbeats=live[x].heartbeats, claims=live[x].claims,
+                                   resumed_at=live[x].resumed_at) for x, s in rebuilt.items()}
 
 
 def assert_same_states(a: dict[str, ExecutionState], b: dict[str, ExecutionState], what: str) -> None:
@@ -297,17 +309,19 @@ class TreeMachine(RuleBasedStateMachine):
         self.seen_tasks: set[tuple[str, str, str]] = set()  # (exec, run, task id) ever pending
         self.seen_attempts: set[tuple[str, str, str, int]] = set()  # (exec, run, activity, attempt) ever open
         self.open_attempts: set[tuple[str, str, str, int]] = set()
+        self.claims: dict[tuple[str, str, str, int], str] = {}  # the latest claim granted per open attempt
+        self.lag = 0  # ms a command waited in the topic before it is decided (its timestamp is older)
 
     # -------------------------------------------------------------- plumbing
 
     def command(self, exec_id: str, payload: Any, root: str = ROOT) -> Command:
         self.count += 1
-        return Command(command_id=f"k{self.count}", timestamp=at(self.now), root_workflow_exec_id=root,
+        return Command(command_id=f"k{self.count}", timestamp=at(self.now - self.lag), root_workflow_exec_id=root,
                        workflow_exec_id=exec_id, payload=payload)
 
     def apply(self, command: Command, redelivery: bool = False) -> None:
         before = dict(self.states)
-        outcome = process(before, command)
+        outcome = process(before, command, now=at(self.now))
         note(f"{command.command_id}{' (again)' if redelivery else ''} -> {command.workflow_exec_id or 'tick'} "
              f"{type(command.payload).__name__} @{self.now}: {summary(outcome.events)}")
         after = {**before, **outcome.states}
@@ -323,6 +337,10 @@ class TreeMachine(RuleBasedStateMachine):
         if not redelivery:
             self.processed.append((command, len(outcome.events)))
         track_attempts(self.open_attempts, outcome.events)
+        if is_claim(command) and any(r.accepted for r in outcome.replies):
+            p = command.payload
+            self.claims[(command.workflow_exec_id, p.workflow_run_id, p.activity_id, p.attempt)] = p.claim_id
+        self.claims = {k: c for k, c in self.claims.items() if k in self.open_attempts}
         self.log.extend(outcome.events)
         self.states = after
         for e in outcome.events:
@@ -379,11 +397,13 @@ class TreeMachine(RuleBasedStateMachine):
           kind=st.sampled_from(["started", "complete", "complete", "fail", "fail", "heartbeat", "custom"]),
           skew=st.sampled_from(["none", "none", "none", "none", "run", "attempt+1", "attempt-1"]),
           failure=FAILURES, custom_type=st.sampled_from([T.CUSTOM_TASK_STARTED, T.CUSTOM_TASK_COMPLETED,
-                                                        T.CUSTOM_TASK_FAILED, T.ACTIVITY_TASK_COMPLETED]))
+                                                        T.CUSTOM_TASK_FAILED, T.ACTIVITY_TASK_COMPLETED]),
+          claim=st.sampled_from([None, None, "w1", "w2"]))
     def report_activity(self, which: str, pick: int, kind: str, skew: str, failure: m.Failure,
-                        custom_type: EventType) -> None:
+                        custom_type: EventType, claim: str | None) -> None:
         """A report on an open attempt or on any attempt ever open (superseded, timed out, of a
-        closed run), maybe with a skewed run id or attempt."""
+        closed run), maybe with a skewed run id or attempt, from a worker that claimed the
+        attempt (`claim`: a "started" report is then the claim) or not."""
         attempts = sorted(self.open_attempts if which == "open" and self.open_attempts else self.seen_attempts)
         x, run, activity_id, attempt = attempts[pick % len(attempts)]
         if skew == "run":
@@ -392,7 +412,7 @@ class TreeMachine(RuleBasedStateMachine):
             attempt += 1
         elif skew == "attempt-1":
             attempt -= 1
-        ids = {"activity_id": activity_id, "workflow_run_id": run, "attempt": attempt}
+        ids = {"activity_id": activity_id, "workflow_run_id": run, "attempt": attempt, "claim_id": claim}
         payload: Any = {
             "started": lambda: m.ReportActivityTaskStarted(**ids),
             "complete": lambda: m.CompleteActivityTask(**ids, result_json="1"),
@@ -404,6 +424,12 @@ class TreeMachine(RuleBasedStateMachine):
                                                       else None),
         }[kind]()
         self.apply(self.command(x, payload))
+
+    @rule(lag=st.sampled_from([0, 0, 500, 5000, 60_000]))
+    def commands_wait(self, lag: int) -> None:
+        """The next commands waited `lag` ms in the commands topic (an outage): their own
+        timestamps are that much older than the decision time."""
+        self.lag = lag
 
     @rule(advance=st.sampled_from([0, 1, 999, 1000, 2000, 5000, 10_000, 30_000]),
           tick=st.sampled_from([True, True, False]))
@@ -478,7 +504,7 @@ class StateIsFoldOfEvents(TreeMachine):
         assert_same_states(fold(outcome.events, before), after, "fold(command's events, before)")
         # A processor rebuilt from the events topic decides the same (given the live heartbeats).
         assert_same_states(self.rebuilt, before, "fold(events topic)")
-        assert process(with_heartbeats(self.rebuilt, before), command).events == outcome.events, \
+        assert process(with_heartbeats(self.rebuilt, before), command, now=at(self.now)).events == outcome.events, \
             "a state rebuilt from the events decides differently"
         decoded = [EVENTS.decode(EVENTS.encode(e)) for e in outcome.events]
         self.topic.extend(decoded)
@@ -512,18 +538,19 @@ class ReprocessingAppendsNothing(TreeMachine):
         if redelivery:
             assert outcome.events == [], f"re-delivered {command.command_id} appended {summary(outcome.events)}"
         # Against the state right after it: nothing, and no state change.
-        again = process(after, command)
+        again = process(after, command, now=at(self.now))
         assert again.events == [], f"{command.command_id} processed twice appended {summary(again.events)}"
         assert all(after[x] == s for x, s in again.states.items())
         # Same command, same state: the same events, replies and states (ids, timestamps, payloads),
         # also on copies of the states, in a view iterated in another order.
-        twin = process({x: dataclasses.replace(s) for x, s in reversed(before.items())}, command)
+        twin = process({x: dataclasses.replace(s) for x, s in reversed(before.items())}, command, now=at(self.now))
         assert twin.events == outcome.events, "deciding twice gave different events"
         assert twin.replies == outcome.replies
         assert twin.states == outcome.states
         for i, e in enumerate(outcome.events):
             assert e.event_id == f"{command.command_id}:{i}", f"event id {e.event_id} not derived from the command"
-            assert e.timestamp == command.timestamp, f"{e.event_id}: timestamp not the command's"
+            # The decision time, not the command's (older, when it waited: invariant 6).
+            assert e.timestamp == at(self.now), f"{e.event_id}: timestamp not the decision time"
 
 
 # ------------------------------------------------------------------ invariant 3
@@ -548,10 +575,19 @@ class ClosePoliciesReachEveryChild(TreeMachine):
 # ------------------------------------------------------------------ property 5
 
 class StaleReportsEmitNothing(TreeMachine):
+    def apply(self, command: Command, redelivery: bool = False) -> None:
+        self.claims_before = dict(self.claims)
+        super().apply(command, redelivery)
+
     def on_command(self, before, command, outcome, after, redelivery):
         p = command.payload
+        if is_claim(command):
+            # Invariant 5: a claim is granted exactly while its attempt is open.
+            key = (command.workflow_exec_id, p.workflow_run_id, p.activity_id, p.attempt)
+            assert [r.accepted for r in outcome.replies] == [key in self.open_attempts], \
+                f"claim of {key} answered {outcome.replies} (open: {key in self.open_attempts})"
         if isinstance(p, (*TASK_REPORTS, *ACTIVITY_REPORTS)) and not redelivery:
-            current = report_is_current(before, command, self.open_attempts)
+            current = report_is_current(before, command, self.open_attempts, self.claims_before)
             if not current:
                 assert outcome.events == [], f"stale {type(p).__name__} emitted {summary(outcome.events)}"
                 assert all(before.get(x) == s for x, s in outcome.states.items()), "stale report changed a state"
@@ -917,5 +953,7 @@ def test_recovery_gives_heartbeating_activities_a_fresh_heartbeat():
     assert types(folded) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"], "the fold alone would time it out"
     recovered = PartitionEngine(0)
     recovered.replay(tree.log, at(1200))
+    assert recovered.tick(at(1500), "tick-a").events == [], "nothing time-based before the backlog is decided"
+    recovered.resume(at(1200))
     assert recovered.tick(at(1500), "tick-a").events == live
     assert types(recovered.tick(at(2200), "tick-b").events) == ["ACTIVITY_TASK_TIMED_OUT", "ACTIVITY_TASK_RETRYING"]
