@@ -86,6 +86,10 @@ def fold(events: Iterable[Event], states: Mapping[str, ExecutionState] | None = 
 
 def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
     payload: m.WorkflowExecutionStarted = event.payload  # type: ignore[assignment]
+    if previous is not None and event.sequence != previous.last_sequence + 1:
+        # A new history of a reused id (the processor had forgotten the closed one, see
+        # PartitionEngine.evict_closed): nothing carries over from the old one.
+        previous = None
     continued = payload.continued_from_run_id is not None and previous is not None
     return ExecutionState(
         context=event.workflow_context,

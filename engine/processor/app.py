@@ -7,9 +7,10 @@ queues it hosts itself, to an in-process `TaskRunner`. It also owns time: a cloc
 loop ticks the partitions whose timers, timeouts or backoffs are due.
 
 State is the fold of the events topic: when it is given a partition, the processor
-reads that partition of the events topic back and folds it before deciding anything
-there. (A faust Table changelog would be a second copy of the state, and without
-transactions, which Tansu lacks, it could disagree with the log.)
+loads the partition's latest snapshot and folds the events after it before deciding
+anything there, and it snapshots each partition periodically (`snapshots.py`; a
+faust Table changelog would be a second copy of the state written without
+transactions, which Tansu lacks, so it could disagree with the log).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 
@@ -32,6 +32,7 @@ from ..ids import new_id
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
+from .snapshots import DURABLE_HEADER, SnapshotOptions, SnapshotStore, recover_partition
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +52,30 @@ class ProcessorStats:
     recovered_events: int = 0
     #: Commands read again after a lost offset commit, skipped (already decided).
     redelivered: int = 0
+    #: Partitions recovered from a snapshot (the rest from the whole events partition).
+    recovered_from_snapshot: int = 0
+    snapshots_written: int = 0
+    snapshot_bytes: int = 0
+    #: Snapshots not written because another writer's events were in the partition.
+    snapshots_skipped: int = 0
+    #: Closed executions forgotten after the retention.
+    evicted: int = 0
+    #: Seconds spent reading and folding partitions given to this processor (snapshot + tail).
+    recovery_seconds: float = 0.0
 
 
-DURABLE_HEADER = "tf.durable"
+@dataclass
+class _PartitionLog:
+    """What this processor appended to one events partition since it recovered it."""
 
-
-class _DurableUpTo:
-    """The highest `tf.durable` header among the events read back on recovery."""
-
-    def __init__(self) -> None:
-        self.offset = -1
-
-    def see(self, record: Any) -> bool:
-        for key, value in record.headers or ():
-            if key == DURABLE_HEADER:
-                try:
-                    self.offset = max(self.offset, int(value))
-                except ValueError:
-                    log.error("ignoring a malformed %s header %r on an event", DURABLE_HEADER, value)
-        return True
+    #: The partition's end when it was recovered.
+    base: int
+    appended: int = 0
+    last: asyncio.Future[Any] | None = None
+    #: `appended` when the last snapshot was taken (None: none since the recovery).
+    snapshotted: int | None = None
+    snapshotted_at: float = 0.0
+    changed: bool = False
 
 
 def utc_now() -> datetime:
@@ -80,8 +86,12 @@ class Processor:
     """Runs the processor for `settings`; `runner` hosts `local_queues` in this process."""
 
     def __init__(self, settings: KafkaSettings, *, runner: TaskRunner | None = None,
-                 local_queues: Iterable[str] = (), app_id: str | None = None) -> None:
+                 local_queues: Iterable[str] = (), app_id: str | None = None,
+                 snapshots: SnapshotOptions | None = None) -> None:
         self.settings = settings
+        self.snapshot_options = snapshots or SnapshotOptions.from_env()
+        self._snapshots: SnapshotStore | None = None
+        self._logs: dict[int, _PartitionLog] = {}
         self.runner = runner
         self.local_queues = frozenset(local_queues) if runner else frozenset()
         self.stats = ProcessorStats()
@@ -141,7 +151,12 @@ class Processor:
                                           max_request_size=16 * 1024 * 1024,
                                           **self.settings.profile.producer_options())
         await self._producer.start()
-        for coroutine in (self._clock(), self._local_loop()):
+        if self.snapshot_options.interval > 0 and await SnapshotStore.exists(self.settings):
+            self._snapshots = SnapshotStore(self.settings, self._producer, self.snapshot_options)
+        elif self.snapshot_options.interval > 0:
+            log.warning("topic %s is missing (create it with `treeflow topics create`): partitions are recovered "
+                        "from the whole events log and no snapshots are taken", self.settings.topics.snapshots)
+        for coroutine in (self._clock(), self._local_loop(), self._housekeeping()):
             self._spawn(coroutine)
         await self._app.start()
 
@@ -176,16 +191,21 @@ class Processor:
             for partition in new:
                 self._ready[partition] = asyncio.Event()
             for partition in new:
-                engine = PartitionEngine(partition)
-                durable = _DurableUpTo()
-                events = [item.event async for item in EventReader(self.settings, [partition], accept=durable.see)]
-                engine.replay(events, utc_now())
-                self._durable[partition] = durable.offset
-                self.stats.recovered_events += len(events)
+                began = asyncio.get_running_loop().time()
+                recovery = await recover_partition(self.settings, partition, utc_now(), self._snapshots,
+                                                   self.snapshot_options.closed_retention)
+                self.stats.recovery_seconds += asyncio.get_running_loop().time() - began
+                engine = recovery.engine
+                self._durable[partition] = recovery.durable
+                self._logs[partition] = _PartitionLog(recovery.events_end,
+                                                      snapshotted=0 if recovery.tail_events == 0 else None)
+                self.stats.recovered_events += recovery.tail_events
+                self.stats.recovered_from_snapshot += recovery.snapshot is not None
                 self.engines[partition] = engine
                 self._ready[partition].set()
-                log.info("partition %d recovered from %d events, %d executions", partition, len(events),
-                         len(engine.states))
+                log.info("partition %d recovered from %s and %d events after it: %d executions", partition,
+                         f"snapshot at events offset {recovery.snapshot.manifest.events_offset}"
+                         if recovery.snapshot else "no snapshot", recovery.tail_events, len(engine.states))
                 await self._dispatch(engine.redispatch_all(utc_now()))
         if mine:
             self.started.set()
@@ -214,6 +234,7 @@ class Processor:
         self.engines.pop(partition, None)
         self._ready.pop(partition, None)
         self._durable.pop(partition, None)
+        self._logs.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
@@ -343,6 +364,10 @@ class Processor:
                 partition=partition,
                 headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", context.workflow_exec_id.encode()),
                          (DURABLE_HEADER, durable)]))
+        written = self._logs.get(partition)
+        if written is not None and futures:
+            written.appended += len(futures)
+            written.last = futures[-1]
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
@@ -368,6 +393,56 @@ class Processor:
             self.failed = exc
             self._spawn(self._app.stop())
             raise
+
+    # ------------------------------------------------------------ snapshots and retention
+
+    async def _housekeeping(self) -> None:
+        """Forget closed executions after the retention; snapshot partitions that changed."""
+        options = self.snapshot_options
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(options.check_every)
+            now = utc_now()
+            due = []
+            async with self._lock:
+                for partition, engine in self.engines.items():
+                    written = self._logs.get(partition)
+                    evicted = engine.evict_closed(now)
+                    self.stats.evicted += evicted
+                    if written is None:
+                        continue
+                    written.changed |= evicted > 0 or written.appended != written.snapshotted
+                    if (self._snapshots is not None and written.changed
+                            and loop.time() - written.snapshotted_at >= options.interval):
+                        # Captured under the lock: no command is half decided.
+                        due.append((partition, engine.export(), written, written.appended, written.last,
+                                    self._durable.get(partition, -1)))
+            for partition, image, written, appended, last, durable in due:
+                await self._snapshot(partition, image, written, appended, last, durable, now)
+
+    async def _snapshot(self, partition: int, image: Any, written: _PartitionLog, appended: int,
+                        last: asyncio.Future[Any] | None, durable: int, now: datetime) -> None:
+        assert self._snapshots is not None
+        offset = written.base + appended
+        try:
+            if last is not None and (await last).offset != offset - 1:
+                # Another writer's records sit among ours: the state is not the fold of the
+                # events below `offset` (a zombie owner during a rebalance; recovery folds them).
+                self.stats.snapshots_skipped += 1
+                log.warning("not snapshotting partition %d: events from another writer are in it", partition)
+                written.snapshotted_at = asyncio.get_running_loop().time()
+                return
+            result = await self._snapshots.write(partition, image, events_offset=offset, durable_offset=durable,
+                                                 taken_at=now)
+        except Exception as exc:  # a snapshot is an optimisation: the log is intact
+            log.error("snapshot of partition %d failed (%r); will retry", partition, exc)
+            return
+        written.snapshotted, written.changed = appended, False
+        written.snapshotted_at = asyncio.get_running_loop().time()
+        self.stats.snapshots_written += 1
+        self.stats.snapshot_bytes += result.bytes
+        log.info("snapshot of partition %d at events offset %d: %d open, %d closed executions, %d bytes in %d "
+                 "chunk(s)", partition, offset, len(image.open), len(image.closed), result.bytes, result.chunks)
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
         """Dispatch work outside a decision (after a recovery)."""

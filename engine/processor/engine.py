@@ -1,24 +1,30 @@
 """The processor's state of one partition, around the pure core.
 
-`PartitionEngine` holds every execution of one commands/events partition, the
-current run's history of each open one (workflow tasks carry it), what has been
-dispatched, and when something is due. It applies commands through `core.process`
-and says what to append, reply and dispatch; Kafka and faust stay outside.
+`PartitionEngine` holds the open and recently closed executions of one
+commands/events partition, the current run's history of each open one (workflow
+tasks carry it), what has been dispatched, and when something is due. It applies
+commands through `core.process` and says what to append, reply and dispatch; Kafka
+and faust stay outside. A closed execution is forgotten `closed_retention` after it
+closed (DESIGN.md §5 invariant 7); `export` and `restore` give and take the state a
+snapshot holds (`treeflow.processor.snapshots`).
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
 from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
-from ..core import ExecutionState, Query, WorkItem, evolve, next_due, pending_work, process
+from ..core import ExecutionState, Query, WorkItem, evolve, fold, next_due, pending_work, process
 from ..core.state import updated
+
+#: How long a closed execution stays in memory by default (TREEFLOW_CLOSED_RETENTION).
+DEFAULT_CLOSED_RETENTION = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -39,15 +45,36 @@ class Effects:
     dispatches: list[Dispatch] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class OpenImage:
+    """What a snapshot keeps of an open execution: its state is the fold of `history`
+    (the current run's events) with the two fields that come from earlier runs."""
+
+    history: list[Event]
+    execution_started_at: datetime
+    recent_commands: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PartitionImage:
+    """The state of a partition as a snapshot holds it (`PartitionEngine.export`)."""
+
+    open: list[OpenImage]
+    closed: list[ExecutionState]
+
+
 class PartitionEngine:
     """Executions of one partition, their histories, and their pending work."""
 
-    def __init__(self, partition: int) -> None:
+    def __init__(self, partition: int, closed_retention: timedelta = DEFAULT_CLOSED_RETENTION) -> None:
         self.partition = partition
+        self.closed_retention = closed_retention
         self.states: dict[str, ExecutionState] = {}
         self.histories: dict[str, list[Event]] = {}
         self._dispatched: dict[str, set[str]] = {}
         self._due: list[tuple[datetime, str]] = []
+        #: A heap of (closed_at, exec id), for `evict_closed`.
+        self._closings: list[tuple[datetime, str]] = []
 
     # ------------------------------------------------------------ recovery
 
@@ -60,12 +87,67 @@ class PartitionEngine:
         """
         for event in events:
             self._append(event)
+        self._recovered(now)
+
+    def _recovered(self, now: datetime) -> None:
+        self.evict_closed(now)
         for exec_id, state in self.states.items():
             beating = {a.activity_id: now for a in state.activities.values()
                        if a.started_at is not None and a.heartbeat_timeout_ms is not None}
             if beating:
                 self.states[exec_id] = updated(state, heartbeats=MappingProxyType(beating))
             self._schedule(self.states[exec_id])
+
+    # ------------------------------------------------------------ snapshots
+
+    def export(self) -> PartitionImage:
+        """The state a snapshot keeps: each open execution's current run history (with
+        what came from earlier runs) and each closed execution still retained. Cheap
+        (shallow copies of immutable values): call it while no command is decided."""
+        opened, closed = [], []
+        for exec_id, state in self.states.items():
+            if state.open:
+                opened.append(OpenImage(list(self.histories.get(exec_id, ())), state.execution_started_at,
+                                        state.recent_commands))
+            else:
+                closed.append(state)
+        return PartitionImage(opened, closed)
+
+    @classmethod
+    def restore(cls, partition: int, image: PartitionImage, tail: list[Event], now: datetime,
+                closed_retention: timedelta = DEFAULT_CLOSED_RETENTION) -> PartitionEngine:
+        """The engine of a snapshot's `image` plus the `tail` of events after it: the
+        same as `replay` of the whole partition at `now` (DESIGN.md §5 invariant 1)."""
+        engine = cls(partition, closed_retention)
+        for state in image.closed:
+            engine.states[state.exec_id] = state
+            heapq.heappush(engine._closings, (state.closed_at or now, state.exec_id))
+        for item in image.open:
+            if not item.history:
+                continue
+            exec_id = item.history[0].workflow_context.workflow_exec_id
+            state = fold(item.history)[exec_id]
+            engine.states[exec_id] = updated(state, execution_started_at=item.execution_started_at,
+                                             recent_commands=item.recent_commands)
+            engine.histories[exec_id] = list(item.history)
+        for event in tail:
+            engine._append(event)
+        engine._recovered(now)
+        return engine
+
+    def evict_closed(self, now: datetime) -> int:
+        """Forget the executions closed `closed_retention` or longer before `now`; returns
+        how many. Commands about a forgotten one are answered as for an unknown id
+        (README: "Closed executions")."""
+        evicted = 0
+        limit = now - self.closed_retention
+        while self._closings and self._closings[0][0] <= limit:
+            closed_at, exec_id = heapq.heappop(self._closings)
+            state = self.states.get(exec_id)
+            if state is not None and not state.open and state.closed_at == closed_at:
+                del self.states[exec_id]
+                evicted += 1
+        return evicted
 
     # ------------------------------------------------------------ commands
 
@@ -130,6 +212,8 @@ class PartitionEngine:
         else:
             self.histories.pop(exec_id, None)
             self._dispatched.pop(exec_id, None)
+            if state.closed_at is not None:
+                heapq.heappush(self._closings, (state.closed_at, exec_id))
 
     def _ready_work(self, exec_id: str, now: datetime) -> list[Dispatch]:
         state = self.states.get(exec_id)

@@ -24,7 +24,8 @@ async def partition_counts(settings: KafkaSettings) -> dict[str, int]:
 async def test_creates_the_topics_once_with_equal_partition_counts(settings: KafkaSettings) -> None:
     first = await ensure_topics(settings)
     assert sorted(first.created) == sorted([settings.topics.commands, settings.topics.events,
-                                            settings.topics.replies, settings.topics.tasks("default")])
+                                            settings.topics.replies, settings.topics.snapshots,
+                                            settings.topics.tasks("default")])
     second = await ensure_topics(settings)
     assert second.created == []
     assert second.existing == sorted(first.created)
