@@ -1,8 +1,12 @@
 """The client: start executions, wait for results, and reach any execution by id.
 
-A client writes commands keyed by the root id and follows the events and replies
-topics from the moment it connected (one consumer over all partitions, no group):
-a start is answered on the replies topic, a result is the execution's closing event.
+A client writes commands keyed by the root id and reads only its own: each client
+picks one partition of the replies topic (by a hash of its identity and a random
+instance id), names it in every command (`Command.reply_partition`), and follows it
+from the moment it connected (no group). The processor answers there, and when an
+execution this client started closes, it sends the closing event there too. Only
+for executions it did not start does a client follow events: the partition of the
+tree it waits on, from when it began to wait.
 
 Any execution of a tree (root, child, grandchild) is reached by its execution id:
 commands about it must be keyed by its tree's root id, which `Client.find_root`
@@ -25,7 +29,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from treeflow.consumers import EventReader
-from treeflow.consumers.lookup import RootCache
+from treeflow.consumers.lookup import AmbiguousExecutionError, RootCache
 from treeflow.kafka import KafkaSettings, end_offsets, partition_for
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, Command, DecodeError, Event, EventType, RecordPosition, Reply
 from treeflow.schemas import models as m
@@ -57,6 +61,20 @@ FINAL = {EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FA
          EventType.WORKFLOW_EXECUTION_TIMED_OUT}
 #: The `tf.type` headers of FINAL events: the client decodes only those records.
 _FINAL_HEADERS = frozenset(t.value.encode() for t in FINAL)
+#: How long a wait for a started execution's close notice goes before the log is checked
+#: (a notice lost with a processor that died after appending the close).
+CLOSE_NOTICE_CHECK = 10.0
+
+
+@dataclass
+class ClientStats:
+    """What the client's follower fetched (replies, and events of trees it waits on)."""
+
+    fetched_records: int = 0
+    #: Key and value bytes of the records received.
+    fetched_bytes: int = 0
+    #: Events partitions followed (for executions waited on that this client did not start).
+    followed_event_partitions: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +244,11 @@ class Client:
         self._closed: OrderedDict[str, Event] = OrderedDict()
         self._started_here: set[str] = set()
         self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
+        #: The replies partition this client reads; named in each command it sends.
+        self.reply_partition = partition_for(f"{self.identity}/{new_id()}", settings.partitions)
+        self.stats = ClientStats()
+        self._assignment: set[TopicPartition] = set()
+        self._assigning = asyncio.Lock()
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -240,16 +263,11 @@ class Client:
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap_servers,
                                           **self.settings.profile.producer_options())
         await self._producer.start()
-        partitions = [TopicPartition(topic, p) for topic in (topics.events, topics.replies)
-                      for p in range(self.settings.partitions)]
-        ends = await end_offsets(self.settings, partitions)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
                                           enable_auto_commit=False, auto_offset_reset="earliest",
                                           fetch_max_wait_ms=self.settings.profile.fetch_max_wait_ms)
         await self._consumer.start()
-        self._consumer.assign(partitions)
-        for tp, offset in ends.items():
-            self._consumer.seek(tp, offset)
+        await self._follow_partitions({TopicPartition(topics.replies, self.reply_partition)})
         self._follower = asyncio.ensure_future(self._follow())
 
     async def close(self) -> None:
@@ -330,7 +348,10 @@ class Client:
         one pass over the whole events topic. Raises `CommandRejectedError` when no event
         names the execution.
         """
-        root = await self._roots.find(execution_id)
+        try:
+            root = await self._roots.find(execution_id)
+        except AmbiguousExecutionError as error:
+            raise CommandRejectedError(str(error)) from None
         if root is None:
             raise CommandRejectedError(f"workflow execution {execution_id} not found: no event of it in "
                                        f"{self.settings.topics.events}")
@@ -372,7 +393,8 @@ class Client:
     async def _send(self, exec_id: str, root: str, payload: Any) -> Reply:
         assert self._producer is not None, "call start() (or use Client.connect()) first"
         command = Command(command_id=new_id(), timestamp=datetime.now(timezone.utc),
-                          root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload)
+                          root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload,
+                          reply_partition=self.reply_partition)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._replies[command.command_id] = answered
         try:
@@ -390,13 +412,23 @@ class Client:
         self._waiters.setdefault(exec_id, []).append(waiter)
         try:
             if exec_id not in self._started_here:
-                # It may have closed before this client connected: look in its history.
-                for event in reversed(await self.history(exec_id, root_execution_id=await handle.root())):
-                    if event.event_type in FINAL:
-                        return event
-                    if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
-                        break
-            return await waiter
+                # Follow its tree's partition from now, then look in its history (it may
+                # have closed before).
+                root = await handle.root()
+                await self._follow_partitions({TopicPartition(self.settings.topics.events,
+                                                              partition_for(root, self.settings.partitions))})
+                found = await self._closed_in_log(exec_id, root)
+                if found is not None:
+                    return found
+                return await waiter
+            # Started here: the processor sends its closing event to our replies partition.
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), CLOSE_NOTICE_CHECK)
+                except asyncio.TimeoutError:
+                    found = await self._closed_in_log(exec_id, await handle.root())
+                    if found is not None:
+                        return found
         finally:
             waiters = self._waiters.get(exec_id, [])
             if waiter in waiters:
@@ -404,13 +436,42 @@ class Client:
             if not waiters:
                 self._waiters.pop(exec_id, None)
 
+    async def _closed_in_log(self, exec_id: str, root: str) -> Event | None:
+        for event in reversed(await self.history(exec_id, root_execution_id=root)):
+            if event.event_type in FINAL:
+                return event
+            if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
+                break
+        return None
+
+    async def _follow_partitions(self, partitions: set[TopicPartition]) -> None:
+        """Add `partitions` to what the follower reads, each from its true end now."""
+        assert self._consumer is not None
+        async with self._assigning:
+            new = partitions - self._assignment
+            if not new:
+                return
+            ends = await end_offsets(self.settings, sorted(new))
+            # assign() resets every position: keep those of the partitions already read.
+            positions = {tp: await self._consumer.position(tp) for tp in self._assignment}
+            self._assignment |= new
+            self._consumer.assign(sorted(self._assignment))
+            for tp, offset in {**positions, **ends}.items():
+                self._consumer.seek(tp, offset)
+            self.stats.followed_event_partitions = sum(tp.topic == self.settings.topics.events
+                                                       for tp in self._assignment)
+
     async def _follow(self) -> None:
         assert self._consumer is not None
         topics = self.settings.topics
         while True:
-            batches = await self._consumer.getmany(timeout_ms=1000)
+            async with self._assigning:
+                batches = await self._consumer.getmany(timeout_ms=200)
             for tp, records in batches.items():
                 for record in records:
+                    self.stats.fetched_records += 1
+                    self.stats.fetched_bytes += max(record.serialized_key_size, 0) + max(
+                        record.serialized_value_size, 0)
                     headers = dict(record.headers or ())
                     try:
                         if tp.topic == topics.replies:
@@ -422,6 +483,11 @@ class Client:
                         log.error("client skipped a record: %s", error)
 
     def _on_reply(self, record: Any, headers: dict[str, bytes], tp: TopicPartition) -> None:
+        if "tf.closed" in headers:
+            notice = REPLIES.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+            if notice.closing_event is not None:
+                self._on_close(notice.closing_event)
+            return
         command_id = headers.get("tf.command", b"").decode()
         if command_id and command_id not in self._replies:
             return

@@ -108,6 +108,7 @@ class Command(AvroModel):
     root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
     workflow_exec_id: str = Field(description='The execution the command is about.')
     payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask = Field(description='The typed request or report.')
+    reply_partition: None | int = Field(default=None, description="The replies partition the sender reads: the processor answers there (default: the root's partition); a start's result is also sent there when the execution closes.")
 
 
 class CompleteActivityTask(AvroModel):
@@ -686,6 +687,7 @@ class WorkflowExecutionStarted(AvroModel):
     continued_from_run_id: None | str = Field(default=None, description='The run this one continues, after continue-as-new.')
     identity: None | str = Field(default=None, description='Who asked for the start (client identity), if known.')
     first_workflow_task_backoff_ms: None | int = Field(default=None, description='For a retried attempt: how long after this event its first workflow task is given out (the retry backoff).')
+    reply_partition: None | int = Field(default=None, description='The replies partition of the client that started the execution: its closing event is also sent there (carried over to later runs).')
 
 
 class WorkflowExecutionTerminated(AvroModel):
@@ -740,6 +742,7 @@ class Reply(AvroModel):
     workflow_run_id: None | str = Field(default=None, description="The execution's current run, when it exists.")
     error: None | Failure = Field(default=None, description='Why the command was rejected.')
     result_json: None | str = Field(default=None, description="A query's answer, as JSON text.")
+    closing_event: None | Event = Field(default=None, description="For a close notice (header tf.closed): the execution's closing event, as in the events topic.")
 
 
 class ClosedExecution(AvroModel):
@@ -765,6 +768,7 @@ class ClosedExecution(AvroModel):
     recent_commands: list[str] = Field(default_factory=list, description='Ids of the last commands that appended events to the execution, oldest first.')
     result_json: None | str = Field(default=None, description='The result, as JSON text.')
     failure: None | Failure = Field(default=None, description='Why it did not complete.')
+    reply_partition: None | int = Field(default=None, description="Where the execution's closing event was sent.")
 
 
 class OpenExecution(AvroModel):

@@ -104,6 +104,7 @@ def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
         retry_policy=payload.retry_policy,
         attempt=event.attempt or 1,
         parent_close_policy=payload.parent_close_policy,
+        reply_partition=payload.reply_partition,
         workflow_task=WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp + timedelta(
             milliseconds=payload.first_workflow_task_backoff_ms or 0)),
         last_trigger_sequence=event.sequence,

@@ -329,8 +329,11 @@ class Processor:
         outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
+                headers = [("tf.command", reply.command_id.encode())]
+                if reply.closing_event is not None:
+                    headers.append(("tf.closed", reply.workflow_exec_id.encode()))
                 outgoing.append((topics.replies, REPLIES.encode(reply), reply.root_workflow_exec_id.encode(),
-                                 partition, [("tf.command", reply.command_id.encode())]))
+                                 self._reply_partition(effects, reply, partition), headers))
             for dispatch in effects.dispatches:
                 if dispatch.item.task_queue in self.local_queues:
                     self.stats.local_tasks += 1
@@ -346,6 +349,13 @@ class Processor:
                                                            on_durable))
         elif on_durable is not None:
             on_durable()
+
+    def _reply_partition(self, effects: Effects, reply: Any, partition: int) -> int:
+        """Where the client reads (it names its replies partition), else the root's partition."""
+        route = effects.routes.get(reply.command_id)
+        if route is None or not 0 <= route < self.settings.partitions:
+            return partition if partition >= 0 else partition_for(reply.root_workflow_exec_id, self.settings.partitions)
+        return route
 
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
         """Queue events for one partition; the producer coalesces them into batches.

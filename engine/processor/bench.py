@@ -84,31 +84,42 @@ def flat_events(exec_id: str, at: datetime, close: bool) -> list[Any]:
     return events
 
 
+ID_LENGTH = 20
+
+
 async def write_log(settings: Any, closed: int, opened: int) -> int:
-    """Append the synthetic executions to the events topic; returns the event count."""
+    """Append the synthetic executions to the events topic; returns the event count.
+
+    Each kind's events are made once by the core for a placeholder id and encoded; every
+    execution gets a copy with its own id (of the same length) in place of it."""
     from aiokafka import AIOKafkaProducer
 
     from treeflow.kafka import partition_for
     from treeflow.schemas import EVENTS
 
+    placeholder = "T" * ID_LENGTH
+    templates = {}
+    for kind, age in ((True, EPOCH_AGO), (False, timedelta(hours=1))):
+        events = flat_events(placeholder, datetime.now(timezone.utc) - age, kind)
+        templates[kind] = [(EVENTS.encode(e), e.event_type.value.encode()) for e in events]
+    options = {k: v for k, v in settings.profile.producer_options().items() if k != "linger_ms"}
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
-                                max_batch_size=512 * 1024, **{k: v for k, v in settings.profile.producer_options()
-                                                              .items() if k != "linger_ms"})
+                                max_batch_size=512 * 1024, **options)
     await producer.start()
     count = 0
+    token = placeholder.encode()
     try:
-        now = datetime.now(timezone.utc)
         pending = []
         for i in range(closed + opened):
             is_closed = i < closed
-            exec_id = f"{'c' if is_closed else 'o'}{i}-{uuid.uuid4().hex[:8]}"
-            at = now - (EPOCH_AGO if is_closed else timedelta(hours=1))
+            exec_id = f"{'c' if is_closed else 'o'}{i:011d}-{uuid.uuid4().hex[:7]}"
+            assert len(exec_id) == ID_LENGTH
+            key = exec_id.encode()
             partition = partition_for(exec_id, settings.partitions)
-            for event in flat_events(exec_id, at, is_closed):
+            for value, event_type in templates[is_closed]:
                 pending.append(await producer.send(
-                    settings.topics.events, EVENTS.encode(event), key=exec_id.encode(), partition=partition,
-                    headers=[("tf.type", event.event_type.value.encode()), ("tf.exec", exec_id.encode()),
-                             ("tf.durable", b"-1")]))
+                    settings.topics.events, value.replace(token, key), key=key, partition=partition,
+                    headers=[("tf.type", event_type), ("tf.exec", key), ("tf.durable", b"-1")]))
                 count += 1
             if len(pending) > 20_000:
                 await asyncio.gather(*pending)
@@ -208,7 +219,7 @@ async def one_execution(settings: Any) -> float:
 
 
 async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, opened: int,
-                   log_dir: Path) -> list[dict[str, Any]]:
+                   log_dir: Path, modes: list[str]) -> list[dict[str, Any]]:
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -222,17 +233,24 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
           f"(written in {time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
     base = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
             PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
-    modes = {"before": {"TREEFLOW_SNAPSHOT_INTERVAL": "0", "TREEFLOW_CLOSED_RETENTION": str(30 * 365 * 86400)},
-             "after": {"TREEFLOW_SNAPSHOT_INTERVAL": "1"}}
+    settings_of = {"before": {"TREEFLOW_SNAPSHOT_INTERVAL": "0",
+                              "TREEFLOW_CLOSED_RETENTION": str(30 * 365 * 86400)},
+                   "after": {"TREEFLOW_SNAPSHOT_INTERVAL": "1"}}
     results = []
-    for mode, extra in modes.items():
+    for mode in modes:
+        extra = settings_of[mode]
         env = {**base, **extra}
         if mode == "after":
             # A first run takes the snapshots (after folding the whole log once).
             prime = ProcessorRun(env, log_dir / f"{prefix}-prime.log", f"{prefix}-prime")
             await prime.recovered()
-            deadline = time.monotonic() + 600
-            while not any(s["snapshots"] >= partitions for s in prime.lines("STATS ")[-1:]):
+            await one_execution(settings)
+            deadline, stable_since, last = time.monotonic() + 600, time.monotonic(), -1
+            while time.monotonic() - stable_since < 3:
+                stats = prime.lines("STATS ")[-1:]
+                seen = stats[0]["snapshots"] if stats else 0
+                if seen != last or seen == 0:
+                    stable_since, last = time.monotonic(), seen
                 if time.monotonic() > deadline:
                     raise RuntimeError("no snapshots were written")
                 await asyncio.sleep(0.2)
@@ -319,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--closed", default="0,10000,100000", help="closed executions per scenario, comma-separated")
     parser.add_argument("--open", default="0", help="open executions per scenario, comma-separated")
     parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--modes", default="before,after", help="before, after or both (comma-separated)")
     parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak instead")
     parser.add_argument("--rate", type=float, default=150, help="soak: executions started per second")
     parser.add_argument("--serve", metavar="APP_ID", help=argparse.SUPPRESS)
@@ -348,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         for opened in (int(x) for x in args.open.split(",")):
             for closed in (int(x) for x in args.closed.split(",")):
                 print(f"scenario: {closed:,} closed, {opened:,} open", flush=True)
-                results += asyncio.run(scenario(bootstrap, profile, args.partitions, closed, opened, log_dir))
+                results += asyncio.run(scenario(bootstrap, profile, args.partitions, closed, opened, log_dir,
+                                                args.modes.split(",")))
         for mode in ("before", "after"):
             rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: (r["open"], r["closed"]))
             for opened in sorted({r["open"] for r in rows}):

@@ -38,11 +38,21 @@ class Dispatch:
     history: list[Event] | None = None
 
 
+#: Unanswered queries whose askers' replies partitions are remembered (oldest dropped first).
+QUERY_ROUTES = 10_000
+#: Event types after which a client waiting on the execution has its answer.
+FINAL_CLOSES = frozenset({EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
+                          EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
+                          EventType.WORKFLOW_EXECUTION_TIMED_OUT})
+
+
 @dataclass
 class Effects:
     events: list[Event] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    #: The replies partition of each reply whose client named one (by reply command id).
+    routes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class PartitionEngine:
         self._due: list[tuple[datetime, str]] = []
         #: A heap of (closed_at, exec id), for `evict_closed`.
         self._closings: list[tuple[datetime, str]] = []
+        self._query_routes: dict[str, int] = {}
 
     # ------------------------------------------------------------ recovery
 
@@ -160,6 +171,7 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects = Effects(outcome.events, outcome.replies)
+        self._route(command, effects)
         moment = max(now, command.timestamp)
         for exec_id in outcome.states:
             effects.dispatches.extend(self._ready_work(exec_id, moment))
@@ -183,6 +195,7 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects.events, effects.replies = outcome.events, outcome.replies
+        self._close_notices(effects)
         for exec_id in due | set(outcome.states):
             effects.dispatches.extend(self._ready_work(exec_id, now))
             if exec_id in self.states:
@@ -198,6 +211,40 @@ class PartitionEngine:
         for exec_id in list(self.states):
             dispatches.extend(self._ready_work(exec_id, now))
         return dispatches
+
+    # ------------------------------------------------------------ replies
+
+    def _route(self, command: Command, effects: Effects) -> None:
+        """Send the replies to where their clients read (`Command.reply_partition`), and
+        each closing event of an execution started by such a client to it too."""
+        payload = command.payload
+        if isinstance(payload, m.RespondQueryTask):
+            route = self._query_routes.pop(payload.query_id, None)
+            if route is not None:
+                effects.routes[payload.query_id] = route
+        elif command.reply_partition is not None:
+            for reply in effects.replies:
+                effects.routes[reply.command_id] = command.reply_partition
+            if isinstance(payload, m.QueryWorkflow):
+                self._query_routes[command.command_id] = command.reply_partition
+                while len(self._query_routes) > QUERY_ROUTES:
+                    del self._query_routes[next(iter(self._query_routes))]
+        self._close_notices(effects)
+
+    def _close_notices(self, effects: Effects) -> None:
+        for event in effects.events:
+            if event.event_type not in FINAL_CLOSES:
+                continue
+            state = self.states.get(event.workflow_context.workflow_exec_id)
+            if state is None or state.reply_partition is None:
+                continue
+            context = event.workflow_context
+            notice = Reply(command_id=f"closed:{context.workflow_exec_id}:{context.workflow_run_id}",
+                           timestamp=event.timestamp, root_workflow_exec_id=context.root_workflow_exec_id,
+                           workflow_exec_id=context.workflow_exec_id, accepted=True,
+                           workflow_run_id=context.workflow_run_id, closing_event=event)
+            effects.replies.append(notice)
+            effects.routes[notice.command_id] = state.reply_partition
 
     # ------------------------------------------------------------ internals
 

@@ -153,7 +153,8 @@ def closed_record(state: ExecutionState) -> m.ClosedExecution:
         closed_by_command_id=state.closed_by_command_id, input_json=state.input_json,
         execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy, attempt=state.attempt,
         parent_close_policy=state.parent_close_policy, cancel_requested=state.cancel_requested,
-        recent_commands=list(state.recent_commands), result_json=state.result_json, failure=state.failure)
+        recent_commands=list(state.recent_commands), result_json=state.result_json, failure=state.failure,
+        reply_partition=state.reply_partition)
 
 
 def open_image(record: m.OpenExecution) -> OpenImage:
@@ -170,7 +171,8 @@ def closed_state(record: m.ClosedExecution) -> ExecutionState:
         activities=EMPTY, timers=EMPTY, children=EMPTY, workflow_task=None,
         last_trigger_sequence=record.last_trigger_sequence, cancel_requested=record.cancel_requested,
         recent_commands=tuple(record.recent_commands), closed_at=record.closed_at,
-        closed_by_command_id=record.closed_by_command_id, result_json=record.result_json, failure=record.failure)
+        closed_by_command_id=record.closed_by_command_id, result_json=record.result_json, failure=record.failure,
+        reply_partition=record.reply_partition)
 
 
 def encode_chunks(partition: int, snapshot_id: str, image: PartitionImage, chunk_bytes: int) -> list[bytes]:
