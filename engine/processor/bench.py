@@ -18,7 +18,9 @@ partitions: snapshot + tail), the time from the process start until a new execut
 started then completed, the processor's RSS after that, and the executions it holds.
 Goal: recovery and RSS flat in the number of closed executions (< 0.15 s and < 3 MB
 more per 10,000 closed). Also `--soak SECONDS`: a steady load at `--rate` executions/s
-against one processor, printing its RSS and throughput every 10 s, and the RSS slope.
+against one processor, printing its RSS and throughput every 10 s, and the RSS slope;
+and `--client-fetch RUNS`: the bytes a client fetches per awaited result, with one
+client and with four running at once (RUNS executions each).
 """
 
 from __future__ import annotations
@@ -332,6 +334,49 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
               f"third {slope * 60:+.2f} MB/min (from {ys[0]:.1f} to {ys[-1]:.1f} MB)")
 
 
+async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int, log_dir: Path) -> None:
+    """Bytes each client fetches per awaited result, with one client and with several."""
+    from treeflow.bench import BenchFlat, BenchFlatInput
+    from treeflow.client import Client
+    from treeflow.kafka import KafkaSettings, ensure_topics
+    from treeflow.kafka.profile import PROFILE_ENV
+    from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+    prefix = f"fetch-{uuid.uuid4().hex[:6]}"
+    settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
+    await ensure_topics(settings)
+    env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
+           PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    try:
+        await run.recovered()
+        for count in (1, 4):
+            clients = [Client(settings, identity=f"bench-client-{count}-{i}") for i in range(count)]
+            for client in clients:
+                await client.start()
+            try:
+                async def drive(client: Client) -> None:
+                    lanes = asyncio.Semaphore(20)
+
+                    async def one(i: int) -> None:
+                        async with lanes:
+                            await client.execute_workflow(BenchFlat, BenchFlatInput(value=f"v{i}"))
+                    await asyncio.gather(*(one(i) for i in range(runs)))
+
+                await asyncio.gather(*(drive(client) for client in clients))
+                await asyncio.sleep(0.5)
+                per = [c.stats.fetched_bytes / runs for c in clients]
+                shared = len(clients) - len({c.reply_partition for c in clients})
+                print(f"  {count} client(s), {runs} executions each: fetched per awaited result "
+                      f"{sum(per) / len(per):,.0f} B on average (min {min(per):,.0f}, max {max(per):,.0f}); "
+                      f"{shared} client(s) share a replies partition with another", flush=True)
+            finally:
+                for client in clients:
+                    await client.close()
+    finally:
+        run.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m treeflow.processor.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--closed", default="0,10000,100000", help="closed executions per scenario, comma-separated")
@@ -340,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="before,after", help="before, after or both (comma-separated)")
     parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak instead")
     parser.add_argument("--rate", type=float, default=150, help="soak: executions started per second")
+    parser.add_argument("--client-fetch", type=int, default=0, metavar="RUNS",
+                        help="measure the bytes clients fetch per awaited result instead (RUNS executions each)")
     parser.add_argument("--serve", metavar="APP_ID", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -356,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         broker = EmbeddedBroker(log_path=log_dir / "broker.log").start()
         bootstrap, profile = broker.bootstrap_servers, TANSU
     try:
+        if args.client_fetch:
+            print(f"client fetch: {args.partitions} partitions, broker {bootstrap} ({profile.name})", flush=True)
+            asyncio.run(client_fetch(bootstrap, profile, args.partitions, args.client_fetch, log_dir))
+            return 0
         if args.soak:
             print(f"soak: {args.soak:.0f} s at {args.rate:.0f} executions/s, {args.partitions} partitions, "
                   f"broker {bootstrap} ({profile.name})", flush=True)
