@@ -172,6 +172,8 @@ def serve(app_id: str) -> None:
             except asyncio.TimeoutError:
                 pass
             print("STATS " + json.dumps({"snapshots": processor.stats.snapshots_written,
+                                         "unsnapshotted": sum(log.snapshotted != log.appended
+                                                              for log in processor._logs.values()),
                                          "evicted": processor.stats.evicted,
                                          "executions": sum(len(e.states) for e in processor.engines.values())}),
                   flush=True)
@@ -193,7 +195,7 @@ class ProcessorRun:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return [json.loads(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
 
-    async def recovered(self, timeout: float = 900) -> dict[str, Any]:
+    async def recovered(self, timeout: float = 2400) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while not (found := self.lines("RECOVERED ")):
             if not self.child.alive() or time.monotonic() > deadline:
@@ -251,7 +253,7 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
             while time.monotonic() - stable_since < 3:
                 stats = prime.lines("STATS ")[-1:]
                 seen = stats[0]["snapshots"] if stats else 0
-                if seen != last or seen == 0:
+                if seen != last or seen == 0 or stats[0]["unsnapshotted"]:
                     stable_since, last = time.monotonic(), seen
                 if time.monotonic() > deadline:
                     raise RuntimeError("no snapshots were written")
@@ -373,6 +375,17 @@ async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int,
             finally:
                 for client in clients:
                     await client.close()
+        # What a client that reads every partition (before) fetched: the whole topics.
+        from treeflow.consumers import EventReader
+
+        reader = EventReader(settings)
+        async for _ in reader:
+            pass
+        total = 5 * runs
+        print(f"  for comparison, a client reading every partition of the events topic (as before) fetched "
+              f"{reader.stats.fetched_bytes / total:,.0f} B of events per execution of anyone's, so "
+              f"{reader.stats.fetched_bytes / total:,.0f} B per awaited result with one client and "
+              f"{4 * reader.stats.fetched_bytes / total:,.0f} B with four (plus the replies)", flush=True)
     finally:
         run.stop()
 
