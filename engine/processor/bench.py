@@ -309,7 +309,7 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
         next_sample, last_done = began + 10, 0
         sent = 0
         while (now := time.perf_counter()) - began < seconds:
-            while sent < (now - began) * rate:
+            while sent < (now - began) * rate and len(in_flight) < 200:  # no backlog past 200
                 task = asyncio.ensure_future(one())
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
