@@ -12,6 +12,12 @@ id that names none of its ancestors, up to one read of the whole events topic.
 
 A caller that knows the root should pass it instead (the gateway's
 ``root_workflow_exec_id`` parameter).
+
+Which tree an id names (README "Execution ids"): its *home* tree, whose root is the
+id itself or one of its dot-prefixes, when that tree holds it; otherwise the one other
+tree that holds it. An id held by several trees outside its home is ambiguous: with
+`scan=True` every partition is read to make sure, and `AmbiguousExecutionError` names
+the roots. A lookup never answers with another tree's execution silently.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ from .reader import EventReader, partition_count
 EXEC_HEADER = "tf.exec"
 
 
+class AmbiguousExecutionError(LookupError):
+    """Several trees hold executions of this id and none is its home tree: pass the root."""
+
+    def __init__(self, execution_id: str, roots: list[str]) -> None:
+        self.execution_id = execution_id
+        self.roots = roots
+        super().__init__(f"execution id {execution_id} is used in {len(roots)} trees (roots {', '.join(roots)}): "
+                         "pass the root execution id")
+
+
 def root_candidates(execution_id: str) -> list[str]:
     """The ids that may be the root of `execution_id`, shortest (most likely) first."""
     prefixes = [execution_id[:index] for index, char in enumerate(execution_id) if char == "." and index > 0]
@@ -36,8 +52,11 @@ def root_candidates(execution_id: str) -> list[str]:
 
 
 async def find_root(settings: KafkaSettings, execution_id: str, *, scan: bool = False) -> str | None:
-    """The root id of the tree that holds `execution_id`, or None when no event of it was found."""
+    """The root id of the tree that holds `execution_id` (its home tree first, see the
+    module docstring), or None when no event of it was found. Raises
+    `AmbiguousExecutionError` when several other trees hold it."""
     count = await partition_count(settings)
+    candidates = set(root_candidates(execution_id))
     first = list(dict.fromkeys(partition_for(candidate, count) for candidate in root_candidates(execution_id)))
     groups = [first, [p for p in range(count) if p not in first] if scan else []]
     wanted = execution_id.encode()
@@ -46,6 +65,7 @@ async def find_root(settings: KafkaSettings, execution_id: str, *, scan: bool = 
         named = dict(record.headers or ()).get(EXEC_HEADER)
         return named is None or named == wanted
 
+    others: list[str] = []  # roots of other trees holding the id, in the order found
     for partitions in groups:
         if not partitions:
             continue
@@ -53,9 +73,15 @@ async def find_root(settings: KafkaSettings, execution_id: str, *, scan: bool = 
         async with aclosing(reader.__aiter__()) as items:
             async for item in items:
                 context = item.event.workflow_context
-                if context.workflow_exec_id == execution_id:
+                if context.workflow_exec_id != execution_id:
+                    continue
+                if context.root_workflow_exec_id in candidates:
                     return context.root_workflow_exec_id
-    return None
+                if context.root_workflow_exec_id not in others:
+                    others.append(context.root_workflow_exec_id)
+    if len(others) > 1:
+        raise AmbiguousExecutionError(execution_id, others)
+    return others[0] if others else None
 
 
 class RootCache:

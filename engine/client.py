@@ -1,8 +1,12 @@
 """The client: start executions, wait for results, and reach any execution by id.
 
-A client writes commands keyed by the root id and follows the events and replies
-topics from the moment it connected (one consumer over all partitions, no group):
-a start is answered on the replies topic, a result is the execution's closing event.
+A client writes commands keyed by the root id and reads only its own: each client
+picks one partition of the replies topic (by a hash of its identity and a random
+instance id), names it in every command (`Command.reply_partition`), and follows it
+from the moment it connected (no group). The processor answers there, and when an
+execution this client started closes, it sends the closing event there too. Only
+for executions it did not start does a client follow events: the partition of the
+tree it waits on, from when it began to wait.
 
 Any execution of a tree (root, child, grandchild) is reached by its execution id:
 commands about it must be keyed by its tree's root id, which `Client.find_root`
@@ -27,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from treeflow.consumers import EventReader
-from treeflow.consumers.lookup import RootCache
+from treeflow.consumers.lookup import AmbiguousExecutionError, RootCache
 from treeflow.consumers.visibility import (
     VISIBILITY_URL_ENV,
     ExecutionQuery,
@@ -48,6 +52,7 @@ from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_defini
 from .ids import new_id
 from .observability import tracing
 from .errors import (
+    UNKNOWN_WORKFLOW,
     CommandRejectedError,
     CommandTimeoutError,
     DeadlineExceededError,
@@ -79,10 +84,22 @@ FINAL = {EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FA
 _FINAL_HEADERS = frozenset(t.value.encode() for t in FINAL)
 _TASK_FAILED = EventType.WORKFLOW_TASK_FAILED.value.encode()
 _TASK_COMPLETED = EventType.WORKFLOW_TASK_COMPLETED.value.encode()
-#: The workflow-task failure cause of a workflow no worker of the queue registers.
-UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
 #: What `start_workflow` does when the execution id is already running.
 IdConflictPolicy = Literal["fail", "use_existing"]
+#: How long a wait for a started execution's close notice goes before the log is checked
+#: (a notice lost with a processor that died after appending the close).
+CLOSE_NOTICE_CHECK = 10.0
+
+
+@dataclass
+class ClientStats:
+    """What the client's follower fetched (replies, and events of trees it waits on)."""
+
+    fetched_records: int = 0
+    #: Key and value bytes of the records received.
+    fetched_bytes: int = 0
+    #: Events partitions followed (for executions waited on that this client did not start).
+    followed_event_partitions: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,6 +349,11 @@ class Client:
         self._unregistered: OrderedDict[str, Event] = OrderedDict()
         self._started_here: set[str] = set()
         self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
+        #: The replies partition this client reads; named in each command it sends.
+        self.reply_partition = partition_for(f"{self.identity}/{new_id()}", settings.partitions)
+        self.stats = ClientStats()
+        self._assignment: set[TopicPartition] = set()
+        self._assigning = asyncio.Lock()
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -362,14 +384,11 @@ class Client:
     async def _start(self) -> None:
         self.settings = await adopt_partitions(self.settings, "client")  # routing uses the topics' own count
         topics = self.settings.topics
+        # The replies partition this client reads, by the topics' own count.
+        self.reply_partition = partition_for(f"{self.identity}/{new_id()}", self.settings.partitions)
         self._producer = await clients.start(clients.producer(self.settings, "client"), self.settings)
-        partitions = [TopicPartition(topic, p) for topic in (topics.events, topics.replies)
-                      for p in range(self.settings.partitions)]
-        ends = await end_offsets(self.settings, partitions)
         self._consumer = await clients.start(clients.consumer(self.settings, "client"), self.settings)
-        self._consumer.assign(partitions)
-        for tp, offset in ends.items():
-            self._consumer.seek(tp, offset)
+        await self._follow_partitions({TopicPartition(topics.replies, self.reply_partition)})
         self._follower = asyncio.ensure_future(self._follow_while_topics_stay())
 
     async def close(self) -> None:
@@ -474,7 +493,10 @@ class Client:
         if root is not None:
             self._roots.remember(execution_id, root)
             return root
-        root = await self._roots.find(execution_id)
+        try:
+            root = await self._roots.find(execution_id)
+        except AmbiguousExecutionError as error:
+            raise CommandRejectedError(str(error)) from None
         if root is None:
             raise ExecutionNotFoundError(f"workflow execution {execution_id} not found: no event of it in "
                                          f"{self.settings.topics.events} (check the id and the topic prefix)")
@@ -578,7 +600,8 @@ class Client:
         assert self._producer is not None, "call start() (or use Client.connect()) first"
         seconds = self.command_timeout if timeout is None else _command_timeout(timeout)
         command = Command(command_id=new_id(), timestamp=datetime.now(timezone.utc),
-                          root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload)
+                          root_workflow_exec_id=root, workflow_exec_id=exec_id, payload=payload,
+                          reply_partition=self.reply_partition)
         answered: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._replies[command.command_id] = answered
         written: list[Any] = []  # the record's metadata, once the broker acknowledged it
@@ -636,21 +659,29 @@ class Client:
         self._waiters.setdefault(exec_id, []).append(waiter)
         try:
             if exec_id not in self._started_here:
-                # It may have closed (or failed its workflow task) before this client connected.
-                history = await self.history(exec_id, root_execution_id=await handle.root())
-                for event in reversed(history):
-                    if event.event_type in FINAL:
-                        return event
-                    if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
-                        break
-                failed = pending_task_failures(history).get(history[-1].workflow_context.workflow_run_id) \
-                    if history else None
-                if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
-                    self._unregistered.setdefault(exec_id, failed)
+                # Follow its tree's partition from now, then look in its history (it may
+                # have closed, or failed its workflow task, before this client waited).
+                root = await handle.root()
+                await self._follow_partitions({TopicPartition(self.settings.topics.events,
+                                                              partition_for(root, self.settings.partitions))})
+                found = await self._closed_in_log(exec_id, root)
+                if found is not None:
+                    return found
+            # Started here, the processor sends the closing event (and an UNKNOWN_WORKFLOW
+            # task failure) to this client's replies partition; else the tree's partition
+            # is followed. A notice lost with a processor that died after appending the
+            # close is found in the log after CLOSE_NOTICE_CHECK.
+            check = CLOSE_NOTICE_CHECK if exec_id in self._started_here else None
             while True:
                 if fail_unregistered and exec_id in self._unregistered:
                     raise _not_registered(self._unregistered[exec_id])
-                event = await waiter
+                try:
+                    event = await asyncio.wait_for(asyncio.shield(waiter), check)
+                except asyncio.TimeoutError:
+                    found = await self._closed_in_log(exec_id, await handle.root())
+                    if found is not None:
+                        return found
+                    continue
                 if event.event_type in FINAL:
                     return event
                 # Woken by an UNKNOWN_WORKFLOW failure: wait on with a new future.
@@ -684,13 +715,49 @@ class Client:
             if not future.done():
                 future.set_exception(error)
 
+    async def _closed_in_log(self, exec_id: str, root: str) -> Event | None:
+        """The execution's closing event if its history has one since its last start; notes
+        a pending UNKNOWN_WORKFLOW workflow-task failure of it."""
+        history = await self.history(exec_id, root_execution_id=root)
+        for event in reversed(history):
+            if event.event_type in FINAL:
+                return event
+            if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
+                break
+        failed = pending_task_failures(history).get(history[-1].workflow_context.workflow_run_id) \
+            if history else None
+        if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
+            self._unregistered.setdefault(exec_id, failed)
+        return None
+
+    async def _follow_partitions(self, partitions: set[TopicPartition]) -> None:
+        """Add `partitions` to what the follower reads, each from its true end now."""
+        assert self._consumer is not None
+        async with self._assigning:
+            new = partitions - self._assignment
+            if not new:
+                return
+            ends = await end_offsets(self.settings, sorted(new))
+            # assign() resets every position: keep those of the partitions already read.
+            positions = {tp: await self._consumer.position(tp) for tp in self._assignment}
+            self._assignment |= new
+            self._consumer.assign(sorted(self._assignment))
+            for tp, offset in {**positions, **ends}.items():
+                self._consumer.seek(tp, offset)
+            self.stats.followed_event_partitions = sum(tp.topic == self.settings.topics.events
+                                                       for tp in self._assignment)
+
     async def _follow(self) -> None:
         assert self._consumer is not None
         topics = self.settings.topics
         while True:
-            batches = await self._consumer.getmany(timeout_ms=1000)
+            async with self._assigning:
+                batches = await self._consumer.getmany(timeout_ms=200)
             for tp, records in batches.items():
                 for record in records:
+                    self.stats.fetched_records += 1
+                    self.stats.fetched_bytes += max(record.serialized_key_size, 0) + max(
+                        record.serialized_value_size, 0)
                     headers = dict(record.headers or ())
                     try:
                         if tp.topic == topics.replies:
@@ -713,7 +780,11 @@ class Client:
             return
         if exec_id not in self._waiters and exec_id not in self._started_here:
             return
-        event = EVENTS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+        self._on_task_failure(EVENTS.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset)))
+
+    def _on_task_failure(self, event: Event) -> None:
+        """Note an UNKNOWN_WORKFLOW workflow-task failure and wake those waiting on it."""
+        exec_id = event.workflow_context.workflow_exec_id
         if event.payload.cause != UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
             return
         self._unregistered[exec_id] = event
@@ -724,6 +795,14 @@ class Client:
                 waiter.set_result(event)
 
     def _on_reply(self, record: Any, headers: dict[str, bytes], tp: TopicPartition) -> None:
+        if "tf.closed" in headers:
+            notice = REPLIES.decode(record.value, RecordPosition(tp.topic, tp.partition, record.offset))
+            event = notice.closing_event
+            if event is not None and event.event_type is EventType.WORKFLOW_TASK_FAILED:
+                self._on_task_failure(event)
+            elif event is not None:
+                self._on_close(event)
+            return
         command_id = headers.get("tf.command", b"").decode()
         if command_id and command_id not in self._replies:
             return

@@ -103,6 +103,10 @@ class ExecutionNotFoundError(CommandRejectedError, LookupError):
     exit_code = 7
 
 
+#: The WORKFLOW_TASK_FAILED cause when no worker of the queue registers the workflow's name.
+UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
+
+
 class WorkflowNotRegisteredError(TreeflowError):
     """A worker took the execution's workflow task but registers no workflow of its name.
 

@@ -6,7 +6,7 @@ tasks topics and `Reply` the replies topic; `EVENTS`, `COMMANDS`, `TASKS` and
 """
 
 from ._base import MODELS_BY_AVRO_NAME, AvroModel
-from .codec import COMMANDS, EVENTS, REPLIES, TASKS, DecodeError, RecordCodec, RecordPosition
+from .codec import COMMANDS, EVENTS, REPLIES, SNAPSHOTS, TASKS, DecodeError, RecordCodec, RecordPosition
 from .models import *  # noqa: F403  (the generated models are the public surface)
 from .models import EventType
 

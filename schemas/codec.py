@@ -20,7 +20,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from . import confluent, registry
 from ._base import AvroModel
-from .models import Command, Event, Reply, Task
+from .models import Command, Event, Reply, Snapshot, Task
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
@@ -173,3 +173,4 @@ EVENTS: RecordCodec[Event] = RecordCodec("event", Event)
 COMMANDS: RecordCodec[Command] = RecordCodec("command", Command)
 TASKS: RecordCodec[Task] = RecordCodec("task", Task)
 REPLIES: RecordCodec[Reply] = RecordCodec("reply", Reply)
+SNAPSHOTS: RecordCodec[Snapshot] = RecordCodec("snapshot", Snapshot)

@@ -77,6 +77,18 @@ class EventType(str, Enum):
     EXTERNAL_WORKFLOW_EXECUTION_SIGNALED = "EXTERNAL_WORKFLOW_EXECUTION_SIGNALED"
 
 
+class ExecutionStatus(str, Enum):
+    """How an execution's latest run stands."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    TERMINATED = "TERMINATED"
+    TIMED_OUT = "TIMED_OUT"
+    CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
+
+
 class AcceptWorkflowUpdate(AvroModel):
     """Worker: the validator of an update passed (or it has none): record WORKFLOW_EXECUTION_UPDATE_ACCEPTED so its handler runs."""
 
@@ -112,6 +124,7 @@ class Command(AvroModel):
     root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
     workflow_exec_id: str = Field(description='The execution the command is about.')
     payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask | UpdateWorkflowExecution | AcceptWorkflowUpdate = Field(description='The typed request or report.')
+    reply_partition: None | int = Field(default=None, description="The replies partition the sender reads: the processor answers there (default: the root's partition); a start's result is also sent there when the execution closes.")
 
 
 class CompleteActivityTask(AvroModel):
@@ -763,6 +776,7 @@ class WorkflowExecutionStarted(AvroModel):
     continued_from_run_id: None | str = Field(default=None, description='The run this one continues, after continue-as-new.')
     identity: None | str = Field(default=None, description='Who asked for the start (client identity), if known.')
     first_workflow_task_backoff_ms: None | int = Field(default=None, description='For a retried attempt: how long after this event its first workflow task is given out (the retry backoff).')
+    reply_partition: None | int = Field(default=None, description='The replies partition of the client that started the execution: its closing event is also sent there (carried over to later runs).')
 
 
 class WorkflowExecutionTerminated(AvroModel):
@@ -837,6 +851,74 @@ class Reply(AvroModel):
     workflow_run_id: None | str = Field(default=None, description="The execution's current run, when it exists.")
     error: None | Failure = Field(default=None, description='Why the command was rejected.')
     result_json: None | str = Field(default=None, description="A query's answer, as JSON text.")
+    closing_event: None | Event = Field(default=None, description="For a close notice (header tf.closed): the execution's closing event, as in the events topic.")
+
+
+class ClosedExecution(AvroModel):
+    """An execution whose latest run closed, as the processor keeps it for the retention: what a start of the same id, a signal to it or a re-sent command needs."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.ClosedExecution"
+    context: WorkflowContext = Field(description="The latest run's context.")
+    status: ExecutionStatus = Field(description='How the latest run closed.')
+    first_sequence: int = Field(description="Sequence of the latest run's first event.")
+    last_sequence: int = Field(description="Sequence of the execution's last event (a new run continues from it).")
+    last_trigger_sequence: int = Field(default=0, description='Sequence of the newest event the workflow code had to see.')
+    execution_started_at: Timestamp = Field(description="When the execution's first run started.")
+    run_started_at: Timestamp = Field(description='When the latest run started.')
+    closed_at: Timestamp = Field(description='When the latest run closed (the retention counts from it).')
+    start_command_id: str = Field(description='The command that started the latest run.')
+    closed_by_command_id: None | str = Field(default=None, description='The command that closed it.')
+    input_json: None | str = Field(default=None, description="The latest run's input, as JSON text.")
+    execution_timeout_ms: None | int = Field(default=None, description='The execution timeout.')
+    retry_policy: None | RetryPolicy = Field(default=None, description="The execution's retry policy.")
+    attempt: int = Field(default=1, description="The latest run's attempt under the retry policy.")
+    parent_close_policy: None | ParentClosePolicy = Field(default=None, description='The policy its parent applies to it.')
+    cancel_requested: bool = Field(default=False, description='Whether a cancel was requested.')
+    recent_commands: list[str] = Field(default_factory=list, description='Ids of the last commands that appended events to the execution, oldest first.')
+    result_json: None | str = Field(default=None, description='The result, as JSON text.')
+    failure: None | Failure = Field(default=None, description='Why it did not complete.')
+    reply_partition: None | int = Field(default=None, description="Where the execution's closing event was sent.")
+
+
+class OpenExecution(AvroModel):
+    """An open execution: its state is the fold of `history` (its current run's events, from that run's WORKFLOW_EXECUTION_STARTED), with the two fields that come from earlier runs."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.OpenExecution"
+    history: list[Event] = Field(description="The current run's events in order; also what the next workflow task carries.")
+    execution_started_at: Timestamp = Field(description="When the execution's first run started (the execution timeout counts from it).")
+    recent_commands: list[str] = Field(default_factory=list, description='Ids of the last commands that appended events to the execution, across runs, oldest first (a re-sent command is recognised by them).')
+
+
+class Snapshot(AvroModel):
+    """One record of the snapshots topic: a chunk of a partition's checkpointed state, or the manifest that completes a snapshot (DESIGN.md §5 invariant 7)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.Snapshot"
+    __avro_record_unions__: ClassVar[frozenset[str]] = frozenset(['payload'])
+    snapshot_id: str = Field(description='Unique per snapshot; every chunk and the manifest of one snapshot carry it.')
+    partition: int = Field(description='The commands/events partition whose state this is.')
+    payload: SnapshotChunk | SnapshotManifest = Field(description="A chunk, or the manifest written after all the snapshot's chunks.")
+
+
+class SnapshotChunk(AvroModel):
+    """Part of a snapshot: some open executions and some recently closed ones. A snapshot is split into chunks so that no record outgrows the topic's max.message.bytes."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.SnapshotChunk"
+    index: int = Field(description='Position of the chunk in its snapshot, from 0.')
+    open_executions: list[OpenExecution] = Field(default_factory=list, description='Open executions.')
+    closed_executions: list[ClosedExecution] = Field(default_factory=list, description='Executions closed within the retention, kept for commands about them.')
+
+
+class SnapshotManifest(AvroModel):
+    """The last record of a snapshot: where its chunks are and which prefix of the events partition it covers. A snapshot without its manifest is ignored."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.SnapshotManifest"
+    events_offset: int = Field(description="The snapshot is the fold of the events partition's records below this offset; recovery reads the events from it on.")
+    durable_offset: int = Field(description='The highest tf.durable header among those events: every command up to this commands offset is decided.')
+    taken_at: Timestamp = Field(description="When the state was captured (the processor's clock).")
+    partitions: int = Field(description="The events topic's partition count when it was taken (a snapshot of another layout is not used).")
+    chunk_offsets: list[int] = Field(description="Offsets, in this snapshots partition, of the snapshot's chunks in order.")
+    open_executions: int = Field(default=0, description='How many open executions the chunks hold.')
+    closed_executions: int = Field(default=0, description='How many closed executions the chunks hold.')
 
 
 class ActivityTask(AvroModel):
@@ -966,6 +1048,11 @@ for _model in (
     WorkflowTaskFailed,
     WorkflowTaskTimedOut,
     Reply,
+    ClosedExecution,
+    OpenExecution,
+    Snapshot,
+    SnapshotChunk,
+    SnapshotManifest,
     ActivityTask,
     QueryTask,
     Task,

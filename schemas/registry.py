@@ -25,6 +25,7 @@ TOP_LEVEL = {
     "command": "treeflow.commands.Command",
     "task": "treeflow.tasks.Task",
     "reply": "treeflow.replies.Reply",
+    "snapshot": "treeflow.snapshots.Snapshot",
 }
 
 

@@ -295,6 +295,12 @@ def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
         s.reply(False, f"a top-level execution is its own root: {exec_id} was sent with root "
                        f"{s.command.root_workflow_exec_id}", "InvalidArgument")
         return
+    held = s.get(exec_id)
+    if held is not None and held.context.root_workflow_exec_id != exec_id:
+        # README "Execution ids": an id names one tree among the executions a partition holds.
+        s.reply(False, f"execution id {exec_id} is taken by an execution of the tree of "
+                       f"{held.context.root_workflow_exec_id}", "WorkflowIdInAnotherTree")
+        return
     existing = s.running(exec_id)
     if existing is not None:
         s.reply(False, f"workflow execution {exec_id} is already running (run {existing.context.workflow_run_id})",
@@ -304,7 +310,8 @@ def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
                               workflow_name=p.workflow_name, parent_workflow_exec_id=None,
                               root_workflow_exec_id=exec_id, task_queue=p.task_queue)
     s.emit(context, m.WorkflowExecutionStarted(input_json=p.input_json, execution_timeout_ms=p.execution_timeout_ms,
-                                               retry_policy=p.retry_policy, identity=p.identity))
+                                               retry_policy=p.retry_policy, identity=p.identity,
+                                               reply_partition=s.command.reply_partition))
     s.reply(True)
 
 
@@ -564,6 +571,10 @@ def _start_child(s: _Session, exec_id: str, d: m.StartChildWorkflowExecution) ->
     if s.running(d.child_workflow_exec_id) is not None:
         s.emit(parent.context, m.StartChildWorkflowExecutionFailed(**ids, cause="WORKFLOW_ALREADY_RUNNING"))
         return
+    held = s.get(d.child_workflow_exec_id)
+    if held is not None and held.context.root_workflow_exec_id != parent.context.root_workflow_exec_id:
+        s.emit(parent.context, m.StartChildWorkflowExecutionFailed(**ids, cause="WORKFLOW_ID_IN_ANOTHER_TREE"))
+        return
     child_context = WorkflowContext(
         workflow_exec_id=d.child_workflow_exec_id,
         workflow_run_id=run_id_for(s.command.command_id, d.child_workflow_exec_id),
@@ -670,7 +681,7 @@ def _next_run(s: _Session, state: ExecutionState, why: str, input_json: str | No
     s.emit(state.context.model_copy(update={"workflow_run_id": new_run}), m.WorkflowExecutionStarted(
         input_json=input_json, execution_timeout_ms=state.execution_timeout_ms, retry_policy=state.retry_policy,
         parent_close_policy=state.parent_close_policy, continued_from_run_id=state.context.workflow_run_id,
-        first_workflow_task_backoff_ms=backoff_ms), attempt=attempt)
+        first_workflow_task_backoff_ms=backoff_ms, reply_partition=state.reply_partition), attempt=attempt)
 
 
 _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {

@@ -87,6 +87,10 @@ def fold(events: Iterable[Event], states: Mapping[str, ExecutionState] | None = 
 
 def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
     payload: m.WorkflowExecutionStarted = event.payload  # type: ignore[assignment]
+    if previous is not None and event.sequence != previous.last_sequence + 1:
+        # A new history of a reused id (the processor had forgotten the closed one, see
+        # PartitionEngine.evict_closed): nothing carries over from the old one.
+        previous = None
     continued = payload.continued_from_run_id is not None and previous is not None
     return ExecutionState(
         context=event.workflow_context,
@@ -101,6 +105,7 @@ def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
         retry_policy=payload.retry_policy,
         attempt=event.attempt or 1,
         parent_close_policy=payload.parent_close_policy,
+        reply_partition=payload.reply_partition,
         workflow_task=WorkflowTaskState(task_id=_task_id(event), ready_at=event.timestamp + timedelta(
             milliseconds=payload.first_workflow_task_backoff_ms or 0)),
         last_trigger_sequence=event.sequence,

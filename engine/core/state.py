@@ -147,6 +147,8 @@ class ExecutionState:
     closed_by_command_id: str | None = None
     result_json: str | None = None
     failure: Failure | None = None
+    #: The replies partition of the client that started it: its closing event goes there too.
+    reply_partition: int | None = None
     #: Volatile (not folded from events): when the current attempt of each activity
     #: last heartbeated. Excluded from equality, so that state == fold(events).
     heartbeats: Mapping[str, datetime] = field(default_factory=lambda: EMPTY, compare=False)

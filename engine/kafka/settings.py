@@ -61,6 +61,11 @@ class TopicNames:
     def replies(self) -> str:
         return f"{self.prefix}.replies"
 
+    @property
+    def snapshots(self) -> str:
+        """The processor's checkpoints of each partition (compacted; see treeflow.processor.snapshots)."""
+        return f"{self.prefix}.snapshots"
+
     def tasks(self, task_queue: str) -> str:
         return f"{self.prefix}.tasks.{task_queue}"
 

@@ -63,7 +63,8 @@ def topic_specs(settings: KafkaSettings, replication_factor: int, task_queues: I
 
     The events topic is the source of truth: it is never deleted by retention.
     Commands and tasks are transient requests, kept a week for diagnosis; replies
-    only matter to a waiting client, kept a day.
+    only matter to a waiting client, kept a day. Snapshots are compacted: only the
+    latest record of each key (a partition's latest manifest, its chunks) is needed.
     """
     min_isr = str(min(2, replication_factor))
     keep_forever = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1",
@@ -71,6 +72,8 @@ def topic_specs(settings: KafkaSettings, replication_factor: int, task_queues: I
     keep_a_week = {"cleanup.policy": "delete", "retention.ms": str(WEEK_MS), "min.insync.replicas": min_isr}
     keep_a_day = {"cleanup.policy": "delete", "retention.ms": str(DAY_MS), "min.insync.replicas": min_isr}
     tasks = {**keep_a_week, "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    compacted = {"cleanup.policy": "compact", "min.insync.replicas": min_isr,
+                 "max.message.bytes": str(MAX_MESSAGE_BYTES)}
     names = settings.topics
 
     def spec(name: str, configs: dict[str, str]) -> TopicSpec:
@@ -80,6 +83,7 @@ def topic_specs(settings: KafkaSettings, replication_factor: int, task_queues: I
         spec(names.commands, keep_a_week),
         spec(names.events, keep_forever),
         spec(names.replies, keep_a_day),
+        spec(names.snapshots, compacted),
         *(spec(names.tasks(queue), tasks) for queue in dict.fromkeys(task_queues)),
     ]
 

@@ -7,15 +7,16 @@ queues it hosts itself, to an in-process `TaskRunner`. It also owns time: a cloc
 loop ticks the partitions whose timers, timeouts or backoffs are due.
 
 State is the fold of the events topic: when it is given a partition, the processor
-reads that partition of the events topic back and folds it before deciding anything
-there. (A faust Table changelog would be a second copy of the state, and without
-transactions, which Tansu lacks, it could disagree with the log.)
+loads the partition's latest snapshot and folds the events after it before deciding
+anything there, and it snapshots each partition periodically (`snapshots.py`; a
+faust Table changelog would be a second copy of the state written without
+transactions, which Tansu lacks, so it could disagree with the log).
 
 Recovering a partition (`_recover`) goes in this order: note the end of its commands
-partition (the backlog that was waiting), fold its events, decide that backlog, and
-only then re-dispatch what is pending and let the clock decide time-based things for
-it (`_resume`). A report that waited through an outage is therefore decided before
-its task is sent again or timed out (DESIGN §5 invariants 5 and 6).
+partition (the backlog that was waiting), load its snapshot and fold the events after
+it, decide that backlog, and only then re-dispatch what is pending and let the clock
+decide time-based things for it (`_resume`). A report that waited through an outage is
+therefore decided before its task is sent again or timed out (DESIGN §5 invariants 5 and 6).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from treeflow.consumers import EventReader
 from treeflow.kafka import (
     KafkaSettings,
     TopicsResetError,
@@ -53,6 +53,7 @@ from ..observability import metrics, tracing
 from ..worker.runner import TaskRunner
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
+from .snapshots import DURABLE_HEADER, SnapshotOptions, SnapshotStore, recover_partition
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +78,30 @@ class ProcessorStats:
     redelivered: int = 0
     #: Commands that were waiting in a partition's backlog when it was recovered.
     backlog: int = 0
+    #: Partitions recovered from a snapshot (the rest from the whole events partition).
+    recovered_from_snapshot: int = 0
+    snapshots_written: int = 0
+    snapshot_bytes: int = 0
+    #: Snapshots not written because another writer's events were in the partition.
+    snapshots_skipped: int = 0
+    #: Closed executions forgotten after the retention.
+    evicted: int = 0
+    #: Seconds spent reading and folding partitions given to this processor (snapshot + tail).
+    recovery_seconds: float = 0.0
 
 
-DURABLE_HEADER = "tf.durable"
+@dataclass
+class _PartitionLog:
+    """What this processor appended to one events partition since it recovered it."""
 
-
-class _DurableUpTo:
-    """The highest `tf.durable` header among the events read back on recovery."""
-
-    def __init__(self) -> None:
-        self.offset = -1
-
-    def see(self, record: Any) -> bool:
-        for key, value in record.headers or ():
-            if key == DURABLE_HEADER:
-                try:
-                    self.offset = max(self.offset, int(value))
-                except ValueError:
-                    log.error("ignoring a malformed %s header %r on an event", DURABLE_HEADER, value)
-        return True
+    #: The partition's end when it was recovered.
+    base: int
+    appended: int = 0
+    last: asyncio.Future[Any] | None = None
+    #: `appended` when the last snapshot was taken (None: none since the recovery).
+    snapshotted: int | None = None
+    snapshotted_at: float = 0.0
+    changed: bool = False
 
 
 def utc_now() -> datetime:
@@ -106,8 +112,12 @@ class Processor:
     """Runs the processor for `settings`; `runner` hosts `local_queues` in this process."""
 
     def __init__(self, settings: KafkaSettings, *, runner: TaskRunner | None = None,
-                 local_queues: Iterable[str] = (), app_id: str | None = None) -> None:
+                 local_queues: Iterable[str] = (), app_id: str | None = None,
+                 snapshots: SnapshotOptions | None = None) -> None:
         self.settings = settings
+        self.snapshot_options = snapshots or SnapshotOptions.from_env()
+        self._snapshots: SnapshotStore | None = None
+        self._logs: dict[int, _PartitionLog] = {}
         self.runner = runner
         self.local_queues = frozenset(local_queues) if runner else frozenset()
         self.stats = ProcessorStats()
@@ -197,7 +207,12 @@ class Processor:
             self._encode_event = functools.partial(EVENTS.encode_confluent, schema_id=schema_id)
         self._producer = await clients.start(clients.producer(self.settings, "processor",
                                                               max_request_size=16 * 1024 * 1024), self.settings)
-        for coroutine in (self._clock(), self._local_loop(), self._watch_topics()):
+        if self.snapshot_options.interval > 0 and await SnapshotStore.exists(self.settings):
+            self._snapshots = SnapshotStore(self.settings, self._producer, self.snapshot_options)
+        elif self.snapshot_options.interval > 0:
+            log.warning("topic %s is missing (create it with `treeflow topics create`): partitions are recovered "
+                        "from the whole events log and no snapshots are taken", self.settings.topics.snapshots)
+        for coroutine in (self._clock(), self._local_loop(), self._watch_topics(), self._housekeeping()):
             self._spawn(coroutine)
         for gauge, source in self._metric_sources():
             gauge.add(source)
@@ -307,13 +322,13 @@ class Processor:
                     continue
                 self._command_traces[command_id] = traceparent
 
-    def _recover_trace(self, durable: _DurableUpTo, record: Any) -> bool:
+    def _recover_trace(self, record: Any) -> None:
+        """Pick up an execution's trace context from an event read back on recovery."""
         assert self._traces is not None
         headers = dict(record.headers or ())
         traceparent, exec_id = headers.get(tracing.HEADER), headers.get("tf.exec")
         if traceparent is not None and exec_id is not None:
             self._traces.recovered(exec_id.decode(), traceparent)
-        return durable.see(record)
 
     def _trace_headers(self, exec_id: str) -> list[tuple[str, bytes]]:
         header = self._traces.header(exec_id) if self._traces is not None else None
@@ -350,20 +365,26 @@ class Processor:
         """
         partition = commands.partition
         began = time.perf_counter()
-        engine = PartitionEngine(partition)
-        durable = _DurableUpTo()
-        accept = durable.see if self._traces is None else functools.partial(self._recover_trace, durable)
-        events = [item.event async for item in EventReader(self.settings, [partition], accept=accept)]
-        engine.replay(events, utc_now())
-        self._durable[partition] = durable.offset
-        self.stats.recovered_events += len(events)
-        metrics.RECOVERED_EVENTS.inc(len(events))
-        metrics.RECOVERY_SECONDS.labels(str(partition)).set(time.perf_counter() - began)
+        recovery = await recover_partition(self.settings, partition, utc_now(), self._snapshots,
+                                           self.snapshot_options.closed_retention,
+                                           on_record=self._recover_trace if self._traces is not None else None)
+        seconds = time.perf_counter() - began
+        engine = recovery.engine
+        self._durable[partition] = recovery.durable
+        self._logs[partition] = _PartitionLog(recovery.events_end,
+                                              snapshotted=0 if recovery.tail_events == 0 else None)
+        self.stats.recovered_events += recovery.tail_events
+        self.stats.recovered_from_snapshot += recovery.snapshot is not None
+        self.stats.recovery_seconds += seconds
+        metrics.RECOVERED_EVENTS.inc(recovery.tail_events)
+        metrics.RECOVERY_SECONDS.labels(str(partition)).set(seconds)
         self.engines[partition] = engine
-        start = max(durable.offset + 1, committed)
+        start = max(recovery.durable + 1, committed)
         self._next_offsets[partition] = start
-        log.info("partition %d recovered from %d events, %d executions; %d command(s) waiting", partition,
-                 len(events), len(engine.states), max(0, end - start))
+        log.info("partition %d recovered from %s and %d events after it: %d executions; %d command(s) waiting",
+                 partition, f"snapshot at events offset {recovery.snapshot.manifest.events_offset}"
+                 if recovery.snapshot else "no snapshot", recovery.tail_events, len(engine.states),
+                 max(0, end - start))
         self._read[partition] = start - 1
         self._backlog[partition] = end
         self.stats.backlog += max(0, end - start)
@@ -445,6 +466,7 @@ class Processor:
         self._next_offsets.pop(partition, None)
         self._backlog.pop(partition, None)
         self._read.pop(partition, None)
+        self._logs.pop(partition, None)
 
     # ------------------------------------------------------------ commands
 
@@ -567,8 +589,11 @@ class Processor:
         outgoing: list[tuple[str, bytes, bytes, int | None, list[tuple[str, bytes]]]] = []
         for partition, effects in results:
             for reply in effects.replies:
+                headers = [("tf.command", reply.command_id.encode())]
+                if reply.closing_event is not None:
+                    headers.append(("tf.closed", reply.workflow_exec_id.encode()))
                 outgoing.append((topics.replies, REPLIES.encode(reply), reply.root_workflow_exec_id.encode(),
-                                 partition, [("tf.command", reply.command_id.encode())]))
+                                 self._reply_partition(effects, reply, partition), headers))
             for dispatch in effects.dispatches:
                 metrics.dispatch_counter((dispatch.item.task_queue, dispatch.item.kind)).inc()
                 if dispatch.item.task_queue in self.local_queues:
@@ -597,6 +622,13 @@ class Processor:
             await ensure_topics(self.settings, [queue])
             self._queues.add(queue)
 
+    def _reply_partition(self, effects: Effects, reply: Any, partition: int) -> int:
+        """Where the client reads (it names its replies partition), else the root's partition."""
+        route = effects.routes.get(reply.command_id)
+        if route is None or not 0 <= route < self.settings.partitions:
+            return partition if partition >= 0 else partition_for(reply.root_workflow_exec_id, self.settings.partitions)
+        return route
+
     async def _append(self, partition: int, events: list[Event]) -> list[Any]:
         """Queue events for one partition; the producer coalesces them into batches.
 
@@ -616,6 +648,10 @@ class Processor:
             futures.append(await self._producer.send(
                 self.settings.topics.events, self._encode_event(event), key=context.root_workflow_exec_id.encode(),
                 partition=partition, headers=headers))
+        written = self._logs.get(partition)
+        if written is not None and futures:
+            written.appended += len(futures)
+            written.last = futures[-1]
         return futures
 
     async def _deliver(self, previous: asyncio.Future[None] | None, queued: asyncio.Future[None], appended: list[Any],
@@ -644,6 +680,56 @@ class Processor:
             self.halted.set()
             self._stop_app()
             raise
+
+    # ------------------------------------------------------------ snapshots and retention
+
+    async def _housekeeping(self) -> None:
+        """Forget closed executions after the retention; snapshot partitions that changed."""
+        options = self.snapshot_options
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(options.check_every)
+            now = utc_now()
+            due = []
+            async with self._lock:
+                for partition, engine in self.engines.items():
+                    written = self._logs.get(partition)
+                    evicted = engine.evict_closed(now)
+                    self.stats.evicted += evicted
+                    if written is None:
+                        continue
+                    written.changed |= evicted > 0 or written.appended != written.snapshotted
+                    if (self._snapshots is not None and written.changed
+                            and loop.time() - written.snapshotted_at >= options.interval):
+                        # Captured under the lock: no command is half decided.
+                        due.append((partition, engine.export(), written, written.appended, written.last,
+                                    self._durable.get(partition, -1)))
+            for partition, image, written, appended, last, durable in due:
+                await self._snapshot(partition, image, written, appended, last, durable, now)
+
+    async def _snapshot(self, partition: int, image: Any, written: _PartitionLog, appended: int,
+                        last: asyncio.Future[Any] | None, durable: int, now: datetime) -> None:
+        assert self._snapshots is not None
+        offset = written.base + appended
+        try:
+            if last is not None and (await last).offset != offset - 1:
+                # Another writer's records sit among ours: the state is not the fold of the
+                # events below `offset` (a zombie owner during a rebalance; recovery folds them).
+                self.stats.snapshots_skipped += 1
+                log.warning("not snapshotting partition %d: events from another writer are in it", partition)
+                written.snapshotted_at = asyncio.get_running_loop().time()
+                return
+            result = await self._snapshots.write(partition, image, events_offset=offset, durable_offset=durable,
+                                                 taken_at=now)
+        except Exception as exc:  # a snapshot is an optimisation: the log is intact
+            log.error("snapshot of partition %d failed (%r); will retry", partition, exc)
+            return
+        written.snapshotted, written.changed = appended, False
+        written.snapshotted_at = asyncio.get_running_loop().time()
+        self.stats.snapshots_written += 1
+        self.stats.snapshot_bytes += result.bytes
+        log.info("snapshot of partition %d at events offset %d: %d open, %d closed executions, %d bytes in %d "
+                 "chunk(s)", partition, offset, len(image.open), len(image.closed), result.bytes, result.chunks)
 
     async def _dispatch(self, dispatches: list[Dispatch]) -> None:
         """Dispatch work outside a decision (after a recovery)."""

@@ -10,20 +10,28 @@ that was waiting, then `resume`): until `resume`, nothing is dispatched and noth
 time-based is decided (`tick` refuses), so a report waiting in the commands topic is
 decided before the processor re-sends its task or times it out (DESIGN §5
 invariants 5 and 6).
+
+A closed execution is forgotten `closed_retention` after it closed (DESIGN.md §5
+invariant 7); `export` and `restore` give and take the state a snapshot holds
+(`treeflow.processor.snapshots`); `restore` leaves the engine `recovering` as `replay` does.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
-from ..core import ExecutionState, Query, WorkItem, evolve, next_due, pending_work, process
+from ..errors import UNKNOWN_WORKFLOW
+from ..core import ExecutionState, Query, WorkItem, evolve, fold, next_due, pending_work, process
 from ..core.state import updated
+
+#: How long a closed execution stays in memory by default (TREEFLOW_CLOSED_RETENTION).
+DEFAULT_CLOSED_RETENTION = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -37,18 +45,47 @@ class Dispatch:
     history: list[Event] | None = None
 
 
+#: Unanswered queries whose askers' replies partitions are remembered (oldest dropped first).
+QUERY_ROUTES = 10_000
+#: Event types after which a client waiting on the execution has its answer.
+FINAL_CLOSES = frozenset({EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
+                          EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
+                          EventType.WORKFLOW_EXECUTION_TIMED_OUT})
+
+
 @dataclass
 class Effects:
     events: list[Event] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    #: The replies partition of each reply whose client named one (by reply command id).
+    routes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpenImage:
+    """What a snapshot keeps of an open execution: its state is the fold of `history`
+    (the current run's events) with the two fields that come from earlier runs."""
+
+    history: list[Event]
+    execution_started_at: datetime
+    recent_commands: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PartitionImage:
+    """The state of a partition as a snapshot holds it (`PartitionEngine.export`)."""
+
+    open: list[OpenImage]
+    closed: list[ExecutionState]
 
 
 class PartitionEngine:
     """Executions of one partition, their histories, and their pending work."""
 
-    def __init__(self, partition: int) -> None:
+    def __init__(self, partition: int, closed_retention: timedelta = DEFAULT_CLOSED_RETENTION) -> None:
         self.partition = partition
+        self.closed_retention = closed_retention
         self.states: dict[str, ExecutionState] = {}
         self.histories: dict[str, list[Event]] = {}
         self._dispatched: dict[str, set[str]] = {}
@@ -61,6 +98,9 @@ class PartitionEngine:
         #: Work pending when the partition was recovered: an earlier processor may have
         #: dispatched it already, so its tasks are not `first_dispatch`.
         self._inherited: dict[str, set[str]] = {}
+        #: A heap of (closed_at, exec id), for `evict_closed`.
+        self._closings: list[tuple[datetime, str]] = []
+        self._query_routes: dict[str, int] = {}
 
     # ------------------------------------------------------------ recovery
 
@@ -79,6 +119,12 @@ class PartitionEngine:
         for event in events:
             self._append(event)
             self._advance(event.timestamp)
+        self._recovered(now)
+
+    def _recovered(self, now: datetime) -> None:
+        """After a fold (of the whole partition, or of a snapshot and its tail): forget what
+        the retention lets go, mark the open executions resumed, and start `recovering`."""
+        self.evict_closed(now)
         for exec_id, state in self.states.items():
             if state.open:
                 self.states[exec_id] = updated(state, resumed_at=now)
@@ -96,6 +142,59 @@ class PartitionEngine:
                 self._schedule(self.states[exec_id])
         return dispatches
 
+    # ------------------------------------------------------------ snapshots
+
+    def export(self) -> PartitionImage:
+        """The state a snapshot keeps: each open execution's current run history (with
+        what came from earlier runs) and each closed execution still retained. Cheap
+        (shallow copies of immutable values): call it while no command is decided."""
+        opened, closed = [], []
+        for exec_id, state in self.states.items():
+            if state.open:
+                opened.append(OpenImage(list(self.histories.get(exec_id, ())), state.execution_started_at,
+                                        state.recent_commands))
+            else:
+                closed.append(state)
+        return PartitionImage(opened, closed)
+
+    @classmethod
+    def restore(cls, partition: int, image: PartitionImage, tail: list[Event], now: datetime,
+                closed_retention: timedelta = DEFAULT_CLOSED_RETENTION) -> PartitionEngine:
+        """The engine of a snapshot's `image` plus the `tail` of events after it: the
+        same as `replay` of the whole partition at `now` (DESIGN.md §5 invariant 1)."""
+        engine = cls(partition, closed_retention)
+        for state in image.closed:
+            engine.states[state.exec_id] = state
+            heapq.heappush(engine._closings, (state.closed_at or now, state.exec_id))
+        for item in image.open:
+            if not item.history:
+                continue
+            exec_id = item.history[0].workflow_context.workflow_exec_id
+            state = fold(item.history)[exec_id]
+            engine.states[exec_id] = updated(state, execution_started_at=item.execution_started_at,
+                                             recent_commands=item.recent_commands)
+            engine.histories[exec_id] = list(item.history)
+            engine._advance(item.history[-1].timestamp)
+        for event in tail:
+            engine._append(event)
+            engine._advance(event.timestamp)
+        engine._recovered(now)
+        return engine
+
+    def evict_closed(self, now: datetime) -> int:
+        """Forget the executions closed `closed_retention` or longer before `now`; returns
+        how many. Commands about a forgotten one are answered as for an unknown id
+        (README: "Closed executions")."""
+        evicted = 0
+        limit = now - self.closed_retention
+        while self._closings and self._closings[0][0] <= limit:
+            closed_at, exec_id = heapq.heappop(self._closings)
+            state = self.states.get(exec_id)
+            if state is not None and not state.open and state.closed_at == closed_at:
+                del self.states[exec_id]
+                evicted += 1
+        return evicted
+
     # ------------------------------------------------------------ commands
 
     def handle(self, command: Command, now: datetime) -> Effects:
@@ -110,6 +209,7 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects = Effects(outcome.events, outcome.replies)
+        self._route(command, effects)
         if not self.recovering:
             for exec_id in outcome.states:
                 effects.dispatches.extend(self._ready_work(exec_id, now))
@@ -137,6 +237,7 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects.events, effects.replies = outcome.events, outcome.replies
+        self._close_notices(effects)
         for exec_id in due | set(outcome.states):
             effects.dispatches.extend(self._ready_work(exec_id, now))
             if exec_id in self.states:
@@ -146,6 +247,46 @@ class PartitionEngine:
     def next_wakeup(self) -> datetime | None:
         """When a tick has something to decide (None while `recovering`)."""
         return self._due[0][0] if self._due and not self.recovering else None
+
+    # ------------------------------------------------------------ replies
+
+    def _route(self, command: Command, effects: Effects) -> None:
+        """Send the replies to where their clients read (`Command.reply_partition`), and
+        each closing event of an execution started by such a client to it too."""
+        payload = command.payload
+        if isinstance(payload, m.RespondQueryTask):
+            route = self._query_routes.pop(payload.query_id, None)
+            if route is not None:
+                effects.routes[payload.query_id] = route
+        elif command.reply_partition is not None:
+            for reply in effects.replies:
+                effects.routes[reply.command_id] = command.reply_partition
+            if isinstance(payload, m.QueryWorkflow):
+                self._query_routes[command.command_id] = command.reply_partition
+                while len(self._query_routes) > QUERY_ROUTES:
+                    del self._query_routes[next(iter(self._query_routes))]
+        self._close_notices(effects)
+
+    def _close_notices(self, effects: Effects) -> None:
+        """Tell the client that started an execution (it names its replies partition) of its
+        close, and of a workflow task no worker could run for an unregistered workflow name."""
+        for event in effects.events:
+            if event.event_type in FINAL_CLOSES:
+                kind = "closed"
+            elif _unregistered_workflow(event):
+                kind = f"unregistered:{event.sequence}"
+            else:
+                continue
+            state = self.states.get(event.workflow_context.workflow_exec_id)
+            if state is None or state.reply_partition is None:
+                continue
+            context = event.workflow_context
+            notice = Reply(command_id=f"{kind}:{context.workflow_exec_id}:{context.workflow_run_id}",
+                           timestamp=event.timestamp, root_workflow_exec_id=context.root_workflow_exec_id,
+                           workflow_exec_id=context.workflow_exec_id, accepted=True,
+                           workflow_run_id=context.workflow_run_id, closing_event=event)
+            effects.replies.append(notice)
+            effects.routes[notice.command_id] = state.reply_partition
 
     # ------------------------------------------------------------ internals
 
@@ -169,6 +310,8 @@ class PartitionEngine:
             self.histories.pop(exec_id, None)
             self._dispatched.pop(exec_id, None)
             self._inherited.pop(exec_id, None)
+            if state.closed_at is not None:
+                heapq.heappush(self._closings, (state.closed_at, exec_id))
 
     def _ready_work(self, exec_id: str, now: datetime) -> list[Dispatch]:
         state = self.states.get(exec_id)
@@ -225,3 +368,9 @@ class PartitionEngine:
             heartbeat_timeout_ms=activity.heartbeat_timeout_ms, first_dispatch=item.key not in self._inherited.get(state.exec_id, ()))
         return Dispatch(item, state.context, Task(task_id=item.key, timestamp=now, workflow_context=state.context,
                                                   payload=payload))
+
+
+def _unregistered_workflow(event: Event) -> bool:
+    """A WORKFLOW_TASK_FAILED because no worker of the queue registers the workflow's name."""
+    return (event.event_type is EventType.WORKFLOW_TASK_FAILED
+            and getattr(event.payload, "cause", None) == UNKNOWN_WORKFLOW)

@@ -20,7 +20,7 @@ from ..activities import ActivityContext, ActivityInfo, _context
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
 from ..observability import metrics, tracing
-from ..errors import NonDeterminismError, WorkflowQueryError, WorkflowUpdateError, failure_from_exception
+from ..errors import UNKNOWN_WORKFLOW, NonDeterminismError, WorkflowQueryError, WorkflowUpdateError, failure_from_exception
 from ..payloads import to_json, validate
 from .instance import RESOLVING, WorkflowInstance
 
@@ -91,7 +91,7 @@ class TaskRunner:
                 while len(self._warned_unknown) > self.cache_size:
                     self._warned_unknown.popitem(last=False)
             return self._command(context, m.FailWorkflowTask(
-                task_id=task_id, workflow_run_id=context.workflow_run_id, cause="UNKNOWN_WORKFLOW",
+                task_id=task_id, workflow_run_id=context.workflow_run_id, cause=UNKNOWN_WORKFLOW,
                 failure=Failure(type="WorkflowNotRegistered", message=(
                     f"no workflow named {context.workflow_name!r} is registered on this worker; it has "
                     f"{sorted(self.workflows) or 'none'}"))))

@@ -24,7 +24,8 @@ async def partition_counts(settings: KafkaSettings) -> dict[str, int]:
 async def test_creates_the_topics_once_with_equal_partition_counts(settings: KafkaSettings) -> None:
     first = await ensure_topics(settings)
     assert sorted(first.created) == sorted([settings.topics.commands, settings.topics.events,
-                                            settings.topics.replies, settings.topics.tasks("default")])
+                                            settings.topics.replies, settings.topics.snapshots,
+                                            settings.topics.tasks("default")])
     second = await ensure_topics(settings)
     assert second.created == []
     assert second.existing == sorted(first.created)
@@ -60,11 +61,11 @@ def test_cli_create_is_idempotent_and_refuses_a_conflict(settings: KafkaSettings
     runner = CliRunner()
     first = runner.invoke(main, ["topics", "create", "--partitions", "4", "--task-queue", "gpu"], env=env)
     assert first.exit_code == 0, first.output
-    assert first.output.count("created") == 4
+    assert first.output.count("created") == 5
     assert f"{settings.topic_prefix}.tasks.gpu" in first.output
     second = runner.invoke(main, ["topics", "create", "--partitions", "4", "--task-queue", "gpu"], env=env)
     assert second.exit_code == 0, second.output
-    assert second.output.count("exists") == 4
+    assert second.output.count("exists") == 5
     conflict = runner.invoke(main, ["topics", "create", "--partitions", "8"], env=env)
     assert conflict.exit_code == 3  # configuration
     assert "has 4 partitions, 8 are configured" in conflict.output

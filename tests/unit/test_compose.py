@@ -407,7 +407,7 @@ def test_topics_init_uses_create_if_not_exists(compose):
     script = interpolate(topics_init_script(compose), {}, allowed_prefix="TREEFLOW_")
     statements = script.replace("\\\n", " ").splitlines()
     creates = [s for s in statements if KAFKA_TOPICS in s and "--create" in s]
-    assert len(creates) == 4, creates
+    assert len(creates) == 5, creates
     for statement in creates:
         assert "--if-not-exists" in shlex.split(statement), statement
 
@@ -442,7 +442,8 @@ def test_topics_init_honours_prefix_and_one_partition_count(compose, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     creates = run.creates()
-    assert set(creates) == {"acme.commands", "acme.events", "acme.replies", "acme.tasks.default"}
+    assert set(creates) == {"acme.commands", "acme.events", "acme.replies", "acme.snapshots",
+                            "acme.tasks.default"}
     # commands and events must be driven by the same partition setting.
     assert creates["acme.commands"]["partitions"] == "7"
     assert creates["acme.events"]["partitions"] == "7"

@@ -1,0 +1,455 @@
+"""Benchmark: processor recovery time and memory against history (DESIGN.md §5 invariant 7).
+
+    python -m treeflow.processor.bench [--closed 0,10000,100000] [--open 0,10000] [--partitions 2]
+
+For each scenario it writes a synthetic events log (made by the real core, so it is
+what a processor would have appended) of `closed` flat executions that closed a day
+ago (workflow -> one activity, 7 events each) and `open` ones waiting on a day-long
+timer, to fresh topics on the embedded broker (or TREEFLOW_BOOTSTRAP_SERVERS). Then it
+runs a processor subprocess hosting `treeflow.bench`'s workflows, in two modes:
+
+- `before`: no snapshots and closed executions kept forever (TREEFLOW_SNAPSHOT_INTERVAL=0,
+  a retention of 30 years): what the processor did before snapshots and retention;
+- `after`: the defaults (a first run takes the snapshots and is stopped; the measured
+  run recovers from them).
+
+and prints, per run: the recovery (seconds the processor spent reading and folding its
+partitions: snapshot + tail), the time from the process start until a new execution
+started then completed, the processor's RSS after that, and the executions it holds.
+Goal: recovery and RSS flat in the number of closed executions (< 0.15 s and < 3 MB
+more per 10,000 closed). Also `--soak SECONDS`: a steady load at `--rate` executions/s
+against one processor, printing its RSS and throughput every 10 s, and the RSS slope;
+and `--client-fetch RUNS`: the bytes a client fetches per awaited result, with one
+client and with four running at once (RUNS executions each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+EPOCH_AGO = timedelta(days=1)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- the synthetic log
+
+
+def flat_events(exec_id: str, at: datetime, close: bool) -> list[Any]:
+    """The events the core appends for one flat execution (or one left on a timer)."""
+    from treeflow.schemas import Command
+    from treeflow.schemas import models as m
+
+    from .engine import PartitionEngine
+
+    engine = PartitionEngine(0)
+    events: list[Any] = []
+    n = 0
+
+    def send(payload: Any) -> None:
+        nonlocal n
+        n += 1
+        command = Command(command_id=f"{exec_id}-{n}", timestamp=at + timedelta(milliseconds=n),
+                          root_workflow_exec_id=exec_id, workflow_exec_id=exec_id, payload=payload)
+        events.extend(engine.handle(command, command.timestamp).events)
+
+    def task() -> dict[str, Any]:
+        state = engine.states[exec_id]
+        return {"task_id": state.workflow_task.task_id, "workflow_run_id": state.context.workflow_run_id,  # type: ignore[union-attr]
+                "history_length": state.last_sequence}
+
+    send(m.StartWorkflowExecution(workflow_name="bench_flat", task_queue="default", input_json='{"value": "x"}'))
+    if not close:
+        send(m.CompleteWorkflowTask(**task(), decisions=[m.StartTimer(timer_id="t", duration_ms=2 * 86_400_000)]))
+        return events
+    send(m.CompleteWorkflowTask(**task(), decisions=[m.ScheduleActivityTask(
+        activity_id="1", activity_name="bench_activity", task_queue="default", input_json='["x"]')]))
+    run = engine.states[exec_id].context.workflow_run_id
+    send(m.CompleteActivityTask(activity_id="1", workflow_run_id=run, attempt=1, result_json='"processed:x"'))
+    send(m.CompleteWorkflowTask(**task(), decisions=[m.CompleteWorkflowExecution(result_json='"processed:x"')]))
+    return events
+
+
+ID_LENGTH = 20
+
+
+async def write_log(settings: Any, closed: int, opened: int) -> int:
+    """Append the synthetic executions to the events topic; returns the event count.
+
+    Each kind's events are made once by the core for a placeholder id and encoded; every
+    execution gets a copy with its own id (of the same length) in place of it."""
+    from aiokafka import AIOKafkaProducer
+
+    from treeflow.kafka import partition_for
+    from treeflow.schemas import EVENTS
+
+    placeholder = "T" * ID_LENGTH
+    templates = {}
+    for kind, age in ((True, EPOCH_AGO), (False, timedelta(hours=1))):
+        events = flat_events(placeholder, datetime.now(timezone.utc) - age, kind)
+        templates[kind] = [(EVENTS.encode(e), e.event_type.value.encode()) for e in events]
+    options = {k: v for k, v in settings.profile.producer_options().items() if k != "linger_ms"}
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
+                                max_batch_size=512 * 1024, **options)
+    await producer.start()
+    count = 0
+    token = placeholder.encode()
+    try:
+        pending = []
+        for i in range(closed + opened):
+            is_closed = i < closed
+            exec_id = f"{'c' if is_closed else 'o'}{i:011d}-{uuid.uuid4().hex[:7]}"
+            assert len(exec_id) == ID_LENGTH
+            key = exec_id.encode()
+            partition = partition_for(exec_id, settings.partitions)
+            for value, event_type in templates[is_closed]:
+                pending.append(await producer.send(
+                    settings.topics.events, value.replace(token, key), key=key, partition=partition,
+                    headers=[("tf.type", event_type), ("tf.exec", key), ("tf.durable", b"-1")]))
+                count += 1
+            if len(pending) > 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return count
+
+
+# ---------------------------------------------------------------- the processor subprocess
+
+
+def serve(app_id: str) -> None:
+    """Run a processor hosting treeflow.bench (for the parent); print one RECOVERED line."""
+    import signal
+
+    from treeflow import bench
+    from treeflow.definitions import collect
+    from treeflow.kafka import KafkaSettings
+    from treeflow.worker.runner import TaskRunner
+
+    from .app import Processor
+
+    began = time.perf_counter()
+
+    async def run() -> None:
+        settings = KafkaSettings.resolve()
+        workflows, activities = collect([bench])
+        processor = Processor(settings, runner=TaskRunner(workflows, activities), local_queues=("default",),
+                              app_id=app_id)
+        await processor.start()
+        await processor.wait_assigned(120)
+        while len(processor.engines) < settings.partitions:
+            await asyncio.sleep(0.01)
+        stats = processor.stats
+        print("RECOVERED " + json.dumps({
+            "ready_s": time.perf_counter() - began, "recovery_s": stats.recovery_seconds,
+            "events": stats.recovered_events, "from_snapshot": stats.recovered_from_snapshot,
+            "executions": sum(len(e.states) for e in processor.engines.values())}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 1)
+            except asyncio.TimeoutError:
+                pass
+            print("STATS " + json.dumps({"snapshots": processor.stats.snapshots_written,
+                                         "unsnapshotted": sum(log.snapshotted != log.appended
+                                                              for log in processor._logs.values()),
+                                         "evicted": processor.stats.evicted,
+                                         "executions": sum(len(e.states) for e in processor.engines.values())}),
+                  flush=True)
+        await processor.stop()
+
+    asyncio.run(run())
+
+
+class ProcessorRun:
+    def __init__(self, env: dict[str, str], log: Path, app_id: str) -> None:
+        from treeflow.bench import Child
+
+        self.log = log
+        self.child = Child("processor", [sys.executable, "-m", "treeflow.processor.bench", "--serve", app_id], log)
+        self.began = time.perf_counter()
+        self.child.start(env)
+
+    def lines(self, prefix: str) -> list[dict[str, Any]]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [json.loads(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
+
+    async def recovered(self, timeout: float = 2400) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not (found := self.lines("RECOVERED ")):
+            if not self.child.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the processor did not recover:\n{self.child.log_tail()}")
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    def stop(self) -> None:
+        self.child.stop(30)
+
+
+async def one_execution(settings: Any) -> float:
+    """Seconds to start and complete a new flat execution."""
+    from treeflow.bench import BenchFlat, BenchFlatInput
+    from treeflow.client import Client
+
+    client = Client(settings)
+    await client.start()
+    try:
+        began = time.perf_counter()
+        await asyncio.wait_for(client.execute_workflow(BenchFlat, BenchFlatInput(value="x")), 120)
+        return time.perf_counter() - began
+    finally:
+        await client.close()
+
+
+async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, opened: int,
+                   log_dir: Path, modes: list[str]) -> list[dict[str, Any]]:
+    from treeflow.kafka import KafkaSettings, ensure_topics
+    from treeflow.kafka.profile import PROFILE_ENV
+    from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+    prefix = f"recovery-{uuid.uuid4().hex[:6]}"
+    settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
+    await ensure_topics(settings)
+    began = time.perf_counter()
+    events = await write_log(settings, closed, opened)
+    print(f"  log: {closed:,} closed + {opened:,} open executions = {events:,} events "
+          f"(written in {time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
+    base = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
+            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
+    settings_of = {"before": {"TREEFLOW_SNAPSHOT_INTERVAL": "0",
+                              "TREEFLOW_CLOSED_RETENTION": str(30 * 365 * 86400)},
+                   "after": {"TREEFLOW_SNAPSHOT_INTERVAL": "1"}}
+    results = []
+    for mode in modes:
+        extra = settings_of[mode]
+        env = {**base, **extra}
+        if mode == "after":
+            # A first run takes the snapshots (after folding the whole log once).
+            prime = ProcessorRun(env, log_dir / f"{prefix}-prime.log", f"{prefix}-prime")
+            await prime.recovered()
+            await one_execution(settings)
+            deadline, stable_since, last = time.monotonic() + 600, time.monotonic(), -1
+            while time.monotonic() - stable_since < 3:
+                stats = prime.lines("STATS ")[-1:]
+                seen = stats[0]["snapshots"] if stats else 0
+                if seen != last or seen == 0 or stats[0]["unsnapshotted"]:
+                    stable_since, last = time.monotonic(), seen
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no snapshots were written")
+                await asyncio.sleep(0.2)
+            prime.stop()
+        run = ProcessorRun(env, log_dir / f"{prefix}-{mode}.log", f"{prefix}-{mode}")
+        try:
+            recovered = await run.recovered()
+            first = await one_execution(settings)
+            ready = time.perf_counter() - run.began
+            await asyncio.sleep(1)
+            rss = rss_mb(run.child.pid)  # type: ignore[arg-type]
+        finally:
+            run.stop()
+        results.append({"mode": mode, "closed": closed, "open": opened, "events": events, **recovered,
+                        "start_to_completed_s": ready, "first_execution_s": first, "rss_mb": rss})
+        r = results[-1]
+        print(f"  {mode:6}: recovery {r['recovery_s']:.3f} s ({r['events']:,} events folded, "
+              f"{r['from_snapshot']} partitions from snapshots), start -> a new execution completed "
+              f"{r['start_to_completed_s']:.2f} s, RSS {rss:.1f} MB, {r['executions']:,} executions in memory",
+              flush=True)
+    return results
+
+
+async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, rate: float, log_dir: Path) -> None:
+    """A steady load against one processor: RSS and throughput every 10 s, and the RSS slope."""
+    from treeflow.bench import BenchFlat, BenchFlatInput
+    from treeflow.client import Client
+    from treeflow.kafka import KafkaSettings, ensure_topics
+    from treeflow.kafka.profile import PROFILE_ENV
+    from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+    prefix = f"soak-{uuid.uuid4().hex[:6]}"
+    settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
+    await ensure_topics(settings)
+    env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
+           PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    client = Client(settings)
+    await client.start()
+    done = 0
+    samples: list[tuple[float, float]] = []
+    try:
+        await run.recovered()
+        began = time.perf_counter()
+        in_flight: set[asyncio.Task[Any]] = set()
+
+        async def one() -> None:
+            nonlocal done
+            await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+            done += 1
+
+        next_sample, last_done = began + 10, 0
+        sent = 0
+        while (now := time.perf_counter()) - began < seconds:
+            while sent < (now - began) * rate and len(in_flight) < 200:  # no backlog past 200
+                task = asyncio.ensure_future(one())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                sent += 1
+            if now >= next_sample:
+                rss = rss_mb(run.child.pid)  # type: ignore[arg-type]
+                samples.append((now - began, rss))
+                stats = run.lines("STATS ")[-1:]
+                print(f"  t={now - began:5.0f} s  RSS {rss:6.1f} MB  completed {done:7,} "
+                      f"({(done - last_done) / 10:.0f}/s)  in memory {stats[0]['executions'] if stats else '?'}  "
+                      f"evicted {stats[0]['evicted'] if stats else '?'}", flush=True)
+                next_sample, last_done = next_sample + 10, done
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.gather(*in_flight), 120)
+    finally:
+        await client.close()
+        run.stop()
+    if len(samples) >= 3:
+        half = samples[len(samples) // 3:]  # after the warm-up third
+        xs, ys = [t for t, _ in half], [r for _, r in half]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
+        print(f"soak: {done:,} executions in {seconds:.0f} s ({done / seconds:.0f}/s); RSS slope after the first "
+              f"third {slope * 60:+.2f} MB/min (from {ys[0]:.1f} to {ys[-1]:.1f} MB)")
+
+
+async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int, log_dir: Path) -> None:
+    """Bytes each client fetches per awaited result, with one client and with several."""
+    from treeflow.bench import BenchFlat, BenchFlatInput
+    from treeflow.client import Client
+    from treeflow.kafka import KafkaSettings, ensure_topics
+    from treeflow.kafka.profile import PROFILE_ENV
+    from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+    prefix = f"fetch-{uuid.uuid4().hex[:6]}"
+    settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
+    await ensure_topics(settings)
+    env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
+           PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    try:
+        await run.recovered()
+        for count in (1, 4):
+            clients = [Client(settings, identity=f"bench-client-{count}-{i}") for i in range(count)]
+            for client in clients:
+                await client.start()
+            try:
+                async def drive(client: Client) -> None:
+                    lanes = asyncio.Semaphore(20)
+
+                    async def one(i: int) -> None:
+                        async with lanes:
+                            await client.execute_workflow(BenchFlat, BenchFlatInput(value=f"v{i}"))
+                    await asyncio.gather(*(one(i) for i in range(runs)))
+
+                await asyncio.gather(*(drive(client) for client in clients))
+                await asyncio.sleep(0.5)
+                per = [c.stats.fetched_bytes / runs for c in clients]
+                shared = len(clients) - len({c.reply_partition for c in clients})
+                print(f"  {count} client(s), {runs} executions each: fetched per awaited result "
+                      f"{sum(per) / len(per):,.0f} B on average (min {min(per):,.0f}, max {max(per):,.0f}); "
+                      f"{shared} client(s) share a replies partition with another", flush=True)
+            finally:
+                for client in clients:
+                    await client.close()
+        # What a client that reads every partition (before) fetched: the whole topics.
+        from treeflow.consumers import EventReader
+
+        reader = EventReader(settings)
+        async for _ in reader:
+            pass
+        total = 5 * runs
+        print(f"  for comparison, a client reading every partition of the events topic (as before) fetched "
+              f"{reader.stats.fetched_bytes / total:,.0f} B of events per execution of anyone's, so "
+              f"{reader.stats.fetched_bytes / total:,.0f} B per awaited result with one client and "
+              f"{4 * reader.stats.fetched_bytes / total:,.0f} B with four (plus the replies)", flush=True)
+    finally:
+        run.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m treeflow.processor.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--closed", default="0,10000,100000", help="closed executions per scenario, comma-separated")
+    parser.add_argument("--open", default="0", help="open executions per scenario, comma-separated")
+    parser.add_argument("--partitions", type=int, default=2)
+    parser.add_argument("--modes", default="before,after", help="before, after or both (comma-separated)")
+    parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak instead")
+    parser.add_argument("--rate", type=float, default=150, help="soak: executions started per second")
+    parser.add_argument("--client-fetch", type=int, default=0, metavar="RUNS",
+                        help="measure the bytes clients fetch per awaited result instead (RUNS executions each)")
+    parser.add_argument("--serve", metavar="APP_ID", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    from treeflow.kafka import TANSU, EmbeddedBroker, current_profile
+    from treeflow.kafka.settings import BOOTSTRAP_ENV
+
+    log_dir = Path(tempfile.mkdtemp(prefix="treeflow-recovery-bench-"))
+    broker = None
+    bootstrap = os.environ.get(BOOTSTRAP_ENV)
+    profile = current_profile()
+    if not bootstrap:
+        broker = EmbeddedBroker(log_path=log_dir / "broker.log").start()
+        bootstrap, profile = broker.bootstrap_servers, TANSU
+    try:
+        if args.client_fetch:
+            print(f"client fetch: {args.partitions} partitions, broker {bootstrap} ({profile.name})", flush=True)
+            asyncio.run(client_fetch(bootstrap, profile, args.partitions, args.client_fetch, log_dir))
+            return 0
+        if args.soak:
+            print(f"soak: {args.soak:.0f} s at {args.rate:.0f} executions/s, {args.partitions} partitions, "
+                  f"broker {bootstrap} ({profile.name})", flush=True)
+            asyncio.run(soak(bootstrap, profile, args.partitions, args.soak, args.rate, log_dir))
+            return 0
+        print(f"recovery benchmark: {args.partitions} partitions, broker {bootstrap} ({profile.name}); logs in "
+              f"{log_dir}", flush=True)
+        results = []
+        for opened in (int(x) for x in args.open.split(",")):
+            for closed in (int(x) for x in args.closed.split(",")):
+                print(f"scenario: {closed:,} closed, {opened:,} open", flush=True)
+                results += asyncio.run(scenario(bootstrap, profile, args.partitions, closed, opened, log_dir,
+                                                args.modes.split(",")))
+        for mode in ("before", "after"):
+            rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: (r["open"], r["closed"]))
+            for opened in sorted({r["open"] for r in rows}):
+                line = [r for r in rows if r["open"] == opened]
+                if len(line) >= 2 and line[-1]["closed"] > line[0]["closed"]:
+                    per = 10_000 / (line[-1]["closed"] - line[0]["closed"])
+                    print(f"{mode}: per 10,000 closed executions ({opened:,} open): recovery "
+                          f"{(line[-1]['recovery_s'] - line[0]['recovery_s']) * per:+.3f} s, start -> completed "
+                          f"{(line[-1]['start_to_completed_s'] - line[0]['start_to_completed_s']) * per:+.3f} s, "
+                          f"RSS {(line[-1]['rss_mb'] - line[0]['rss_mb']) * per:+.2f} MB "
+                          "(goal: < 0.15 s and < 3 MB)")
+        print("JSON " + json.dumps(results))
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

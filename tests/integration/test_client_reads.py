@@ -1,0 +1,52 @@
+"""Clients read only their own (issue 10): replies and close notices on the client's
+own replies partition; events only of the trees it waits on without having started them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import treeflow as workflows
+from treeflow.client import Client
+from treeflow.testing import Environment
+
+pytestmark = pytest.mark.integration
+
+
+@workflows.workflow.define(name="reads_echo")
+class Echo:
+    @workflows.workflow.entrypoint
+    async def run(self, value: str) -> str:
+        return value
+
+
+async def client_not_on(env: Environment, partition: int) -> Client:
+    while True:
+        client = Client(env.settings)
+        if client.reply_partition != partition:
+            await client.start()
+            return client
+
+
+async def test_a_clients_fetched_bytes_do_not_grow_with_other_clients_traffic(broker) -> None:
+    async with Environment(workflows=[Echo], bootstrap_servers=broker.bootstrap_servers,
+                           profile=broker.profile) as env:
+        busy = env.client
+        quiet = await client_not_on(env, busy.reply_partition)
+        try:
+            assert await quiet.execute_workflow(Echo, "mine") == "mine"
+            own = quiet.stats.fetched_bytes
+            assert own > 0 and quiet.stats.followed_event_partitions == 0
+            results = await asyncio.gather(*(busy.execute_workflow(Echo, f"x{i}") for i in range(60)))
+            assert len(results) == 60
+            await asyncio.sleep(0.5)
+            assert busy.stats.fetched_bytes > 20 * own  # the busy one got its 120 replies and notices
+            assert quiet.stats.fetched_bytes == own, "the quiet client fetched the other's traffic"
+            # Waiting on an execution it did not start: it follows that tree's partition only.
+            handle = await busy.start_workflow(Echo, "theirs")
+            assert await quiet.get_handle(handle.execution_id, root_execution_id=handle.execution_id).result() \
+                == "theirs"
+            assert quiet.stats.followed_event_partitions == 1
+        finally:
+            await quiet.close()

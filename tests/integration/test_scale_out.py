@@ -1,0 +1,84 @@
+"""Scale-out: processors in one group share the partitions, workers on a queue share its tasks.
+
+Under a steady load, two processors and two workers run; one of each is killed (kill -9)
+and another added. Every execution completes with its result and the events topic holds
+each history exactly once (no loss, no duplicate event, each activity completed once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from treeflow.client import Client
+from treeflow.kafka import KafkaSettings
+from treeflow.schemas import EventType
+
+from . import durable_app as app
+from .durable_app import ChainInput, ChainWorkflow, ParentInput, ParentWorkflow, traces
+from .test_durability import (  # noqa: F401 (fixtures)
+    Processes,
+    activity_counts,
+    check_log,
+    client,
+    processes,
+    read_events,
+    settle,
+    wait_until,
+    workdir,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_processors_and_workers_killed_and_added_under_load_lose_and_duplicate_nothing(
+        settings: KafkaSettings, client: Client, processes: Processes, workdir: Path) -> None:  # noqa: F811
+    first = processes.processor()
+    processes.processor()
+    worker = processes.worker()
+    processes.worker()
+    specs = []
+    for i in range(60):
+        if i % 4 == 3:
+            data = f"tree-{i}"
+            specs.append((ParentWorkflow, ParentInput(data=data), data, app.parent_result(data)))
+        else:
+            tag = f"chain-{i}"
+            specs.append((ChainWorkflow, ChainInput(workdir=str(workdir), tag=tag, b_seconds=0.3), tag,
+                          app.chain_result(tag)))
+
+    async def start(i: int, workflow: type, params: Any, name: str) -> Any:
+        await asyncio.sleep(0.25 * i)  # a steady load over 15 s, across the changes
+        handle = await client.start_workflow(workflow, params, execution_id=f"{name}-{uuid.uuid4().hex[:6]}")
+        return handle, await handle.result()
+
+    running = asyncio.gather(*(start(i, *spec[:3]) for i, spec in enumerate(specs)))
+    try:
+        await wait_until(lambda: len(traces(workdir, "A")) >= 8, 60, "the load to run", processes.logs)
+        processes.kill(first)
+        processes.processor()
+        await wait_until(lambda: len(traces(workdir, "A")) >= 20, 60, "the load to go on", processes.logs)
+        processes.kill(worker)
+        processes.worker()
+        outcomes = await asyncio.wait_for(asyncio.shield(running), 150)
+    except BaseException as error:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        if isinstance(error, TimeoutError):
+            raise AssertionError(f"not every execution finished\n{processes.logs()}")
+        raise
+    assert [result for _, result in outcomes] == [spec[3] for spec in specs]
+    await settle(settings)
+    by_exec = check_log(await read_events(settings), settings)
+    roots = {handle.execution_id for handle, _ in outcomes}
+    children = {x for x, history in by_exec.items() if history[0].workflow_context.parent_workflow_exec_id}
+    assert set(by_exec) == roots | children and len(children) == 15
+    for exec_id, history in by_exec.items():
+        assert history[-1].event_type is EventType.WORKFLOW_EXECUTION_COMPLETED, exec_id
+        completed = activity_counts(history, EventType.ACTIVITY_TASK_COMPLETED)
+        scheduled = activity_counts(history, EventType.ACTIVITY_TASK_SCHEDULED)
+        assert completed == scheduled and set(completed.values()) <= {1}, f"{exec_id}: {completed} / {scheduled}"
