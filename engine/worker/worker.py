@@ -39,6 +39,7 @@ from treeflow.kafka import (
     clients,
     end_offsets,
     ensure_topics,
+    partition_for,
     watch_topics,
 )
 from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
@@ -103,10 +104,14 @@ class _Replies:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
+        #: The replies partition this worker reads (chosen at start, by the topics' count).
+        self.partition = 0
 
     async def start(self) -> None:
-        topic = self.settings.topics.replies
-        partitions = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+        # One replies partition of its own, named in each claim (`Command.reply_partition`):
+        # the worker does not read the replies meant for clients.
+        self.partition = partition_for(f"worker/{new_id()}", self.settings.partitions)
+        partitions = [TopicPartition(self.settings.topics.replies, self.partition)]
         ends = await end_offsets(self.settings, partitions)
         self._consumer = await clients.start(clients.consumer(self.settings, "worker-replies"), self.settings)
         self._consumer.assign(partitions)
@@ -354,6 +359,7 @@ class Worker:
         claim it granted before the same way while the attempt is open.
         """
         wait = CLAIM_RETRY
+        claim = claim.model_copy(update={"reply_partition": self._replies.partition})
         while True:
             answer = self._replies.expect(claim.command_id)
             try:
