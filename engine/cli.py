@@ -33,8 +33,14 @@ _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SettingsError, 3), (TopicConflictError, 3), (BrokerError, 4), (CursorError, 2), (TimeoutError, 6),
 )
 
+def _remember_bootstrap(ctx: click.Context, _: click.Parameter, value: str | None) -> str | None:
+    if value:
+        ctx.meta["treeflow.bootstrap_servers"] = value  # named by a Kafka error's one line
+    return value
+
+
 bootstrap_option = click.option(
-    "--bootstrap-servers", metavar="HOST:PORT[,...]",
+    "--bootstrap-servers", metavar="HOST:PORT[,...]", callback=_remember_bootstrap,
     help=f"Kafka to use. Default: ${BOOTSTRAP_ENV}.")
 prefix_option = click.option(
     "--prefix", metavar="PREFIX", help=f"Topic name prefix. Default: ${PREFIX_ENV} or 'treeflow'.")
@@ -59,13 +65,13 @@ class CommandFailed(TreeflowError):
         self.exit_code = exit_code
 
 
-def failure_of(error: BaseException) -> tuple[str, int] | None:
+def failure_of(error: BaseException, bootstrap_servers: str | None = None) -> tuple[str, int] | None:
     """The one-line message and exit code of an expected failure; None for a bug."""
     from aiokafka.errors import KafkaError
 
     if isinstance(error, KafkaError):
-        error = from_kafka_error(error, os.environ.get(BOOTSTRAP_ENV) or "the configured address",
-                                  os.environ.get(PROFILE_ENV, "kafka"))
+        address = bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or "the configured address"
+        error = from_kafka_error(error, address, os.environ.get(PROFILE_ENV, "kafka"))
     message = " ".join(str(error).split()) or type(error).__name__  # one line
     if isinstance(error, WorkflowQueryError):
         message = f"{error.type}: {message}"
@@ -102,7 +108,7 @@ class TreeflowGroup(click.Group):
             click.echo("interrupted", err=True)
             ctx.exit(INTERRUPTED)
         except Exception as error:
-            found = failure_of(error)
+            found = failure_of(error, ctx.meta.get("treeflow.bootstrap_servers"))
             if found is None:
                 raise  # not an expected failure: a bug, with its traceback
             if ctx.find_root().params.get("verbose"):
@@ -580,5 +586,7 @@ async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:
 import treeflow.consumers.cli  # noqa: E402,F401
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m treeflow.cli: the group `serve` and `tail` registered on
+    from treeflow.cli import main as registered
+
+    registered()

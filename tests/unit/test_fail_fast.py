@@ -80,3 +80,12 @@ def test_a_broker_that_does_not_answer_is_one_line_with_exit_code_4(command: lis
     assert verbose.returncode == 4
     assert "Traceback (most recent call last)" in verbose.stderr and "KafkaConnectionError" in verbose.stderr
     assert "Unclosed" not in verbose.stderr
+
+
+def test_a_kafka_error_met_by_the_consumer_library_names_the_address_given_on_the_command_line() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    done = run_cli("tail", "some-root", "--json", "--bootstrap-servers", address, TREEFLOW_BOOTSTRAP_SERVERS="",
+                   TREEFLOW_BROKER_PROFILE="tansu")
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"error: cannot reach Kafka at {address}")
