@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
-from treeflow.kafka import KafkaSettings, SettingsError
+from treeflow.kafka import KafkaSettings, SettingsError, clients
+from treeflow.kafka.settings import seconds_env
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,9 @@ DIAGNOSIS_TIMEOUT = 5.0
 def command_timeout(seconds: float | None = None) -> float:
     """`seconds`, else `TREEFLOW_COMMAND_TIMEOUT`, else 30; `math.inf` waits forever."""
     if seconds is None:
-        raw = os.environ.get(COMMAND_TIMEOUT_ENV)
-        if not raw:
+        seconds = seconds_env(COMMAND_TIMEOUT_ENV)
+        if seconds is None:
             return DEFAULT_COMMAND_TIMEOUT
-        try:
-            seconds = float(raw)
-        except ValueError:
-            raise SettingsError(f"{COMMAND_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     if not seconds > 0:  # also refuses NaN
         raise SettingsError(f"a command timeout must be more than 0 seconds (got {seconds!r}); "
                             "use inf to wait forever")
@@ -69,15 +64,14 @@ async def why_no_answer(settings: KafkaSettings, partition: int, offset: int | N
 
 async def _describe(settings: KafkaSettings, partition: int, offset: int | None, group: str) -> str:
     commands = settings.topics.commands
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="treeflow-admin")
-    await admin.start()
+    admin = await clients.start(clients.admin(settings, "deadlines"), settings)
     try:
         (response, *_) = await admin.describe_consumer_groups([group])
         error_code, _, state, _, _, members, *_ = response.groups[0]
         tp = TopicPartition(commands, partition)
         committed = (await admin.list_consumer_group_offsets(group, partitions=[tp])).get(tp)
     finally:
-        await admin.close()
+        await clients.stop(admin)
     position = _position(committed.offset if committed else -1, offset)
     if error_code or not members:
         return (f"no processor is running: its consumer group {group!r} has no members (state {state or 'unknown'}); "

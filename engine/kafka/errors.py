@@ -85,7 +85,7 @@ def from_kafka_error(error: Exception, bootstrap_servers: str, profile: str | No
 
     if isinstance(error, KafkaConnectionError):
         return BrokerUnreachableError(
-            f"cannot reach Kafka at {bootstrap_servers} ({error}): is the broker running? "
+            f"cannot connect to Kafka at {bootstrap_servers} ({error}): is the broker running? "
             "Check TREEFLOW_BOOTSTRAP_SERVERS or --bootstrap-servers")
     if isinstance(error, UnknownError) and profile == "kafka":
         return WrongProfileError(

@@ -187,7 +187,7 @@ class KafkaSettings:
             partitions_explicit=chosen_partitions is not None,
             replication_factor=replication_factor or _int_env(REPLICATION_ENV),
             profile=profile or current_profile(),
-            connect_timeout=connect_timeout or _float_env(CONNECT_TIMEOUT_ENV) or DEFAULT_CONNECT_TIMEOUT,
+            connect_timeout=connect_timeout or seconds_env(CONNECT_TIMEOUT_ENV) or DEFAULT_CONNECT_TIMEOUT,
             security_protocol=protocol.upper() if protocol else None,
             ssl_cafile=ssl_cafile or _str_env(SSL_CAFILE_ENV),
             ssl_certfile=ssl_certfile or _str_env(SSL_CERTFILE_ENV),
@@ -219,7 +219,9 @@ def _int_env(name: str) -> int | None:
     return value
 
 
-def _float_env(name: str) -> float | None:
+def seconds_env(name: str, *, allow_zero: bool = False) -> float | None:
+    """The number of seconds in variable `name` (None when unset); `SettingsError` when it is
+    not a number, negative, or zero where `allow_zero` is false. `inf` is a number."""
     raw = os.environ.get(name)
     if not raw:
         return None
@@ -227,8 +229,8 @@ def _float_env(name: str) -> float | None:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be positive")
+    if not (value >= 0 if allow_zero else value > 0):  # also refuses NaN
+        raise SettingsError(f"{name}={raw!r} must be {'at least 0' if allow_zero else 'more than 0'}")
     return value
 
 

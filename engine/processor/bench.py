@@ -94,9 +94,7 @@ async def write_log(settings: Any, closed: int, opened: int) -> int:
 
     Each kind's events are made once by the core for a placeholder id and encoded; every
     execution gets a copy with its own id (of the same length) in place of it."""
-    from aiokafka import AIOKafkaProducer
-
-    from treeflow.kafka import partition_for
+    from treeflow.kafka import clients, partition_for
     from treeflow.schemas import EVENTS
 
     placeholder = "T" * ID_LENGTH
@@ -104,10 +102,8 @@ async def write_log(settings: Any, closed: int, opened: int) -> int:
     for kind, age in ((True, EPOCH_AGO), (False, timedelta(hours=1))):
         events = flat_events(placeholder, datetime.now(timezone.utc) - age, kind)
         templates[kind] = [(EVENTS.encode(e), e.event_type.value.encode()) for e in events]
-    options = {k: v for k, v in settings.profile.producer_options().items() if k != "linger_ms"}
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
-                                max_batch_size=512 * 1024, **options)
-    await producer.start()
+    producer = await clients.start(clients.producer(settings, "bench", linger_ms=5, max_batch_size=512 * 1024),
+                                   settings)
     count = 0
     token = placeholder.encode()
     try:

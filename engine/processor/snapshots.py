@@ -61,6 +61,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, clients, end_offsets
 from treeflow.kafka.clients import stop as stop_shielded
+from treeflow.kafka.settings import seconds_env
 from treeflow.kafka.topics import partition_counts
 from treeflow.schemas import SNAPSHOTS, DecodeError, RecordPosition
 from treeflow.schemas import models as m
@@ -102,16 +103,8 @@ class SnapshotOptions:
 
 
 def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
+    value = seconds_env(name, allow_zero=True)
+    return default if value is None else value
 
 
 class DurableUpTo:

@@ -58,7 +58,7 @@ def test_only_expected_failures_become_one_line() -> None:
     assert failure_of(WorkflowQueryError("no such query", "QueryNotFound")) == ("QueryNotFound: no such query", 1)
     assert failure_of(WorkflowQueryError("nobody", "WorkflowNotFound"))[1] == 7  # type: ignore[index]
     message, code = failure_of(KafkaConnectionError("down"))  # type: ignore[misc]
-    assert code == 4 and message.startswith("cannot reach Kafka")
+    assert code == 4 and message.startswith("cannot connect to Kafka")
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -88,4 +88,4 @@ def test_a_kafka_error_met_by_the_consumer_library_names_the_address_given_on_th
                    TREEFLOW_BROKER_PROFILE="tansu")
     assert done.returncode == 4, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
-    assert done.stderr.startswith(f"error: cannot reach Kafka at {address}")
+    assert done.stderr.startswith(f"error: cannot connect to Kafka at {address}")
