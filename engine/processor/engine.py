@@ -46,7 +46,7 @@ class Dispatch:
 
 
 #: Unanswered queries whose askers' replies partitions are remembered (oldest dropped first).
-QUERY_ROUTES = 10_000
+LATER_ROUTES = 10_000
 #: Event types after which a client waiting on the execution has its answer.
 FINAL_CLOSES = frozenset({EventType.WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_EXECUTION_FAILED,
                           EventType.WORKFLOW_EXECUTION_CANCELED, EventType.WORKFLOW_EXECUTION_TERMINATED,
@@ -100,7 +100,8 @@ class PartitionEngine:
         self._inherited: dict[str, set[str]] = {}
         #: A heap of (closed_at, exec id), for `evict_closed`.
         self._closings: list[tuple[datetime, str]] = []
-        self._query_routes: dict[str, int] = {}
+        #: Replies partitions of queries and updates whose reply comes with a later command.
+        self._later_routes: dict[str, int] = {}
 
     # ------------------------------------------------------------ recovery
 
@@ -252,19 +253,21 @@ class PartitionEngine:
 
     def _route(self, command: Command, effects: Effects) -> None:
         """Send the replies to where their clients read (`Command.reply_partition`), and
-        each closing event of an execution started by such a client to it too."""
-        payload = command.payload
-        if isinstance(payload, m.RespondQueryTask):
-            route = self._query_routes.pop(payload.query_id, None)
-            if route is not None:
-                effects.routes[payload.query_id] = route
-        elif command.reply_partition is not None:
+        each closing event of an execution started by such a client to it too.
+
+        A query's answer, and an update's result, come later than their command (with the
+        worker's report): their route is kept until that reply leaves."""
+        if command.reply_partition is not None:
             for reply in effects.replies:
                 effects.routes[reply.command_id] = command.reply_partition
-            if isinstance(payload, m.QueryWorkflow):
-                self._query_routes[command.command_id] = command.reply_partition
-                while len(self._query_routes) > QUERY_ROUTES:
-                    del self._query_routes[next(iter(self._query_routes))]
+            if isinstance(command.payload, m.QueryWorkflow | m.UpdateWorkflowExecution) and not effects.replies:
+                self._later_routes[command.command_id] = command.reply_partition
+                while len(self._later_routes) > LATER_ROUTES:
+                    del self._later_routes[next(iter(self._later_routes))]
+        for reply in effects.replies:
+            route = self._later_routes.pop(reply.command_id, None)
+            if route is not None:
+                effects.routes.setdefault(reply.command_id, route)
         self._close_notices(effects)
 
     def _close_notices(self, effects: Effects) -> None:
