@@ -9,6 +9,7 @@ so `treeflow --help` stays light.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from typing import Any
 

@@ -45,7 +45,7 @@ from treeflow.kafka import (
 )
 from treeflow.schemas import COMMANDS, EVENTS, REPLIES, TASKS, Command, DecodeError, Event, RecordPosition
 from treeflow.schemas import confluent
-from treeflow.schemas.models import CompleteActivityTask, Tick
+from treeflow.schemas.models import Tick
 
 from ..deadlines import processor_group
 from ..ids import new_id
