@@ -257,7 +257,7 @@ class WorkflowHandle:
         except asyncio.TimeoutError:
             raise QueryTimeoutError(await self._no_answer(name, timeout)) from None
         if not reply.accepted:
-            error = reply.error
+            error = await self.client._rejection(self.execution_id, root, reply.error)
             cause = exception_from_failure(error.cause) if error and error.cause else None
             raise WorkflowQueryError(error.message if error else "query rejected",
                                      error.type if error else "QueryFailed", cause)
@@ -303,7 +303,7 @@ class WorkflowHandle:
             raise WorkflowUpdateError(f"no answer to update {name!r} of {self.execution_id} within {timeout:g}s",
                                       "UpdateTimeout") from None
         if not reply.accepted:
-            error = reply.error
+            error = await self.client._rejection(self.execution_id, root, reply.error)
             cause = exception_from_failure(error.cause) if error and error.cause else None
             raise WorkflowUpdateError(error.message if error else "update rejected",
                                       error.type if error else "UpdateRejected", cause)
@@ -589,10 +589,22 @@ class Client:
     async def _request(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> None:
         reply = await self._send(exec_id, root, payload, timeout)
         if not reply.accepted:
-            error = reply.error
+            error = await self._rejection(exec_id, root, reply.error)
             kind = ExecutionNotFoundError if error is not None and error.type == "WorkflowNotFound" \
                 else CommandRejectedError
             raise kind(error.message if error else "rejected")
+
+    async def _rejection(self, exec_id: str, root: str, error: m.Failure | None) -> m.Failure | None:
+        """The processor's reason for a rejection, with WorkflowNotFound for an execution
+        the log shows closed turned into WorkflowClosed: the processor forgets a closed
+        execution after its retention (README "Closed executions"); the log does not."""
+        if error is None or error.type != "WorkflowNotFound":
+            return error
+        state = fold(await self.history(exec_id, root_execution_id=root)).get(exec_id)
+        if state is None or state.open:
+            return error
+        return m.Failure(type="WorkflowClosed", non_retryable=True,
+                       message=f"workflow execution {exec_id} is already closed ({state.status.value})")
 
     async def _send(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> Reply:
         """Write the command and wait for the processor's reply, for at most `timeout`

@@ -1,6 +1,7 @@
 """Benchmark: processor recovery time and memory against history (DESIGN.md §5 invariant 7).
 
     python -m treeflow.processor.bench [--closed 0,10000,100000] [--open 0,10000] [--partitions 2]
+                                       [--modes before,after] [--prime auto|processor|bench] [--throughput-runs N]
 
 For each scenario it writes a synthetic events log (made by the real core, so it is
 what a processor would have appended) of `closed` flat executions that closed a day
@@ -10,12 +11,16 @@ runs a processor subprocess hosting `treeflow.bench`'s workflows, in two modes:
 
 - `before`: no snapshots and closed executions kept forever (TREEFLOW_SNAPSHOT_INTERVAL=0,
   a retention of 30 years): what the processor did before snapshots and retention;
-- `after`: the defaults (a first run takes the snapshots and is stopped; the measured
-  run recovers from them).
+- `after`: the defaults; the measured run recovers from snapshots, taken either by a
+  first processor run that folds the whole log and is stopped (`--prime processor`),
+  or by the bench, which folds the log it writes with the processor's `PartitionEngine`
+  and writes each partition's snapshot with its `SnapshotStore` (`--prime bench`, the
+  default on the embedded broker, whose fetches of a long partition are slow).
 
 and prints, per run: the recovery (seconds the processor spent reading and folding its
 partitions: snapshot + tail), the time from the process start until a new execution
-started then completed, the processor's RSS after that, and the executions it holds.
+started then completed, the processor's RSS after that, the executions it holds, and
+the throughput of `--throughput-runs` flat executions after it (50 in flight).
 Goal: recovery and RSS flat in the number of closed executions (< 0.15 s and < 3 MB
 more per 10,000 closed). Also `--soak SECONDS`: a steady load at `--rate` executions/s
 against one processor, printing its RSS and throughput every 10 s, and the RSS slope;
@@ -89,11 +94,15 @@ def flat_events(exec_id: str, at: datetime, close: bool) -> list[Any]:
 ID_LENGTH = 20
 
 
-async def write_log(settings: Any, closed: int, opened: int) -> int:
-    """Append the synthetic executions to the events topic; returns the event count.
+async def write_log(settings: Any, closed: int, opened: int,
+                    fold: dict[int, Any] | None = None) -> tuple[int, dict[int, int]]:
+    """Append the synthetic executions to the events topic; returns the event count and
+    each partition's end offset.
 
     Each kind's events are made once by the core for a placeholder id and encoded; every
-    execution gets a copy with its own id (of the same length) in place of it."""
+    execution gets a copy with its own id (of the same length) in place of it. With
+    `fold` (a `PartitionEngine` per partition) each event is also folded there, as the
+    processor that appended them would have (closed executions evicted as it goes)."""
     from treeflow.kafka import clients, partition_for
     from treeflow.schemas import EVENTS
 
@@ -106,26 +115,63 @@ async def write_log(settings: Any, closed: int, opened: int) -> int:
                                    settings)
     count = 0
     token = placeholder.encode()
+    ends: dict[int, int] = {p: 0 for p in range(settings.partitions)}
+    unfolded: dict[int, list[Any]] = {p: [] for p in range(settings.partitions)}
+    now = datetime.now(timezone.utc)
+
+    def fold_pending(partition: int) -> None:
+        if fold is not None and unfolded[partition]:
+            fold[partition].replay(unfolded[partition], now)
+            unfolded[partition] = []
+
+    async def settle(pending: list[Any]) -> None:
+        for sent in await asyncio.gather(*pending):
+            ends[sent.partition] = max(ends[sent.partition], sent.offset + 1)
+        pending.clear()
+
     try:
-        pending = []
+        pending: list[Any] = []
         for i in range(closed + opened):
             is_closed = i < closed
             exec_id = f"{'c' if is_closed else 'o'}{i:011d}-{uuid.uuid4().hex[:7]}"
             assert len(exec_id) == ID_LENGTH
             key = exec_id.encode()
             partition = partition_for(exec_id, settings.partitions)
-            for value, event_type in templates[is_closed]:
+            for template, event_type in templates[is_closed]:
+                value = template.replace(token, key)
                 pending.append(await producer.send(
-                    settings.topics.events, value.replace(token, key), key=key, partition=partition,
+                    settings.topics.events, value, key=key, partition=partition,
                     headers=[("tf.type", event_type), ("tf.exec", key), ("tf.durable", b"-1")]))
+                if fold is not None:
+                    unfolded[partition].append(EVENTS.decode(value))
                 count += 1
+            if len(unfolded[partition]) > 50_000:
+                fold_pending(partition)
             if len(pending) > 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+                await settle(pending)
+        await settle(pending)
+        for partition in unfolded:
+            fold_pending(partition)
     finally:
         await producer.stop()
-    return count
+    return count, ends
+
+
+async def seed_snapshots(settings: Any, engines: dict[int, Any], ends: dict[int, int]) -> None:
+    """Write each partition's snapshot at its end, as the processor that appended the
+    log would have (its `SnapshotStore`, the image of its `PartitionEngine`)."""
+    from treeflow.kafka import clients
+
+    from .snapshots import SnapshotOptions, SnapshotStore
+
+    producer = await clients.start(clients.producer(settings, "bench"), settings)
+    try:
+        store = SnapshotStore(settings, producer, SnapshotOptions.from_env())
+        for partition, engine in engines.items():
+            await store.write(partition, engine.export(), events_offset=ends[partition], durable_offset=-1,
+                              taken_at=datetime.now(timezone.utc))
+    finally:
+        await producer.stop()
 
 
 # ---------------------------------------------------------------- the processor subprocess
@@ -218,19 +264,45 @@ async def one_execution(settings: Any) -> float:
         await client.close()
 
 
+async def throughput(settings: Any, runs: int, in_flight: int = 50) -> float:
+    """Flat executions per second, `runs` of them with `in_flight` at a time."""
+    from treeflow.bench import BenchFlat, BenchFlatInput
+    from treeflow.client import Client
+
+    client = Client(settings)
+    await client.start()
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one() -> None:
+        async with gate:
+            await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+
+    try:
+        began = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(runs))), 600)
+        return runs / (time.perf_counter() - began)
+    finally:
+        await client.close()
+
+
 async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, opened: int,
-                   log_dir: Path, modes: list[str]) -> list[dict[str, Any]]:
+                   log_dir: Path, modes: list[str], prime: str, throughput_runs: int) -> list[dict[str, Any]]:
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+
+    from .engine import PartitionEngine
 
     prefix = f"recovery-{uuid.uuid4().hex[:6]}"
     settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
     await ensure_topics(settings)
     began = time.perf_counter()
-    events = await write_log(settings, closed, opened)
+    engines = ({p: PartitionEngine(p) for p in range(partitions)}
+               if prime == "bench" and "after" in modes else None)
+    events, ends = await write_log(settings, closed, opened, engines)
     print(f"  log: {closed:,} closed + {opened:,} open executions = {events:,} events "
-          f"(written in {time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
+          f"(written{' and folded' if engines else ''} in {time.perf_counter() - began:.1f} s)",
+          file=sys.stderr, flush=True)
     base = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
             PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
     settings_of = {"before": {"TREEFLOW_SNAPSHOT_INTERVAL": "0",
@@ -240,21 +312,23 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
     for mode in modes:
         extra = settings_of[mode]
         env = {**base, **extra}
-        if mode == "after":
+        if mode == "after" and engines is not None:
+            await seed_snapshots(settings, engines, ends)
+        elif mode == "after":
             # A first run takes the snapshots (after folding the whole log once).
-            prime = ProcessorRun(env, log_dir / f"{prefix}-prime.log", f"{prefix}-prime")
-            await prime.recovered()
+            first_run = ProcessorRun(env, log_dir / f"{prefix}-prime.log", f"{prefix}-prime")
+            await first_run.recovered()
             await one_execution(settings)
             deadline, stable_since, last = time.monotonic() + 600, time.monotonic(), -1
             while time.monotonic() - stable_since < 3:
-                stats = prime.lines("STATS ")[-1:]
+                stats = first_run.lines("STATS ")[-1:]
                 seen = stats[0]["snapshots"] if stats else 0
                 if seen != last or seen == 0 or stats[0]["unsnapshotted"]:
                     stable_since, last = time.monotonic(), seen
                 if time.monotonic() > deadline:
                     raise RuntimeError("no snapshots were written")
                 await asyncio.sleep(0.2)
-            prime.stop()
+            first_run.stop()
         run = ProcessorRun(env, log_dir / f"{prefix}-{mode}.log", f"{prefix}-{mode}")
         try:
             recovered = await run.recovered()
@@ -262,15 +336,17 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
             ready = time.perf_counter() - run.began
             await asyncio.sleep(1)
             rss = rss_mb(run.child.pid)  # type: ignore[arg-type]
+            rate = await throughput(settings, throughput_runs) if throughput_runs else float("nan")
         finally:
             run.stop()
-        results.append({"mode": mode, "closed": closed, "open": opened, "events": events, **recovered,
-                        "start_to_completed_s": ready, "first_execution_s": first, "rss_mb": rss})
+        results.append({"mode": mode, "closed": closed, "open": opened, "log_events": events, **recovered,
+                        "start_to_completed_s": ready, "first_execution_s": first, "rss_mb": rss,
+                        "throughput_per_s": rate})
         r = results[-1]
         print(f"  {mode:6}: recovery {r['recovery_s']:.3f} s ({r['events']:,} events folded, "
               f"{r['from_snapshot']} partitions from snapshots), start -> a new execution completed "
-              f"{r['start_to_completed_s']:.2f} s, RSS {rss:.1f} MB, {r['executions']:,} executions in memory",
-              flush=True)
+              f"{r['start_to_completed_s']:.2f} s, RSS {rss:.1f} MB, {r['executions']:,} executions in memory, "
+              f"then {rate:.0f} executions/s", flush=True)
     return results
 
 
@@ -396,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=150, help="soak: executions started per second")
     parser.add_argument("--client-fetch", type=int, default=0, metavar="RUNS",
                         help="measure the bytes clients fetch per awaited result instead (RUNS executions each)")
+    parser.add_argument("--prime", choices=["auto", "processor", "bench"], default="auto",
+                        help="who takes the first snapshots of the `after` mode: a first processor run that folds "
+                             "the whole log, or the bench folding the log it writes (auto: the bench on the "
+                             "embedded broker, which serves long partitions slowly; the processor otherwise)")
+    parser.add_argument("--throughput-runs", type=int, default=300, metavar="N",
+                        help="after each recovery, N flat executions with 50 in flight (0: skip)")
     parser.add_argument("--serve", metavar="APP_ID", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -421,14 +503,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"broker {bootstrap} ({profile.name})", flush=True)
             asyncio.run(soak(bootstrap, profile, args.partitions, args.soak, args.rate, log_dir))
             return 0
-        print(f"recovery benchmark: {args.partitions} partitions, broker {bootstrap} ({profile.name}); logs in "
-              f"{log_dir}", flush=True)
+        prime = args.prime if args.prime != "auto" else ("bench" if broker is not None else "processor")
+        print(f"recovery benchmark: {args.partitions} partitions, broker {bootstrap} ({profile.name}); first "
+              f"snapshots taken by the {prime}; logs in {log_dir}", flush=True)
         results = []
         for opened in (int(x) for x in args.open.split(",")):
             for closed in (int(x) for x in args.closed.split(",")):
                 print(f"scenario: {closed:,} closed, {opened:,} open", flush=True)
                 results += asyncio.run(scenario(bootstrap, profile, args.partitions, closed, opened, log_dir,
-                                                args.modes.split(",")))
+                                                args.modes.split(","), prime, args.throughput_runs))
         for mode in ("before", "after"):
             rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: (r["open"], r["closed"]))
             for opened in sorted({r["open"] for r in rows}):
@@ -439,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{(line[-1]['recovery_s'] - line[0]['recovery_s']) * per:+.3f} s, start -> completed "
                           f"{(line[-1]['start_to_completed_s'] - line[0]['start_to_completed_s']) * per:+.3f} s, "
                           f"RSS {(line[-1]['rss_mb'] - line[0]['rss_mb']) * per:+.2f} MB "
-                          "(goal: < 0.15 s and < 3 MB)")
+                          "(goal: < 0.15 s and < 3 MB); throughput "
+                          f"{line[0]['throughput_per_s']:.0f}/s -> {line[-1]['throughput_per_s']:.0f}/s "
+                          f"({line[-1]['throughput_per_s'] / line[0]['throughput_per_s']:.2f}x)")
         print("JSON " + json.dumps(results))
     finally:
         if broker is not None:

@@ -138,13 +138,22 @@ async def test_closed_executions_leave_the_processor_after_the_retention(
         await wait_until(lambda: all(not e.states for e in running.engines.values()), 20,
                          "the closed execution to be forgotten")
         assert running.stats.evicted == 1
-        # Served from the log: describe and result; a signal is rejected.
+        # Served from the log: describe and result; a signal, a cancel and a query are
+        # rejected as closed, not as unknown (the log knows it closed).
         described = await client.describe(handle.execution_id, root_execution_id=handle.execution_id)
         assert described.status.value == "COMPLETED"
         assert await client.get_handle(handle.execution_id).result() == "echo:before-sleep, slept 0.01"
-        from treeflow.errors import CommandRejectedError
+        from treeflow.errors import CommandRejectedError, ExecutionNotFoundError, WorkflowQueryError
 
-        with pytest.raises(CommandRejectedError, match="not found"):
-            await handle.signal("nothing")
+        for request in (lambda: handle.signal("nothing"), handle.cancel):
+            with pytest.raises(CommandRejectedError, match="already closed \\(COMPLETED\\)") as rejected:
+                await request()
+            assert not isinstance(rejected.value, ExecutionNotFoundError)
+        with pytest.raises(WorkflowQueryError) as refused:
+            await handle.query("anything")
+        assert refused.value.type == "WorkflowClosed"
+        # An id the log does not know is still not found.
+        with pytest.raises(ExecutionNotFoundError):
+            await client.get_handle("never-started", root_execution_id=handle.execution_id).signal("nothing")
     finally:
         await asyncio.wait_for(running.stop(), 30)
