@@ -370,6 +370,7 @@ class Processor:
                                            on_record=self._recover_trace if self._traces is not None else None)
         seconds = time.perf_counter() - began
         engine = recovery.engine
+        engine.history_limit = self.snapshot_options.history_limit
         self._durable[partition] = recovery.durable
         self._logs[partition] = _PartitionLog(recovery.events_end,
                                               snapshotted=0 if recovery.tail_events == 0 else None)

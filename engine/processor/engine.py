@@ -32,6 +32,10 @@ from ..core.state import updated
 
 #: How long a closed execution stays in memory by default (TREEFLOW_CLOSED_RETENTION).
 DEFAULT_CLOSED_RETENTION = timedelta(minutes=5)
+#: The most events a run's history may hold by default (TREEFLOW_HISTORY_LIMIT): Temporal's limit.
+DEFAULT_HISTORY_LIMIT = 51_200
+#: Who terminates a run whose history reached the limit.
+HISTORY_LIMIT_IDENTITY = "treeflow-processor"
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,13 @@ class PartitionImage:
 class PartitionEngine:
     """Executions of one partition, their histories, and their pending work."""
 
-    def __init__(self, partition: int, closed_retention: timedelta = DEFAULT_CLOSED_RETENTION) -> None:
+    def __init__(self, partition: int, closed_retention: timedelta = DEFAULT_CLOSED_RETENTION,
+                 history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         self.partition = partition
         self.closed_retention = closed_retention
+        #: A run whose history reaches this many events is terminated (its memory, and what
+        #: every workflow task carries, stays bounded; continue-as-new starts a fresh run).
+        self.history_limit = history_limit
         self.states: dict[str, ExecutionState] = {}
         self.histories: dict[str, list[Event]] = {}
         self._dispatched: dict[str, set[str]] = {}
@@ -210,9 +218,10 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects = Effects(outcome.events, outcome.replies)
+        touched = set(outcome.states) | self._terminate_over_limit(effects, now)
         self._route(command, effects)
         if not self.recovering:
-            for exec_id in outcome.states:
+            for exec_id in touched:
                 effects.dispatches.extend(self._ready_work(exec_id, now))
         effects.dispatches.extend(self._query_task(query, now) for query in outcome.queries)
         return effects
@@ -238,8 +247,9 @@ class PartitionEngine:
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
         effects.events, effects.replies = outcome.events, outcome.replies
+        touched = set(outcome.states) | self._terminate_over_limit(effects, now)
         self._close_notices(effects)
-        for exec_id in due | set(outcome.states):
+        for exec_id in due | touched:
             effects.dispatches.extend(self._ready_work(exec_id, now))
             if exec_id in self.states:
                 self._schedule(self.states[exec_id])
@@ -290,6 +300,36 @@ class PartitionEngine:
                            workflow_run_id=context.workflow_run_id, closing_event=event)
             effects.replies.append(notice)
             effects.routes[notice.command_id] = state.reply_partition
+
+    def _terminate_over_limit(self, effects: Effects, now: datetime) -> set[str]:
+        """Terminate each run the events of `effects` took to `history_limit` events (its
+        parent's history gets the child's close, which may take that one there too); the
+        terminations' events join `effects`. Returns the executions they changed."""
+        touched: set[str] = set()
+        checked = 0
+        while checked < len(effects.events):
+            over = {e.workflow_context.workflow_exec_id for e in effects.events[checked:]}
+            checked = len(effects.events)
+            for exec_id in sorted(over):
+                state = self.states.get(exec_id)
+                if state is None or not state.open or len(self.histories.get(exec_id, ())) < self.history_limit:
+                    continue
+                context = state.context
+                terminate = Command(
+                    command_id=f"history-limit:{exec_id}:{context.workflow_run_id}", timestamp=now,
+                    root_workflow_exec_id=context.root_workflow_exec_id, workflow_exec_id=exec_id,
+                    payload=m.TerminateWorkflowExecution(
+                        reason=f"the run's history reached {self.history_limit:,} events (TREEFLOW_HISTORY_LIMIT); "
+                               "a workflow that runs long continues as new (workflow.should_continue_as_new())",
+                        identity=HISTORY_LIMIT_IDENTITY))
+                outcome = process(self.states, terminate, now=now)
+                for event in outcome.events:
+                    self._append(event)
+                for changed, changed_state in outcome.states.items():
+                    self.states[changed] = changed_state
+                effects.events.extend(outcome.events)
+                touched |= set(outcome.states)
+        return touched
 
     # ------------------------------------------------------------ internals
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -60,20 +61,21 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from treeflow.consumers import EventReader
 from treeflow.kafka import KafkaSettings, clients, end_offsets
 from treeflow.kafka.clients import stop as stop_shielded
-from treeflow.kafka.settings import seconds_env
+from treeflow.kafka.settings import SettingsError, seconds_env
 from treeflow.kafka.topics import partition_counts
 from treeflow.schemas import SNAPSHOTS, DecodeError, RecordPosition
 from treeflow.schemas import models as m
 
 from ..core.state import EMPTY, ExecutionState, Status
 from ..ids import new_id
-from .engine import DEFAULT_CLOSED_RETENTION, OpenImage, PartitionEngine, PartitionImage
+from .engine import DEFAULT_CLOSED_RETENTION, DEFAULT_HISTORY_LIMIT, OpenImage, PartitionEngine, PartitionImage
 
 log = logging.getLogger(__name__)
 
 DURABLE_HEADER = "tf.durable"
 INTERVAL_ENV = "TREEFLOW_SNAPSHOT_INTERVAL"
 RETENTION_ENV = "TREEFLOW_CLOSED_RETENTION"
+HISTORY_LIMIT_ENV = "TREEFLOW_HISTORY_LIMIT"
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,31 @@ class SnapshotOptions:
       still makes one chunk; the topic accepts 16 MiB records).
     - `check_every`: seconds between two looks for closed executions to forget and
       partitions due for a snapshot.
+    - `history_limit`: the most events a run's history may hold; the processor
+      terminates a run that reaches it (`TREEFLOW_HISTORY_LIMIT`, default 51,200 as in
+      Temporal), which bounds what an open execution costs in memory and in a snapshot.
     """
 
     interval: float = 30.0
     closed_retention: timedelta = DEFAULT_CLOSED_RETENTION
     chunk_bytes: int = 512 * 1024
     check_every: float = 1.0
+    history_limit: int = DEFAULT_HISTORY_LIMIT
 
     @classmethod
     def from_env(cls) -> SnapshotOptions:
         return cls(interval=_seconds(INTERVAL_ENV, 30.0),
-                   closed_retention=timedelta(seconds=_seconds(RETENTION_ENV, DEFAULT_CLOSED_RETENTION.total_seconds())))
+                   closed_retention=timedelta(seconds=_seconds(RETENTION_ENV, DEFAULT_CLOSED_RETENTION.total_seconds())),
+                   history_limit=_history_limit())
+
+
+def _history_limit() -> int:
+    raw = os.environ.get(HISTORY_LIMIT_ENV)
+    if not raw:
+        return DEFAULT_HISTORY_LIMIT
+    if not raw.isdigit() or int(raw) < 10:
+        raise SettingsError(f"{HISTORY_LIMIT_ENV}={raw!r} must be a whole number of events, at least 10")
+    return int(raw)
 
 
 def _seconds(name: str, default: float) -> float:
