@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import time
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
@@ -87,8 +88,12 @@ _TASK_COMPLETED = EventType.WORKFLOW_TASK_COMPLETED.value.encode()
 #: What `start_workflow` does when the execution id is already running.
 IdConflictPolicy = Literal["fail", "use_existing"]
 #: How long a wait for a started execution's close notice goes before the log is checked
-#: (a notice lost with a processor that died after appending the close).
+#: (a notice lost with a processor that died after appending the close); each further
+#: check waits twice as long, up to CLOSE_NOTICE_CHECK_MAX.
 CLOSE_NOTICE_CHECK = 10.0
+CLOSE_NOTICE_CHECK_MAX = 160.0
+#: How old a partition's remembered events end may be before a start refreshes it.
+FLOOR_REFRESH = 30.0
 
 
 @dataclass
@@ -100,6 +105,8 @@ class ClientStats:
     fetched_bytes: int = 0
     #: Events partitions followed (for executions waited on that this client did not start).
     followed_event_partitions: int = 0
+    #: Reads of an events partition for close notices that did not come (CLOSE_NOTICE_CHECK).
+    log_checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -347,7 +354,14 @@ class Client:
         self._closed: OrderedDict[str, Event] = OrderedDict()
         #: UNKNOWN_WORKFLOW failures of executions waited for or started here, until a workflow task completes.
         self._unregistered: OrderedDict[str, Event] = OrderedDict()
-        self._started_here: set[str] = set()
+        #: Executions started here (newest last), each with an events offset its first event
+        #: is at or after (None: not known, the log check reads the partition from 0).
+        self._started_here: OrderedDict[str, int | None] = OrderedDict()
+        #: Per events partition: an end offset read, and when (monotonic seconds).
+        self._floors: dict[int, tuple[int, float]] = {}
+        self._floor_refresh: dict[int, asyncio.Task[None]] = {}
+        #: Per events partition: the log check under way (one at a time serves every waiter).
+        self._log_checks: dict[int, asyncio.Future[None]] = {}
         self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
         #: The replies partition this client reads; named in each command it sends.
         self.reply_partition = partition_for(f"{self.identity}/{new_id()}", settings.partitions)
@@ -430,6 +444,7 @@ class Client:
         if definition is not None and params is not None:
             definition.parameters.bind(to_json(params))  # fail here, not in the worker
         exec_id = execution_id or new_id()
+        floor = self._events_floor(partition_for(exec_id, self.settings.partitions))
         run_timeout = execution_timeout or (definition.execution_timeout if definition else None)
         queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
         with tracing.client_span(name, exec_id):
@@ -447,7 +462,10 @@ class Client:
                                           reply.workflow_run_id)
                 raise WorkflowAlreadyStartedError(error.message)
             raise CommandRejectedError(error.message if error else "rejected")
-        self._started_here.add(exec_id)
+        self._started_here[exec_id] = floor
+        self._started_here.move_to_end(exec_id)
+        while len(self._started_here) > KNOWN_ROOTS:
+            self._started_here.popitem(last=False)
         self._roots.remember(exec_id, exec_id)
         return WorkflowHandle(self, exec_id, exec_id, definition.return_type if definition else Any,
                               reply.workflow_run_id)
@@ -690,9 +708,10 @@ class Client:
                 try:
                     event = await asyncio.wait_for(asyncio.shield(waiter), check)
                 except asyncio.TimeoutError:
-                    found = await self._closed_in_log(exec_id, await handle.root())
-                    if found is not None:
-                        return found
+                    await self._check_log(partition_for(await handle.root(), self.settings.partitions))
+                    if exec_id in self._closed:
+                        return self._closed[exec_id]
+                    check = min(2 * check, CLOSE_NOTICE_CHECK_MAX)  # type: ignore[operator]
                     continue
                 if event.event_type in FINAL:
                     return event
@@ -741,6 +760,61 @@ class Client:
         if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
             self._unregistered.setdefault(exec_id, failed)
         return None
+
+    def _events_floor(self, partition: int) -> int | None:
+        """An offset of events `partition` that every event of an execution started now
+        comes at or after (an end read earlier); refreshed in the background when old."""
+        known = self._floors.get(partition)
+        if (known is None or time.monotonic() - known[1] > FLOOR_REFRESH) and partition not in self._floor_refresh:
+            self._floor_refresh[partition] = asyncio.ensure_future(self._refresh_floor(partition))
+        return known[0] if known is not None else None
+
+    async def _refresh_floor(self, partition: int) -> None:
+        tp = TopicPartition(self.settings.topics.events, partition)
+        try:
+            read_at = time.monotonic()
+            self._floors[partition] = ((await end_offsets(self.settings, [tp]))[tp], read_at)
+        except Exception as error:  # the floor only narrows a rare log check
+            log.debug("could not read the end of %s: %r", tp, error)
+        finally:
+            self._floor_refresh.pop(partition, None)
+
+    async def _check_log(self, partition: int) -> None:
+        """Look in events `partition` for the closing events of the executions started
+        here that are waited on (a close notice lost with a processor): one read at a
+        time per partition, from the oldest such start's floor, serves every waiter."""
+        running = self._log_checks.get(partition)
+        if running is None:
+            running = self._log_checks[partition] = asyncio.ensure_future(self._read_closes(partition))
+            running.add_done_callback(lambda _: self._log_checks.pop(partition, None))
+        await asyncio.shield(running)
+
+    async def _read_closes(self, partition: int) -> None:
+        # Started here, an execution is the root of its tree: its partition is its own id's.
+        waited = {exec_id for exec_id in self._waiters if exec_id in self._started_here
+                  and partition_for(exec_id, self.settings.partitions) == partition}
+        if not waited:
+            return
+        floors = [self._started_here[exec_id] for exec_id in waited]
+        start = 0 if None in floors else min(floors)  # type: ignore[type-var]
+        wanted = {exec_id.encode() for exec_id in waited}
+
+        def accept(record: Any) -> bool:
+            headers = dict(record.headers or ())
+            kind = headers.get("tf.type")
+            return headers.get("tf.exec") in wanted and (kind in _FINAL_HEADERS or kind in (_TASK_FAILED,
+                                                                                            _TASK_COMPLETED))
+
+        self.stats.log_checks += 1
+        reader = EventReader(self.settings, [partition], accept=accept, start_offsets={partition: start})
+        async for item in reader:  # in log order: a later completed workflow task clears a failure
+            event = item.event
+            if event.event_type is EventType.WORKFLOW_TASK_COMPLETED:
+                self._unregistered.pop(event.workflow_context.workflow_exec_id, None)
+            elif event.event_type is EventType.WORKFLOW_TASK_FAILED:
+                self._on_task_failure(event)
+            else:
+                self._on_close(event)
 
     async def _follow_partitions(self, partitions: set[TopicPartition]) -> None:
         """Add `partitions` to what the follower reads, each from its true end now."""

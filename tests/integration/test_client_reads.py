@@ -50,3 +50,34 @@ async def test_a_clients_fetched_bytes_do_not_grow_with_other_clients_traffic(br
             assert quiet.stats.followed_event_partitions == 1
         finally:
             await quiet.close()
+
+
+async def test_lost_close_notices_are_found_in_the_log_by_one_read_per_partition(
+        broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Close notices lost (as with a processor that died after appending the close): each
+    waiting result is found in the log, by one shared read of each partition from an
+    offset read before the starts, not one read of the whole partition per waiter."""
+    from treeflow import client as client_module
+
+    monkeypatch.setattr(client_module, "CLOSE_NOTICE_CHECK", 1.0)
+    monkeypatch.setattr(client_module, "FLOOR_REFRESH", 0.0)
+    async with Environment(workflows=[Echo], bootstrap_servers=broker.bootstrap_servers,
+                           profile=broker.profile) as env:
+        client = Client(env.settings)
+        await client.start()
+        try:
+            for _ in range(2):  # events in every partition, then starts that read their ends
+                warm = 8 * env.settings.partitions
+                assert len(await asyncio.gather(*(client.execute_workflow(Echo, "w") for _ in range(warm)))) == warm
+                await asyncio.sleep(0.5)  # the background reads of the partitions' ends are done
+            on_reply = client._on_reply
+            monkeypatch.setattr(client, "_on_reply", lambda record, headers, tp: None if "tf.closed" in headers
+                                else on_reply(record, headers, tp))
+            handles = [await client.start_workflow(Echo, f"lost-{i}") for i in range(30)]
+            floors = [client._started_here[h.execution_id] for h in handles]
+            assert all(floor is not None and floor > 0 for floor in floors), floors
+            results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
+            assert results == [f"lost-{i}" for i in range(30)]
+            assert 1 <= client.stats.log_checks <= 3 * env.settings.partitions, client.stats.log_checks
+        finally:
+            await client.close()
