@@ -1,6 +1,8 @@
 """The HTTP streaming gateway: a workflow tree as server-sent events, for web clients and other languages.
 
-Two routes, as Mistral's Workflows API has them:
+The app also serves Mistral's Workflows API (`treeflow.consumers.mistral`), whose two
+stream routes answer with Mistral's frames unless a request asks for treeflow's with
+``format=treeflow`` (or `GatewayOptions.frames` makes them the default). treeflow's, below:
 
 - ``GET /v1/workflows/executions/{execution_id}/stream``: one execution's events.
 - ``GET /v1/workflows/events/stream``: a tree's events, filtered by
@@ -29,17 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
 from treeflow.observability import metrics
@@ -50,8 +52,12 @@ from .api import api_routes
 from .cursor import Cursor, CursorError, cursor_before
 from .filters import EventFilter
 from .lookup import RootCache
+from .mistral import MistralApi
 from .reader import partition_count, resolve_settings
 from .subscription import TreeSubscription
+
+if TYPE_CHECKING:
+    from treeflow.definitions import WorkflowDefinition
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,9 @@ class GatewayOptions:
     root_cache_size: int = 10_000
     #: Events read ahead of a slow client, per stream.
     buffer: int = 256
+    #: The frames of the two stream routes unless a request asks (``format=``): ``mistral``
+    #: (Mistral's StreamEventSsePayload) or ``treeflow`` (`TreeEvent` JSON).
+    frames: str = "mistral"
 
 
 class _HttpError(Exception):
@@ -84,17 +93,22 @@ class _HttpError(Exception):
 
 
 def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str | None = None,
-               options: GatewayOptions | None = None, visibility_url: str | None = None) -> Starlette:
+               options: GatewayOptions | None = None, visibility_url: str | None = None,
+               workflows: Mapping[str, WorkflowDefinition] | None = None) -> Starlette:
     """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app.
 
-    Besides the streams it serves the JSON API and the web page (`treeflow.consumers.api`);
+    Besides the streams it serves Mistral's Workflows API (`treeflow.consumers.mistral`:
+    `workflows` are the registered workflows it lists and starts; any name is started
+    when none is given), the JSON API and the web page (`treeflow.consumers.api`);
     their visibility store is `visibility_url`, default ``$TREEFLOW_VISIBILITY_URL``.
     """
     gateway = _Gateway(resolve_settings(bootstrap_servers, settings), options or GatewayOptions())
     api, app_api = api_routes(gateway.settings, visibility_url)
+    mistral = MistralApi(gateway, workflows, visibility_url, gateway.options.frames)
+    schedule_routes: list[BaseRoute] = []  # MOUNT POINT: the schedule routes (consumers/schedule_api.py `routes()`)
     app = Starlette(routes=[
-        Route("/v1/workflows/executions/{execution_id}/stream", gateway.execution_stream),
-        Route("/v1/workflows/events/stream", gateway.events_stream),
+        *mistral.routes(),
+        *schedule_routes,
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
@@ -102,6 +116,7 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
     ])
     app.state.gateway = gateway
     app.state.api = app_api
+    app.state.mistral = mistral
     return app
 
 
@@ -179,7 +194,12 @@ class _Gateway:
         except (KafkaError, KafkaSetupError, LookupError, OSError) as error:
             log.warning("cannot stream: %r", error)
             return JSONResponse({"detail": f"the event log is unavailable: {error}"}, status_code=503)
-        return StreamingResponse(self._frames(request, subscription), media_type="text/event-stream",
+        return self.stream(request, subscription, sse.TREEFLOW_FRAMES)
+
+    def stream(self, request: Request, subscription: Any, frames: sse.FrameFormat) -> StreamingResponse:
+        """The SSE response of a started `subscription` (anything with ``async for``, ``aclose()``
+        and ``root_workflow_exec_id``), written with `frames`; it closes the subscription."""
+        return StreamingResponse(self._frames(request, subscription, frames), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _cursor(self, root: str, last_event_id: str | None, start_seq: str | None) -> Cursor | None:
@@ -189,7 +209,7 @@ class _Gateway:
             return cursor_before(start_seq, partition_for(root, await partition_count(self.settings)))
         return None
 
-    async def _frames(self, request: Request, subscription: TreeSubscription) -> AsyncIterator[str]:
+    async def _frames(self, request: Request, subscription: Any, frames: sse.FrameFormat) -> AsyncIterator[str]:
         """The response body. Reading runs in a task so that a quiet stream still sends keep-alives
         and notices at once when the client went away or the server is stopping."""
         queue: asyncio.Queue[Any] = asyncio.Queue(self.options.buffer)
@@ -225,13 +245,17 @@ class _Gateway:
                     continue
                 item, getter = getter.result(), None
                 if item is done:
-                    yield sse.end_frame("tree closed", retry)
+                    end = frames.end(retry)
+                    if end is not None:
+                        yield end
                     return
                 if isinstance(item, Exception):
-                    yield sse.error_frame(item, retry)
+                    yield frames.error(item, retry)
                     return
-                yield sse.event_frame(item, retry)
-                retry = None
+                text = frames.event(item, retry)
+                if text is not None:
+                    yield text
+                    retry = None
         finally:
             for task in (reading, gone, closing, getter):
                 if task is not None:
@@ -285,9 +309,10 @@ class GatewayServer:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
-        api = getattr(self.app.state, "api", None)
-        if api is not None:
-            await api.close()
+        for part in ("api", "mistral"):
+            closing = getattr(self.app.state, part, None)
+            if closing is not None:
+                await closing.close()
 
     async def wait_stopped(self) -> None:
         """Return once the server stopped: after `stop()`, or SIGINT/SIGTERM."""

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from treeflow.consumers.gateway import GatewayServer, create_app
+from treeflow.consumers.gateway import GatewayOptions, GatewayServer, create_app
 from treeflow.testing import Environment
 from tests.integration import tree_app
 from tests.integration.tree_app import logged_tree
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest_asyncio.fixture(scope="module")
 async def gateway(tree_env: Environment):
-    server = GatewayServer(create_app(tree_env.settings), port=0)
+    # treeflow's own frames (the tests of Mistral's are in test_mistral_api.py).
+    server = GatewayServer(create_app(tree_env.settings, options=GatewayOptions(frames="treeflow")), port=0)
     await server.start()
     yield server.url
     await server.stop()

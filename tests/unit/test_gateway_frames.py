@@ -59,7 +59,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedSubscription]:
 
 def app(keepalive: float = 15.0) -> Any:
     settings = KafkaSettings("127.0.0.1:1", topic_prefix="unit")
-    return create_app(settings, options=GatewayOptions(keepalive=timedelta(seconds=keepalive)))
+    return create_app(settings, options=GatewayOptions(keepalive=timedelta(seconds=keepalive), frames="treeflow"))
 
 
 async def body(url: str, keepalive: float = 15.0, headers: dict[str, str] | None = None) -> str:
