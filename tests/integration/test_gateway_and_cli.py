@@ -173,7 +173,7 @@ async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(tree_env: E
         async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
             frames = []
             async with asyncio.timeout(20), aconnect_sse(client, "GET", f"{url}/v1/workflows/executions/{root}"
-                                                                        "/stream") as source:
+                                                                        "/stream?format=treeflow") as source:
                 async for frame in source.aiter_sse():
                     frames.append(frame)
                     if len(frames) == 3:
