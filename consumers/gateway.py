@@ -41,7 +41,7 @@ from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 
 from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
 from treeflow.observability import metrics
@@ -105,10 +105,9 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
     gateway = _Gateway(resolve_settings(bootstrap_servers, settings), options or GatewayOptions())
     api, app_api = api_routes(gateway.settings, visibility_url)
     mistral = MistralApi(gateway, workflows, visibility_url, gateway.options.frames)
-    schedule_routes: list[BaseRoute] = []  # MOUNT POINT: the schedule routes (consumers/schedule_api.py `routes()`)
     app = Starlette(routes=[
         *mistral.routes(),
-        *schedule_routes,
+        # MOUNT POINT of the schedule routes: *schedule_routes(gateway.settings) (consumers/schedule_api.py `routes`)
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
