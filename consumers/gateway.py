@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from treeflow.errors import TreeflowError
 from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
 from treeflow.observability import metrics
 from treeflow.observability.http import KafkaProbe
@@ -273,6 +274,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class ListenError(TreeflowError, OSError):
+    """The HTTP server could not listen where it was asked to."""
+
+    exit_code = 2
+
+
 class GatewayServer:
     """The gateway on a Uvicorn server: `await start()` returns once it listens; it runs until
     `await stop()` or SIGINT/SIGTERM (`await wait_stopped()`). Stopping ends the open streams first."""
@@ -296,12 +303,20 @@ class GatewayServer:
         return f"http://{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self.server.serve())
+        """Listen; raises `ListenError` when the address cannot be had (a port in use, say)."""
+        self._task = asyncio.ensure_future(self._serve())
         while not self.server.started:
             if self._task.done():
                 self._task.result()  # raises why it did not start
-                raise RuntimeError("the gateway stopped before it started")
+                raise ListenError("the gateway stopped before it started")
             await asyncio.sleep(0.02)
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve()
+        except SystemExit:  # Uvicorn's answer to a failed bind (it logged why); it would end the event loop
+            raise ListenError(f"cannot listen on {self.config.host}:{self.config.port}: the port is in use or "
+                              "the address is not this machine's; pick another") from None
 
     async def stop(self) -> None:
         self._close_streams()
