@@ -147,7 +147,7 @@ class _Gateway:
         execution_id = request.path_params["execution_id"]
         query = request.query_params
         return await self._respond(
-            request, lambda: self._root(execution_id, query.get("root_workflow_exec_id")),
+            request, lambda: self.root_of(execution_id, query.get("root_workflow_exec_id")),
             lambda: EventFilter.of(event_types=query.getlist("workflow_event_types"), workflow_exec_ids=execution_id))
 
     async def events_stream(self, request: Request) -> Response:
@@ -159,7 +159,7 @@ class _Gateway:
             if given:
                 return given
             if exec_id or parent:
-                return await self._root(exec_id or parent or "", None)
+                return await self.root_of(exec_id or parent or "", None)
             raise _HttpError(400, "give root_workflow_exec_id (or workflow_exec_id or parent_workflow_exec_id): "
                                   "a stream follows one tree; a service that wants every tree uses "
                                   "treeflow.consumers.subscribe")
@@ -168,7 +168,8 @@ class _Gateway:
             event_types=query.getlist("workflow_event_types"), workflow_names=query.get("workflow_name"),
             workflow_exec_ids=exec_id, parent_workflow_exec_ids=parent))
 
-    async def _root(self, execution_id: str, hint: str | None) -> str:
+    async def root_of(self, execution_id: str, hint: str | None) -> str:
+        """The root of `execution_id`'s tree: `hint` when given, else looked up (raises a 404 `_HttpError`)."""
         if hint:
             return hint  # not cached: a wrong hint must not answer later requests
         root = await self.roots.find(execution_id)

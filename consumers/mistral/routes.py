@@ -219,13 +219,15 @@ class MistralApi:
         if self.workflows and definition is None:
             raise _Refused(404, f"workflow {name!r} is not registered here; registered: "
                                 f"{', '.join(sorted(self.workflows))}")
+        if definition is not None:
+            try:  # no input fits an entrypoint whose parameters all have defaults
+                definition.parameters.bind(None if body.input is None else json.dumps(body.input))
+            except ApplicationError as error:
+                raise _Invalid.one("body", "input", str(error)) from None
         client = await self.client()
-        try:
-            handle = await client.start_workflow(
-                definition.cls if definition is not None else name, body.input, execution_id=body.execution_id,
-                task_queue=body.task_queue or body.deployment_name)
-        except ApplicationError as error:  # the input does not fit the entrypoint
-            raise _Invalid.one("body", "input", str(error)) from None
+        handle = await client.start_workflow(definition.cls if definition is not None else name, body.input,
+                                             execution_id=body.execution_id,
+                                             task_queue=body.task_queue or body.deployment_name)
         if not body.wait_for_result:
             return JSONResponse(_execution_json(await client.describe(handle.execution_id,
                                                                       root_execution_id=handle.execution_id)))
@@ -315,7 +317,7 @@ class MistralApi:
         source = (query.get("event_source") or "HYBRID").upper()
         if source not in ("DATABASE", "LIVE", "HYBRID"):
             raise _Invalid.one("query", "event_source", "event_source must be DATABASE, LIVE or HYBRID")
-        root = await self.gateway._root(execution_id, query.get("root_workflow_exec_id"))
+        root = await self.gateway.root_of(execution_id, query.get("root_workflow_exec_id"))
         last = request.headers.get("last-event-id") or query.get("last_event_id")
         cursor = await self._cursor(root, last, _int(query, "start_seq", 0, minimum=0))
         event_filter = EventFilter.of(workflow_exec_ids=execution_id)
@@ -351,7 +353,7 @@ class MistralApi:
                                _given(query, "activity_id"), _given(query, "stream"))
         subscription: Any
         if root or exec_id or parent:
-            tree = root or await self.gateway._root(exec_id or parent or "", None)
+            tree = root or await self.gateway.root_of(exec_id or parent or "", None)
             subscription = TreeSubscription(tree, settings=self.settings,
                                             cursor=await self._cursor(tree, last, start_seq),
                                             event_filter=event_filter,
@@ -373,7 +375,7 @@ class MistralApi:
         if not (root or exec_id):
             raise _Refused(400, "give root_workflow_exec_id or workflow_exec_id: treeflow lists the events of one "
                                 "tree (its partition of the events topic)")
-        tree = root or await self.gateway._root(exec_id or "", None)
+        tree = root or await self.gateway.root_of(exec_id or "", None)
         partition = partition_for(tree, await partition_count(self.settings))
         start = 0
         if _given(query, "cursor"):

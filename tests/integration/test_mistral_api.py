@@ -154,6 +154,9 @@ async def test_bad_requests_get_mistral_error_shapes(mistral: Mistral, env: Envi
     with pytest.raises(errors.HTTPValidationError) as unfit:
         await workflows.execute_workflow_async(workflow_identifier="order_workflow", input={"max_items": 2})
     assert "customer" in unfit.value.data.detail[0].msg
+    with pytest.raises(errors.HTTPValidationError) as no_input:
+        await workflows.execute_workflow_async(workflow_identifier="order_workflow")
+    assert "missing parameter(s) customer" in no_input.value.data.detail[0].msg
     exec_id = f"twice-{uuid.uuid4().hex[:8]}"
     await workflows.execute_workflow_async(workflow_identifier="order_workflow", input=order_input("B"),
                                            execution_id=exec_id)
