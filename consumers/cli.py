@@ -48,17 +48,28 @@ def _serve_extra(error: ImportError) -> None:
               help="Also keep that store from the events topic in this process (as `treeflow visibility` does).")
 @click.option("--group-id", metavar="GROUP",
               help="The consumer group of --run-visibility (one per store). Default: <prefix>.visibility.")
+@click.option("--workflows", "workflow_modules", multiple=True, metavar="FILE_OR_MODULE",
+              help="Workflows that GET /v1/workflows lists and that /v1/workflows/{name}/execute checks the name "
+                   "and input of (repeatable). Default: none listed, any name started.")
+@click.option("--frames", type=click.Choice(["mistral", "treeflow"]), default="mistral", show_default=True,
+              help="The frames of the stream routes when a request gives no format=.")
 def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: int, keepalive: float,
-          scan_for_roots: bool, database: str | None, run_visibility: bool, group_id: str | None) -> None:
-    """Serve the web page, the JSON API and workflow trees as server-sent events until SIGINT/SIGTERM.
+          scan_for_roots: bool, database: str | None, run_visibility: bool, group_id: str | None,
+          workflow_modules: tuple[str, ...], frames: str) -> None:
+    """Serve Mistral's Workflows API, the web page, the JSON API and workflow trees as server-sent
+    events until SIGINT/SIGTERM.
 
     \b
+    GET /v1/workflows     POST /v1/workflows/{name}/execute
+    GET /v1/workflows/executions/{execution_id}[/history|/stream]
+    POST /v1/workflows/executions/{execution_id}/signals|queries|updates|cancel|terminate
+    POST /v1/workflows/executions/cancel|terminate      (batch)
+    GET /v1/workflows/events/stream?root_workflow_exec_id=...&workflow_event_types=...&start_seq=...
+    GET /v1/workflows/events/list?root_workflow_exec_id=...&limit=...&cursor=...
     GET /                 the web page: executions, a live tree, histories, signal/cancel/terminate
     GET /api/executions?status=...&workflow=...&root=...&parent=...&since=...&limit=...
     GET /api/executions/count?...   GET /api/executions/{execution_id}
     POST /api/executions/{execution_id}/signal|cancel|terminate
-    GET /v1/workflows/executions/{execution_id}/stream
-    GET /v1/workflows/events/stream?root_workflow_exec_id=...&workflow_event_types=...&start_seq=...
     """
     from datetime import timedelta
 
@@ -69,8 +80,9 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
     from .visibility import VisibilityError, VisibilityService
 
     settings = _settings(bootstrap_servers, prefix)
-    options = GatewayOptions(keepalive=timedelta(seconds=keepalive), scan_for_roots=scan_for_roots)
-    server = GatewayServer(create_app(settings, options=options, visibility_url=database), host=host, port=port)
+    options = GatewayOptions(keepalive=timedelta(seconds=keepalive), scan_for_roots=scan_for_roots, frames=frames)
+    server = GatewayServer(create_app(settings, options=options, visibility_url=database,
+                                      workflows=_workflows(workflow_modules)), host=host, port=port)
     try:
         service = VisibilityService(database, settings=settings, group_id=group_id) if run_visibility else None
     except VisibilityError as error:
@@ -92,6 +104,17 @@ def serve(bootstrap_servers: str | None, prefix: str | None, host: str, port: in
                 await service.stop()
 
     asyncio.run(run())
+
+
+def _workflows(targets: tuple[str, ...]) -> dict[str, Any]:
+    """The workflows defined in the files or modules `targets`, by name."""
+    from treeflow.definitions import collect
+    from treeflow.loading import load_module
+
+    try:
+        return collect(load_module(target) for target in targets)[0]
+    except (ImportError, OSError, ValueError, SyntaxError) as error:
+        fail_cleanly(ValueError(f"cannot load the workflows of --workflows: {error}"), exit_code=2)
 
 
 @click.command()

@@ -1,6 +1,8 @@
 """The HTTP streaming gateway: a workflow tree as server-sent events, for web clients and other languages.
 
-Two routes, as Mistral's Workflows API has them:
+The app also serves Mistral's Workflows API (`treeflow.consumers.mistral`), whose two
+stream routes answer with Mistral's frames unless a request asks for treeflow's with
+``format=treeflow`` (or `GatewayOptions.frames` makes them the default). treeflow's, below:
 
 - ``GET /v1/workflows/executions/{execution_id}/stream``: one execution's events.
 - ``GET /v1/workflows/events/stream``: a tree's events, filtered by
@@ -29,10 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from aiokafka.errors import KafkaError
@@ -41,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from treeflow.errors import TreeflowError
 from treeflow.kafka import KafkaSettings, KafkaSetupError, partition_for
 from treeflow.observability import metrics
 from treeflow.observability.http import KafkaProbe
@@ -50,8 +53,12 @@ from .api import api_routes
 from .cursor import Cursor, CursorError, cursor_before
 from .filters import EventFilter
 from .lookup import RootCache
+from .mistral import MistralApi
 from .reader import partition_count, resolve_settings
 from .subscription import TreeSubscription
+
+if TYPE_CHECKING:
+    from treeflow.definitions import WorkflowDefinition
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,9 @@ class GatewayOptions:
     root_cache_size: int = 10_000
     #: Events read ahead of a slow client, per stream.
     buffer: int = 256
+    #: The frames of the two stream routes unless a request asks (``format=``): ``mistral``
+    #: (Mistral's StreamEventSsePayload) or ``treeflow`` (`TreeEvent` JSON).
+    frames: str = "mistral"
 
 
 class _HttpError(Exception):
@@ -84,17 +94,21 @@ class _HttpError(Exception):
 
 
 def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str | None = None,
-               options: GatewayOptions | None = None, visibility_url: str | None = None) -> Starlette:
+               options: GatewayOptions | None = None, visibility_url: str | None = None,
+               workflows: Mapping[str, WorkflowDefinition] | None = None) -> Starlette:
     """The gateway as an ASGI app: serve it with any ASGI server, or mount it in another app.
 
-    Besides the streams it serves the JSON API and the web page (`treeflow.consumers.api`);
+    Besides the streams it serves Mistral's Workflows API (`treeflow.consumers.mistral`:
+    `workflows` are the registered workflows it lists and starts; any name is started
+    when none is given), the JSON API and the web page (`treeflow.consumers.api`);
     their visibility store is `visibility_url`, default ``$TREEFLOW_VISIBILITY_URL``.
     """
     gateway = _Gateway(resolve_settings(bootstrap_servers, settings), options or GatewayOptions())
     api, app_api = api_routes(gateway.settings, visibility_url)
+    mistral = MistralApi(gateway, workflows, visibility_url, gateway.options.frames)
     app = Starlette(routes=[
-        Route("/v1/workflows/executions/{execution_id}/stream", gateway.execution_stream),
-        Route("/v1/workflows/events/stream", gateway.events_stream),
+        *mistral.routes(),
+        # MOUNT POINT of the schedule routes: *schedule_routes(gateway.settings) (consumers/schedule_api.py `routes`)
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
@@ -102,6 +116,7 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
     ])
     app.state.gateway = gateway
     app.state.api = app_api
+    app.state.mistral = mistral
     return app
 
 
@@ -132,7 +147,7 @@ class _Gateway:
         execution_id = request.path_params["execution_id"]
         query = request.query_params
         return await self._respond(
-            request, lambda: self._root(execution_id, query.get("root_workflow_exec_id")),
+            request, lambda: self.root_of(execution_id, query.get("root_workflow_exec_id")),
             lambda: EventFilter.of(event_types=query.getlist("workflow_event_types"), workflow_exec_ids=execution_id))
 
     async def events_stream(self, request: Request) -> Response:
@@ -144,7 +159,7 @@ class _Gateway:
             if given:
                 return given
             if exec_id or parent:
-                return await self._root(exec_id or parent or "", None)
+                return await self.root_of(exec_id or parent or "", None)
             raise _HttpError(400, "give root_workflow_exec_id (or workflow_exec_id or parent_workflow_exec_id): "
                                   "a stream follows one tree; a service that wants every tree uses "
                                   "treeflow.consumers.subscribe")
@@ -153,7 +168,8 @@ class _Gateway:
             event_types=query.getlist("workflow_event_types"), workflow_names=query.get("workflow_name"),
             workflow_exec_ids=exec_id, parent_workflow_exec_ids=parent))
 
-    async def _root(self, execution_id: str, hint: str | None) -> str:
+    async def root_of(self, execution_id: str, hint: str | None) -> str:
+        """The root of `execution_id`'s tree: `hint` when given, else looked up (raises a 404 `_HttpError`)."""
         if hint:
             return hint  # not cached: a wrong hint must not answer later requests
         root = await self.roots.find(execution_id)
@@ -179,7 +195,12 @@ class _Gateway:
         except (KafkaError, KafkaSetupError, LookupError, OSError) as error:
             log.warning("cannot stream: %r", error)
             return JSONResponse({"detail": f"the event log is unavailable: {error}"}, status_code=503)
-        return StreamingResponse(self._frames(request, subscription), media_type="text/event-stream",
+        return self.stream(request, subscription, sse.TREEFLOW_FRAMES)
+
+    def stream(self, request: Request, subscription: Any, frames: sse.FrameFormat) -> StreamingResponse:
+        """The SSE response of a started `subscription` (anything with ``async for``, ``aclose()``
+        and ``root_workflow_exec_id``), written with `frames`; it closes the subscription."""
+        return StreamingResponse(self._frames(request, subscription, frames), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _cursor(self, root: str, last_event_id: str | None, start_seq: str | None) -> Cursor | None:
@@ -189,7 +210,7 @@ class _Gateway:
             return cursor_before(start_seq, partition_for(root, await partition_count(self.settings)))
         return None
 
-    async def _frames(self, request: Request, subscription: TreeSubscription) -> AsyncIterator[str]:
+    async def _frames(self, request: Request, subscription: Any, frames: sse.FrameFormat) -> AsyncIterator[str]:
         """The response body. Reading runs in a task so that a quiet stream still sends keep-alives
         and notices at once when the client went away or the server is stopping."""
         queue: asyncio.Queue[Any] = asyncio.Queue(self.options.buffer)
@@ -225,13 +246,17 @@ class _Gateway:
                     continue
                 item, getter = getter.result(), None
                 if item is done:
-                    yield sse.end_frame("tree closed", retry)
+                    end = frames.end(retry)
+                    if end is not None:
+                        yield end
                     return
                 if isinstance(item, Exception):
-                    yield sse.error_frame(item, retry)
+                    yield frames.error(item, retry)
                     return
-                yield sse.event_frame(item, retry)
-                retry = None
+                text = frames.event(item, retry)
+                if text is not None:
+                    yield text
+                    retry = None
         finally:
             for task in (reading, gone, closing, getter):
                 if task is not None:
@@ -248,6 +273,12 @@ class _Gateway:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ListenError(TreeflowError, OSError):
+    """The HTTP server could not listen where it was asked to."""
+
+    exit_code = 2
 
 
 class GatewayServer:
@@ -273,21 +304,30 @@ class GatewayServer:
         return f"http://{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self.server.serve())
+        """Listen; raises `ListenError` when the address cannot be had (a port in use, say)."""
+        self._task = asyncio.ensure_future(self._serve())
         while not self.server.started:
             if self._task.done():
                 self._task.result()  # raises why it did not start
-                raise RuntimeError("the gateway stopped before it started")
+                raise ListenError("the gateway stopped before it started")
             await asyncio.sleep(0.02)
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve()
+        except SystemExit:  # Uvicorn's answer to a failed bind (it logged why); it would end the event loop
+            raise ListenError(f"cannot listen on {self.config.host}:{self.config.port}: the port is in use or "
+                              "the address is not this machine's; pick another") from None
 
     async def stop(self) -> None:
         self._close_streams()
         self.server.should_exit = True
         if self._task is not None:
             await self._task
-        api = getattr(self.app.state, "api", None)
-        if api is not None:
-            await api.close()
+        for part in ("api", "mistral"):
+            closing = getattr(self.app.state, part, None)
+            if closing is not None:
+                await closing.close()
 
     async def wait_stopped(self) -> None:
         """Return once the server stopped: after `stop()`, or SIGINT/SIGTERM."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .events import TreeEvent
@@ -43,3 +45,18 @@ def end_frame(reason: str, retry: int | None = None) -> str:
 def comment(text: str = "keep-alive") -> str:
     """A line clients ignore; keeps proxies from closing an idle stream."""
     return f": {text}\n\n"
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """How a stream writes its frames: an event (None: not sent), a failure after the
+    response started, and the end of a stream asked to end (None: the body just ends).
+    Each takes the `retry` to send with the first frame written (None after it)."""
+
+    event: Callable[[TreeEvent[Any], int | None], str | None]
+    error: Callable[[BaseException, int | None], str]
+    end: Callable[[int | None], str | None]
+
+
+#: treeflow's own frames: the event as `TreeEvent` JSON, ``error`` and ``end`` frames.
+TREEFLOW_FRAMES = FrameFormat(event_frame, error_frame, lambda retry: end_frame("tree closed", retry))

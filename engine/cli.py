@@ -196,19 +196,30 @@ def demo() -> None:
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--serve", is_flag=True, help="Keep running after main() returns (until Ctrl-C).")
-def dev(file: str, serve: bool) -> None:
+@click.option("--http-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Also serve the HTTP API there (Mistral's Workflows API, the JSON API, the web page, the "
+                   "event streams; 0: any free port) and print its URL.")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Address the HTTP API listens on.")
+def dev(file: str, serve: bool, http_port: int | None, http_host: str) -> None:
     """Run FILE's workflows and activities on a local engine, then its `async def main()`.
 
     Starts the embedded broker unless ${TREEFLOW_BOOTSTRAP_SERVERS} is set, creates
     the topics, runs the processor hosting every workflow and activity defined in
     FILE, and exports TREEFLOW_BOOTSTRAP_SERVERS so that `execute_workflow`,
-    clients and consumers in main() need no set-up.
+    clients and consumers in main() need no set-up. With --http-port it also serves
+    `treeflow serve`'s HTTP API (e.g. for the `mistralai` client: Mistral(server_url=URL)).
     """
     from treeflow.dev import run_file
     from treeflow.loading import load_module
 
     module = load_module(file)
-    asyncio.run(run_file(module, serve, click.echo))
+    if http_port is not None:
+        try:
+            import starlette  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as error:
+            fail_cleanly(ImportError(f"{error.name} is missing: pip install 'treeflow[serve]'"), exit_code=3)
+    asyncio.run(run_file(module, serve, click.echo, http_port=http_port, http_host=http_host))
 
 
 @main.command()

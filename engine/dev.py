@@ -10,6 +10,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from treeflow.consumers import ConsumedEvent, EventReader
 from treeflow.consumers.tree import TreeTracker
@@ -37,34 +38,60 @@ def export_lines(settings: KafkaSettings) -> list[str]:
     return [f"export {name}={value}" for name, value in variables.items()]
 
 
-async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None]) -> None:
+async def run_file(module: ModuleType, serve: bool, echo: Callable[[str], None], *,
+                   http_port: int | None = None, http_host: str = "127.0.0.1") -> None:
     """Run the processor hosting `module`'s workflows and activities, then its `main()`.
 
     When it serves (with `serve`, or when the file has no `main()`), it first prints the
     `export` lines another terminal needs to reach it (`treeflow signal`, `describe`...).
+    With `http_port` (0: any free port) it also serves the gateway there (Mistral's
+    Workflows API, the JSON API, the web page and the event streams: `treeflow serve`'s
+    app, listing the file's workflows) and prints its URL before `main()` runs.
     """
     async with dev_environment([module]) as env:
-        settings = env.settings
-        assert settings is not None
-        echo(f"treeflow dev: broker {settings.bootstrap_servers}, topics {settings.topic_prefix}.*, "
-             f"{len(env.workflows)} workflow(s) {sorted(env.workflows)}, "
-             f"{len(env.activities)} activity(ies) {sorted(env.activities)} on {env.task_queues}")
-        echo(f"treeflow dev: visibility store {env.visibility_url}; from another shell: "
-             f"TREEFLOW_BOOTSTRAP_SERVERS={settings.bootstrap_servers} TREEFLOW_TOPIC_PREFIX={settings.topic_prefix} "
-             f"TREEFLOW_VISIBILITY_URL={env.visibility_url} treeflow list")
-        main = getattr(module, "main", None)
-        has_main = main is not None and inspect.iscoroutinefunction(main)
-        if not has_main and not serve:
-            echo("treeflow dev: the file has no `async def main()`; serving until interrupted (Ctrl-C)")
-            serve = True
-        if serve:
-            echo("treeflow dev: to use it from another terminal:")
-            for line in export_lines(settings):
-                echo(line)
-        if has_main:
-            await main()  # type: ignore[misc]
-        if serve:
-            await _until_signalled()
+        server = None if http_port is None else await _start_gateway(env, http_host, http_port)
+        try:
+            await _run_in(env, module, serve, echo, server)
+        finally:
+            if server is not None:
+                await server.stop()
+
+
+async def _start_gateway(env: Environment, host: str, port: int) -> Any:
+    from treeflow.consumers.gateway import GatewayServer, create_app
+
+    server = GatewayServer(create_app(env.settings, visibility_url=env.visibility_url, workflows=env.workflows),
+                           host=host, port=port)
+    await server.start()
+    return server
+
+
+async def _run_in(env: Environment, module: ModuleType, serve: bool, echo: Callable[[str], None],
+                  server: Any) -> None:
+    settings = env.settings
+    assert settings is not None
+    echo(f"treeflow dev: broker {settings.bootstrap_servers}, topics {settings.topic_prefix}.*, "
+         f"{len(env.workflows)} workflow(s) {sorted(env.workflows)}, "
+         f"{len(env.activities)} activity(ies) {sorted(env.activities)} on {env.task_queues}")
+    echo(f"treeflow dev: visibility store {env.visibility_url}; from another shell: "
+         f"TREEFLOW_BOOTSTRAP_SERVERS={settings.bootstrap_servers} TREEFLOW_TOPIC_PREFIX={settings.topic_prefix} "
+         f"TREEFLOW_VISIBILITY_URL={env.visibility_url} treeflow list")
+    if server is not None:
+        echo(f"treeflow dev: HTTP API on {server.url} (Mistral's: {server.url}/v1/workflows; "
+             f"the web page: {server.url}/)")
+    main = getattr(module, "main", None)
+    has_main = main is not None and inspect.iscoroutinefunction(main)
+    if not has_main and not serve:
+        echo("treeflow dev: the file has no `async def main()`; serving until interrupted (Ctrl-C)")
+        serve = True
+    if serve:
+        echo("treeflow dev: to use it from another terminal:")
+        for line in export_lines(settings):
+            echo(line)
+    if has_main:
+        await main()  # type: ignore[misc]
+    if serve:
+        await _until_signalled()
 
 
 async def _until_signalled() -> None:

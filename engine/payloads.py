@@ -80,8 +80,10 @@ class Parameters:
     named `p` (a pydantic model, dataclass or TypedDict that has one takes the payload
     raw); anything else is the raw value. So a handler `def add(self, item: dict)` sent
     `{"item": {...}}` gets the inner object; to send it a dict whose only key is
-    `item`, wrap it once more. With no parameter, the payload is ignored. Each value is
-    validated against its parameter's annotation.
+    `item`, wrap it once more. An empty object given to a single parameter that has a
+    default and that ``{}`` does not fit is Mistral's object form with nothing given: the
+    default. With no parameter, the payload is ignored. Each value is validated against its
+    parameter's annotation.
     """
 
     names: tuple[str, ...]
@@ -124,6 +126,8 @@ class Parameters:
                 value = value[name]
             elif value is None and self.defaults[0]:
                 return [], {}
+            elif value == {} and self.defaults[0] and not _fits({}, annotation):
+                return [], {}  # Mistral's object form with no parameter given: the default
             return [validate(value, annotation)], {}
         if value is None:
             value = {}
@@ -155,6 +159,16 @@ def _has_field(annotation: Any, name: str) -> bool:
     if typing.is_typeddict(annotation):
         return name in typing.get_type_hints(annotation)
     return False
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    if annotation is Any or annotation is None:
+        return True
+    try:
+        _adapter(annotation).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _unfit(message: str) -> ApplicationError:

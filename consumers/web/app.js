@@ -176,7 +176,7 @@ function openTree(root) {
   $("#tree-root").textContent = root;
   const state = $("#stream-state");
   state.textContent = "connecting…";
-  const source = new EventSource(`/v1/workflows/events/stream?root_workflow_exec_id=${encodeURIComponent(root)}`);
+  const source = new EventSource(`/v1/workflows/events/stream?format=treeflow&root_workflow_exec_id=${encodeURIComponent(root)}`);
   tree.source = source;
   const onEvent = (frame) => { observe(JSON.parse(frame.data)); state.textContent = "live"; renderSoon(); };
   for (const type of EVENT_TYPES) source.addEventListener(type, onEvent);

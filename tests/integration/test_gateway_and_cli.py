@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from treeflow.consumers.gateway import GatewayServer, create_app
+from treeflow.consumers.gateway import GatewayOptions, GatewayServer, create_app
 from treeflow.testing import Environment
 from tests.integration import tree_app
 from tests.integration.tree_app import logged_tree
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest_asyncio.fixture(scope="module")
 async def gateway(tree_env: Environment):
-    server = GatewayServer(create_app(tree_env.settings), port=0)
+    # treeflow's own frames (the tests of Mistral's are in test_mistral_api.py).
+    server = GatewayServer(create_app(tree_env.settings, options=GatewayOptions(frames="treeflow")), port=0)
     await server.start()
     yield server.url
     await server.stop()
@@ -172,7 +173,7 @@ async def test_serve_streams_and_stops_on_sigterm_with_a_stream_open(tree_env: E
         async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
             frames = []
             async with asyncio.timeout(20), aconnect_sse(client, "GET", f"{url}/v1/workflows/executions/{root}"
-                                                                        "/stream") as source:
+                                                                        "/stream?format=treeflow") as source:
                 async for frame in source.aiter_sse():
                     frames.append(frame)
                     if len(frames) == 3:

@@ -59,7 +59,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedSubscription]:
 
 def app(keepalive: float = 15.0) -> Any:
     settings = KafkaSettings("127.0.0.1:1", topic_prefix="unit")
-    return create_app(settings, options=GatewayOptions(keepalive=timedelta(seconds=keepalive)))
+    return create_app(settings, options=GatewayOptions(keepalive=timedelta(seconds=keepalive), frames="treeflow"))
 
 
 async def body(url: str, keepalive: float = 15.0, headers: dict[str, str] | None = None) -> str:
@@ -92,3 +92,16 @@ async def test_a_quiet_stream_sends_keep_alives_and_the_end_of_a_closed_tree(
     assert made.root_workflow_exec_id == "r"
     assert made.options["cursor"] == Cursor(0, 12) and made.options["until_closed"] is True
     assert made.options["event_filter"].workflow_exec_ids == {"r"}
+
+
+async def test_a_port_in_use_is_a_listen_error_not_the_end_of_the_event_loop() -> None:
+    import socket
+
+    from treeflow.consumers.gateway import GatewayServer, ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = GatewayServer(app(), port=taken.getsockname()[1])
+        with pytest.raises(ListenError, match="cannot listen on 127.0.0.1"):
+            await server.start()

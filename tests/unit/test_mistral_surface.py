@@ -116,6 +116,14 @@ def test_a_payload_maps_to_parameters_raw_or_as_an_object_of_them() -> None:
     assert Parameters.of(many).bind('["apple", 2]') == ([], {"item": "apple", "qty": 2})
     assert Parameters.of(many).bind('"apple"') == ([], {"item": "apple"})
     assert Parameters.of(none).bind('{"anything": 1}') == ([], {})
+    # Mistral's object form with nothing given ({}) leaves a defaulted parameter to its default,
+    # unless {} is a value of its type.
+    def optional(self: Any, only: str | None = None) -> None: ...
+    def mapping(self: Any, extra: dict[str, int] | None = None) -> None: ...
+    assert Parameters.of(optional).bind("{}") == ([], {})
+    assert Parameters.of(mapping).bind("{}") == ([{}], {})
+    with pytest.raises(workflows.ApplicationError, match="does not fit"):
+        Parameters.of(one).bind("{}")
     for bad in ('{"qty": 2}', '{"item": "a", "colour": "red"}', '["a", 1, 2]', '{"item": "a", "qty": "many"}'):
         with pytest.raises(workflows.ApplicationError, match="does not fit") as caught:
             Parameters.of(many).bind(bad)
