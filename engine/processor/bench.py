@@ -350,8 +350,25 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
     return results
 
 
-async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, rate: float, log_dir: Path) -> None:
-    """A steady load against one processor: RSS and throughput every 10 s, and the RSS slope."""
+async def distinct_clients(settings: Any, count: int) -> list[Any]:
+    """`count` started clients, each on its own replies partition (when there are enough)."""
+    from treeflow.client import Client
+
+    clients: list[Any] = []
+    while len(clients) < count:
+        client = Client(settings)
+        taken = {c.reply_partition for c in clients}
+        if client.reply_partition in taken and len(taken) < settings.partitions:
+            continue
+        await client.start()
+        clients.append(client)
+    return clients
+
+
+async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, rate: float, log_dir: Path,
+               client_count: int = 4) -> None:
+    """A steady load against one processor from `client_count` clients: RSS and throughput
+    every 10 s, and the RSS slope."""
     from treeflow.bench import BenchFlat, BenchFlatInput
     from treeflow.client import Client
     from treeflow.kafka import KafkaSettings, ensure_topics
@@ -364,8 +381,7 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
     env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
     run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
-    client = Client(settings)
-    await client.start()
+    clients = await distinct_clients(settings, client_count)
     done = 0
     samples: list[tuple[float, float]] = []
     try:
@@ -373,7 +389,7 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
         began = time.perf_counter()
         in_flight: set[asyncio.Task[Any]] = set()
 
-        async def one() -> None:
+        async def one(client: Client) -> None:
             nonlocal done
             await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
             done += 1
@@ -382,7 +398,7 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
         sent = 0
         while (now := time.perf_counter()) - began < seconds:
             while sent < (now - began) * rate and len(in_flight) < 200:  # no backlog past 200
-                task = asyncio.ensure_future(one())
+                task = asyncio.ensure_future(one(clients[sent % len(clients)]))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 sent += 1
@@ -397,7 +413,8 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
             await asyncio.sleep(0.005)
         await asyncio.wait_for(asyncio.gather(*in_flight), 120)
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
         run.stop()
     if len(samples) >= 3:
         half = samples[len(samples) // 3:]  # after the warm-up third
@@ -470,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="before,after", help="before, after or both (comma-separated)")
     parser.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="run the soak instead")
     parser.add_argument("--rate", type=float, default=150, help="soak: executions started per second")
+    parser.add_argument("--clients", type=int, default=4,
+                        help="soak: clients sharing the load, each on its own replies partition (on the embedded "
+                             "broker a partition's fetches slow down as it grows: spread it)")
     parser.add_argument("--client-fetch", type=int, default=0, metavar="RUNS",
                         help="measure the bytes clients fetch per awaited result instead (RUNS executions each)")
     parser.add_argument("--prime", choices=["auto", "processor", "bench"], default="auto",
@@ -499,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(client_fetch(bootstrap, profile, args.partitions, args.client_fetch, log_dir))
             return 0
         if args.soak:
-            print(f"soak: {args.soak:.0f} s at {args.rate:.0f} executions/s, {args.partitions} partitions, "
+            print(f"soak: {args.soak:.0f} s at {args.rate:.0f} executions/s from {args.clients} clients, "
+                  f"{args.partitions} partitions, "
                   f"broker {bootstrap} ({profile.name})", flush=True)
-            asyncio.run(soak(bootstrap, profile, args.partitions, args.soak, args.rate, log_dir))
+            asyncio.run(soak(bootstrap, profile, args.partitions, args.soak, args.rate, log_dir, args.clients))
             return 0
         prime = args.prime if args.prime != "auto" else ("bench" if broker is not None else "processor")
         print(f"recovery benchmark: {args.partitions} partitions, broker {bootstrap} ({profile.name}); first "
