@@ -24,8 +24,9 @@ the throughput of `--throughput-runs` flat executions after it (50 in flight).
 Goal: recovery and RSS flat in the number of closed executions (< 0.15 s and < 3 MB
 more per 10,000 closed). Also `--soak SECONDS`: a steady load at `--rate` executions/s
 against one processor, printing its RSS and throughput every 10 s, and the RSS slope;
-and `--client-fetch RUNS`: the bytes a client fetches per awaited result, with one
-client and with four running at once (RUNS executions each).
+`--client-fetch RUNS`: the bytes a client fetches per awaited result, with one
+client and with four running at once (RUNS executions each); and `--heap-soak N`: the
+engine alone fed N flat executions in simulated time, its heap printed as it goes.
 """
 
 from __future__ import annotations
@@ -350,6 +351,62 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
     return results
 
 
+def heap_soak(executions: int, rate: float, retention: float) -> None:
+    """The processor's `PartitionEngine` alone, fed flat executions at `rate` per second
+    of simulated time (no broker, no wall clock): its traced heap every tenth of the
+    run. Flat once the retention and the longest timeout have passed: what a long run
+    costs in memory does not grow with the executions it has seen."""
+    import gc
+    import tracemalloc
+
+    from treeflow.schemas import Command
+    from treeflow.schemas import models as m
+
+    from .engine import PartitionEngine
+
+    engine = PartitionEngine(0, timedelta(seconds=retention))
+    began = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    sent = 0
+
+    def send(exec_id: str, payload: Any, at: datetime) -> None:
+        nonlocal sent
+        sent += 1
+        engine.handle(Command(command_id=f"c{sent}", timestamp=at, root_workflow_exec_id=exec_id,
+                              workflow_exec_id=exec_id, payload=payload, reply_partition=0), at)
+
+    def task(exec_id: str) -> dict[str, Any]:
+        state = engine.states[exec_id]
+        return {"task_id": state.workflow_task.task_id, "workflow_run_id": state.context.workflow_run_id,  # type: ignore[union-attr]
+                "history_length": state.last_sequence}
+
+    tracemalloc.start()
+    samples = []
+    for i in range(executions + 1):
+        at = began + timedelta(seconds=i / rate)
+        if i % max(1, executions // 10) == 0:
+            gc.collect()
+            heap = tracemalloc.get_traced_memory()[0] / 1e6
+            samples.append(heap)
+            print(f"  {i:9,} executions ({i / rate:7.0f} s simulated): heap {heap:6.1f} MB, "
+                  f"{len(engine.states):,} executions in memory", flush=True)
+        exec_id = f"e{i}"
+        send(exec_id, m.StartWorkflowExecution(workflow_name="bench_flat", task_queue="default",
+                                               input_json='{"value": "x"}'), at)
+        send(exec_id, m.CompleteWorkflowTask(**task(exec_id), decisions=[m.ScheduleActivityTask(
+            activity_id="1", activity_name="bench_activity", task_queue="default", input_json='["x"]')]), at)
+        run = engine.states[exec_id].context.workflow_run_id
+        send(exec_id, m.CompleteActivityTask(activity_id="1", workflow_run_id=run, attempt=1,
+                                             result_json='"processed:x"'), at)
+        send(exec_id, m.CompleteWorkflowTask(**task(exec_id), decisions=[m.CompleteWorkflowExecution(
+            result_json='"processed:x"')]), at)
+        if i % max(1, int(rate)) == 0:  # the processor's housekeeping and clock, once a simulated second
+            engine.evict_closed(at)
+            engine.tick(at, f"tick-{i}")
+    settled = samples[len(samples) // 2:]
+    print(f"heap soak: {executions:,} executions at {rate:g}/s, retention {retention:g} s: heap over the second "
+          f"half {min(settled):.1f}-{max(settled):.1f} MB")
+
+
 async def distinct_clients(settings: Any, count: int) -> list[Any]:
     """`count` started clients, each on its own replies partition (when there are enough)."""
     from treeflow.client import Client
@@ -498,10 +555,18 @@ def main(argv: list[str] | None = None) -> int:
                              "embedded broker, which serves long partitions slowly; the processor otherwise)")
     parser.add_argument("--throughput-runs", type=int, default=300, metavar="N",
                         help="after each recovery, N flat executions with 50 in flight (0: skip)")
+    parser.add_argument("--heap-soak", type=int, default=0, metavar="EXECUTIONS",
+                        help="feed EXECUTIONS flat executions to one PartitionEngine at --rate per simulated second "
+                             "(retention TREEFLOW_CLOSED_RETENTION) and print its heap, instead")
     parser.add_argument("--serve", metavar="APP_ID", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.serve)
+        return 0
+    if args.heap_soak:
+        from .snapshots import SnapshotOptions
+
+        heap_soak(args.heap_soak, args.rate, SnapshotOptions.from_env().closed_retention.total_seconds())
         return 0
     from treeflow.kafka import TANSU, EmbeddedBroker, current_profile
     from treeflow.kafka.settings import BOOTSTRAP_ENV
