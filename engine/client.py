@@ -23,6 +23,7 @@ import socket
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -190,8 +191,10 @@ class WorkflowHandle:
         task is retried with backoff. `wait_for_registration=True` waits instead (for a
         worker that registers it to be deployed).
         """
+        waiting = self.client.result_waits
         try:
-            event = await asyncio.wait_for(self.client._closing_event(self, not wait_for_registration), timeout)
+            with waiting() if waiting is not None else nullcontext():
+                event = await asyncio.wait_for(self.client._closing_event(self, not wait_for_registration), timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceededError(
                 f"workflow execution {self.execution_id} did not close within {timeout:g}s; it goes on: "
@@ -354,6 +357,14 @@ class Client:
         self.stats = ClientStats()
         self._assignment: set[TopicPartition] = set()
         self._assigning = asyncio.Lock()
+        #: Entered around each wait for a result (`WorkflowHandle.result`): a time-skipping
+        #: `treeflow.testing.Environment` lets time skip while one is open. None: nothing.
+        self.result_waits: Callable[[], AbstractContextManager[Any]] | None = None
+
+    @property
+    def commands_in_flight(self) -> int:
+        """Commands sent (or being sent) whose reply has not arrived yet."""
+        return len(self._replies)
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -843,6 +854,13 @@ async def default_client() -> Client:
         await client.start()
         _default[key] = client
     return client
+
+
+def use_as_default(client: Client) -> None:
+    """Make `client` the default client of this event loop for the settings in the
+    environment (what `treeflow.execute_workflow` uses outside workflow code); closed by
+    `close_default_clients`."""
+    _default[(id(asyncio.get_running_loop()), KafkaSettings.resolve())] = client
 
 
 async def close_default_clients() -> None:
