@@ -60,6 +60,23 @@ class Patient:
         return f"got {self.message}"
 
 
+@workflow.define(name="listener", execution_timeout=None)
+class Listener:
+    """Waits for a signal with no timeout at all: nothing for time skipping to skip to."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+
+    @workflow.signal
+    async def deliver(self, message: str) -> None:
+        self.message = message
+
+    @workflow.entrypoint
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self.message is not None)
+        return f"got {self.message}"
+
+
 @workflow.define(name="two_naps")
 class TwoNaps:
     def __init__(self) -> None:
@@ -97,7 +114,7 @@ class Dawdler:
             waiter.cancel()
 
 
-WORKFLOWS = [Napper, Patient, TwoNaps, Dawdler]
+WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler]
 ACTIVITIES = [stamp, dawdle]
 
 
@@ -150,11 +167,20 @@ async def test_a_signal_before_the_timeout_wins(treeflow_broker) -> None:
         handle = await env.client.start_workflow(Patient, 1.0)
         await handle.signal(Patient.deliver, "hello")
         assert await handle.result() == "got hello"
-        # The canceled timer's wakeup is not skipped to after the execution closed.
-        await asyncio.sleep(0.2)
-        assert env.now() - virtual_began < timedelta(hours=1)
         kinds = [e.event_type for e in await handle.history()]
         assert EventType.WORKFLOW_EXECUTION_SIGNALED in kinds and EventType.TIMER_FIRED not in kinds
+        # The canceled timer's wakeup is forgotten: waiting on another execution does not
+        # skip to it (nothing is due, so time flows as on the system's clock).
+        other = await env.client.start_workflow(Listener)
+
+        async def deliver_later() -> None:
+            await asyncio.sleep(0.5)
+            await other.signal(Listener.deliver, "later")
+
+        later = asyncio.ensure_future(deliver_later())
+        assert await other.result() == "got later"
+        await later
+        assert env.now() - virtual_began < timedelta(hours=1)
 
 
 async def test_env_sleep_fires_the_timers_due_within_it(treeflow_broker) -> None:
@@ -197,3 +223,32 @@ async def test_without_time_skipping_env_sleep_is_real(treeflow_broker) -> None:
         assert time.monotonic() - began >= 0.2
         assert abs((env.now() - virtual_began).total_seconds() - (time.monotonic() - began)) < 0.1
         assert isinstance(env.now(), datetime)
+
+
+async def test_a_signal_sent_while_a_result_is_awaited_is_decided_before_time_skips(treeflow_broker) -> None:
+    """The skip race: time may skip only once the processor has decided every command sent
+    (this client's commands in flight, the commands topic read to its end)."""
+    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
+                           **treeflow_broker.options) as env:
+        results = []
+        for round in range(20):
+            handle = await env.client.start_workflow(Patient, 1.0)
+            result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, f"r{round}"))
+            results.append(result)
+        assert results == [f"got r{round}" for round in range(20)]
+
+        # A broker slow to take the signal: time does not skip while it is in flight.
+        handle = await env.client.start_workflow(Patient, 1.0)
+        producer = env.client._producer
+        send_and_wait = producer.send_and_wait
+
+        async def slow_send_and_wait(*args, **kwargs):
+            await asyncio.sleep(0.5)
+            return await send_and_wait(*args, **kwargs)
+
+        producer.send_and_wait = slow_send_and_wait
+        try:
+            result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, "slow"))
+        finally:
+            producer.send_and_wait = send_and_wait
+        assert result == "got slow"
