@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -50,6 +51,8 @@ from .replay import Replayer, ReplayResult
 from .worker.runner import TaskRunner
 
 __all__ = ["Environment", "ReplayResult", "Replayer", "shared_broker"]
+
+log = logging.getLogger(__name__)
 
 _shared: EmbeddedBroker | None = None
 
@@ -247,7 +250,13 @@ class Environment:
             wake = self._processor().next_wakeup()
             if wake is None or wake <= self.clock.now():
                 continue  # nothing to skip to, or the processor's clock loop is about to tick
-            if await self._quiet() and self._result_waits and not self._sleeping:
+            try:
+                quiet = await self._quiet()
+            except Exception as exc:  # noqa: BLE001 - the broker hiccuped: time flows, ask again
+                log.warning("time skipping could not read the commands topic's end (%r); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if quiet and self._result_waits and not self._sleeping:
                 self.clock.advance_to(wake)
 
     async def _settled(self) -> None:

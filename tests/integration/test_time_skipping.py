@@ -114,8 +114,23 @@ class Dawdler:
             waiter.cancel()
 
 
-WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler]
-ACTIVITIES = [stamp, dawdle]
+@activity(retry_policy=workflows.RetryPolicy(initial_interval=timedelta(minutes=10), maximum_attempts=3))
+async def flaky() -> int:
+    attempt = activity.info().attempt
+    if attempt < 3:
+        raise RuntimeError(f"attempt {attempt} fails")
+    return attempt
+
+
+@workflow.define(name="persistent")
+class Persistent:
+    @workflow.entrypoint
+    async def run(self) -> int:
+        return await flaky()
+
+
+WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler, Persistent]
+ACTIVITIES = [stamp, dawdle, flaky]
 
 
 def _shape(history: list[Event]) -> list[tuple[EventType, float]]:
@@ -155,7 +170,8 @@ async def test_a_day_long_wait_for_a_signal_times_out_in_seconds(treeflow_broker
     async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
                            **treeflow_broker.options) as env:
         began, virtual_began = time.monotonic(), env.now()
-        assert await env.execute_workflow(Patient, 1.0) == "timed out"
+        # The top-level treeflow.execute_workflow waits through the environment's client too.
+        assert await workflows.execute_workflow(Patient, params=1.0) == "timed out"
         assert time.monotonic() - began < 30
         assert env.now() - virtual_began >= timedelta(days=1)
 
@@ -181,6 +197,21 @@ async def test_a_signal_before_the_timeout_wins(treeflow_broker) -> None:
         assert await other.result() == "got later"
         await later
         assert env.now() - virtual_began < timedelta(hours=1)
+
+
+async def test_retry_backoffs_are_skipped(treeflow_broker) -> None:
+    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
+                           **treeflow_broker.options) as env:
+        began = time.monotonic()
+        handle = await env.client.start_workflow(Persistent)
+        assert await handle.result() == 3
+        assert time.monotonic() - began < 30
+        retries = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_RETRYING]
+        starts = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_STARTED]
+        assert len(retries) == 2 and len(starts) == 3
+        # 10 then 20 minutes of backoff (coefficient 2), in virtual time.
+        assert timedelta(minutes=10) <= starts[1] - retries[0] < timedelta(minutes=10, seconds=1)
+        assert timedelta(minutes=20) <= starts[2] - retries[1] < timedelta(minutes=20, seconds=1)
 
 
 async def test_env_sleep_fires_the_timers_due_within_it(treeflow_broker) -> None:
