@@ -129,7 +129,23 @@ class Persistent:
         return await flaky()
 
 
-WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler, Persistent]
+@workflow.define(name="reminder", execution_timeout=timedelta(days=2))  # README's example
+class Reminder:
+    def __init__(self) -> None:
+        self.sent = False
+
+    @workflow.query
+    def was_sent(self) -> bool:
+        return self.sent
+
+    @workflow.entrypoint
+    async def run(self, what: str) -> str:
+        await workflow.sleep(timedelta(days=1))
+        self.sent = True
+        return f"reminded: {what}"
+
+
+WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler, Persistent, Reminder]
 ACTIVITIES = [stamp, dawdle, flaky]
 
 
@@ -229,6 +245,14 @@ async def test_env_sleep_fires_the_timers_due_within_it(treeflow_broker) -> None
         assert await handle.result() == 2
         fired = [e.timestamp for e in await handle.history() if e.event_type is EventType.TIMER_FIRED]
         assert timedelta(minutes=20) <= fired[1] - fired[0] < timedelta(minutes=20, seconds=1)
+
+
+async def test_the_readmes_example(treeflow_broker) -> None:
+    async with Environment(workflows=[Reminder], time_skipping=True, **treeflow_broker.options) as env:
+        handle = await env.client.start_workflow(Reminder, "pay rent")
+        await env.sleep(timedelta(hours=23))                  # by hand: not due yet
+        assert await handle.query(Reminder.was_sent) is False
+        assert await handle.result() == "reminded: pay rent"  # skips the last hour at once
 
 
 async def test_time_does_not_skip_past_a_running_activity(treeflow_broker) -> None:
