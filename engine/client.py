@@ -856,16 +856,17 @@ async def default_client() -> Client:
     return client
 
 
-def use_as_default(client: Client) -> None:
-    """Make `client` the default client of this event loop for the settings in the
-    environment (what `treeflow.execute_workflow` uses outside workflow code); closed by
-    `close_default_clients`."""
-    _default[(id(asyncio.get_running_loop()), KafkaSettings.resolve())] = client
+def use_as_default(client: Client, settings: KafkaSettings) -> None:
+    """Make `client` this event loop's default client for `settings` (the settings the
+    environment variables resolve to: what `treeflow.execute_workflow` uses outside
+    workflow code); closed by `close_default_clients`."""
+    _default[(id(asyncio.get_running_loop()), settings)] = client
 
 
-async def close_default_clients() -> None:
+async def close_default_clients(settings: KafkaSettings | None = None) -> None:
+    """Close this event loop's default clients (only the one for `settings`, when given)."""
     for key, client in list(_default.items()):
-        if key[0] == id(asyncio.get_running_loop()):
+        if key[0] == id(asyncio.get_running_loop()) and (settings is None or key[1] == settings):
             await client.close()
             del _default[key]
 

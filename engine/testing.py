@@ -45,6 +45,7 @@ from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 
 from .client import Client, close_default_clients, use_as_default
 from .definitions import DEFAULT_TASK_QUEUE, ActivityDefinition, collect, workflow_definition
+from .errors import TreeflowError
 from .processor.app import Processor
 from .processor.clock import SYSTEM_CLOCK, Clock, VirtualClock
 from .replay import Replayer, ReplayResult
@@ -122,6 +123,8 @@ class Environment:
         self._waited = asyncio.Event()
         self._sleeping = 0
         self._skipper: asyncio.Task[None] | None = None
+        #: What the exported variables resolve to: the key of this environment's default clients.
+        self._resolved: KafkaSettings | None = None
 
     async def __aenter__(self) -> Environment:
         await self.start()
@@ -146,6 +149,7 @@ class Environment:
             partitions=self._partitions or 4, profile=profile)
         self._export({BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: self.settings.topic_prefix,
                       PARTITIONS_ENV: str(self.settings.partitions), PROFILE_ENV: self.settings.profile.name})
+        self._resolved = KafkaSettings.resolve()
         await ensure_topics(self.settings, self.task_queues)
         runner = TaskRunner(self.workflows, self.activities)
         self.processor = Processor(self.settings, runner=runner, local_queues=self.task_queues, clock=self.clock)
@@ -161,14 +165,15 @@ class Environment:
         await self.client.start()
         if self.time_skipping:
             self.client.result_waits = self._result_wait
-            use_as_default(self.client)  # treeflow.execute_workflow waits through it too
+            use_as_default(self.client, self._resolved)  # treeflow.execute_workflow waits through it too
             self._skipper = asyncio.ensure_future(self._skip_while_waited())
 
     async def stop(self) -> None:
         if self._skipper is not None:
             self._skipper.cancel()
             await asyncio.gather(self._skipper, return_exceptions=True)
-        await close_default_clients()
+        # Only this environment's: an enclosing environment's stay open.
+        await close_default_clients(self._resolved)
         if self.client is not None:
             await self.client.close()
         if self.visibility is not None:
@@ -262,7 +267,10 @@ class Environment:
     async def _settled(self) -> None:
         """Wait until nothing is runnable and nothing is due."""
         while True:
-            wake = self._processor().next_wakeup()
+            processor = self._processor()
+            if processor.halted.is_set():
+                raise TreeflowError(processor.liveness() or "the environment's processor stopped")
+            wake = processor.next_wakeup()
             if (wake is None or wake > self.clock.now()) and await self._quiet():
                 return
             await asyncio.sleep(SKIP_POLL)
@@ -287,7 +295,7 @@ class Environment:
 
     def _processor(self) -> Processor:
         if self.processor is None:
-            raise RuntimeError("the environment is not started: use `async with Environment(...)`")
+            raise TreeflowError("the environment is not started: use `async with Environment(...)`")
         return self.processor
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
+import pytest_asyncio
 
 import treeflow as workflows
 from treeflow import workflow
@@ -149,6 +150,15 @@ WORKFLOWS = [Napper, Patient, Listener, TwoNaps, Dawdler, Persistent, Reminder]
 ACTIVITIES = [stamp, dawdle, flaky]
 
 
+@pytest_asyncio.fixture(scope="module")
+async def env(treeflow_broker):
+    """One time-skipping environment for the tests below: each leaves no execution open
+    (time is global to an environment)."""
+    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True, visibility=False,
+                           **treeflow_broker.options) as environment:
+        yield environment
+
+
 def _shape(history: list[Event]) -> list[tuple[EventType, float]]:
     """Each event's type with the seconds since the previous event."""
     shape, previous = [], history[0].timestamp
@@ -158,19 +168,24 @@ def _shape(history: list[Event]) -> list[tuple[EventType, float]]:
     return shape
 
 
-async def test_an_hour_sleep_takes_seconds_and_records_the_history_of_real_time(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, **treeflow_broker.options) as env:
-        real = await env.client.start_workflow(Napper, 1.0)
+async def test_an_hour_sleep_takes_seconds_and_records_the_history_of_real_time(
+        treeflow_broker, env: Environment) -> None:
+    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, visibility=False,
+                           **treeflow_broker.options) as real_env:
+        real = await real_env.client.start_workflow(Napper, 1.0)
         assert await real.result() >= 1.0
         real_shape = _shape(await real.history())
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        began, virtual_began = time.monotonic(), env.now()
-        skipped = await env.client.start_workflow(Napper, HOUR)
-        assert await skipped.result() >= HOUR
-        took = time.monotonic() - began
-        skipped_shape = _shape(await skipped.history())
-        assert env.now() - virtual_began >= timedelta(seconds=HOUR)
+        # Without time skipping, env.sleep is asyncio.sleep and env.now the system's clock.
+        began, virtual_began = time.monotonic(), real_env.now()
+        await real_env.sleep(0.2)
+        assert time.monotonic() - began >= 0.2
+        assert abs((real_env.now() - virtual_began).total_seconds() - (time.monotonic() - began)) < 0.1
+    began, virtual_began = time.monotonic(), env.now()
+    skipped = await env.client.start_workflow(Napper, HOUR)
+    assert await skipped.result() >= HOUR
+    took = time.monotonic() - began
+    skipped_shape = _shape(await skipped.history())
+    assert env.now() - virtual_began >= timedelta(seconds=HOUR)
     print(f"an hour-long sleep took {took:.2f}s of real time")
     assert took < 30
     assert [t for t, _ in skipped_shape] == [t for t, _ in real_shape]
@@ -182,128 +197,106 @@ async def test_an_hour_sleep_takes_seconds_and_records_the_history_of_real_time(
             assert real_gap < 1.0 and skipped_gap < 1.0, (kind, real_gap, skipped_gap)
 
 
-async def test_a_day_long_wait_for_a_signal_times_out_in_seconds(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        began, virtual_began = time.monotonic(), env.now()
-        # The top-level treeflow.execute_workflow waits through the environment's client too.
-        assert await workflows.execute_workflow(Patient, params=1.0) == "timed out"
-        assert time.monotonic() - began < 30
-        assert env.now() - virtual_began >= timedelta(days=1)
+async def test_a_day_long_wait_for_a_signal_times_out_in_seconds(env: Environment) -> None:
+    began, virtual_began = time.monotonic(), env.now()
+    # The top-level treeflow.execute_workflow waits through the environment's client too.
+    assert await workflows.execute_workflow(Patient, params=1.0) == "timed out"
+    assert time.monotonic() - began < 30
+    assert env.now() - virtual_began >= timedelta(days=1)
 
 
-async def test_a_signal_before_the_timeout_wins(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        virtual_began = env.now()
-        handle = await env.client.start_workflow(Patient, 1.0)
-        await handle.signal(Patient.deliver, "hello")
-        assert await handle.result() == "got hello"
-        kinds = [e.event_type for e in await handle.history()]
-        assert EventType.WORKFLOW_EXECUTION_SIGNALED in kinds and EventType.TIMER_FIRED not in kinds
-        # The canceled timer's wakeup is forgotten: waiting on another execution does not
-        # skip to it (nothing is due, so time flows as on the system's clock).
-        other = await env.client.start_workflow(Listener)
+async def test_a_signal_before_the_timeout_wins(env: Environment) -> None:
+    virtual_began = env.now()
+    handle = await env.client.start_workflow(Patient, 1.0)
+    await handle.signal(Patient.deliver, "hello")
+    assert await handle.result() == "got hello"
+    kinds = [e.event_type for e in await handle.history()]
+    assert EventType.WORKFLOW_EXECUTION_SIGNALED in kinds and EventType.TIMER_FIRED not in kinds
+    # The canceled timer's wakeup is forgotten: waiting on another execution does not
+    # skip to it (nothing is due, so time flows as on the system's clock).
+    other = await env.client.start_workflow(Listener)
 
-        async def deliver_later() -> None:
-            await asyncio.sleep(0.5)
-            await other.signal(Listener.deliver, "later")
+    async def deliver_later() -> None:
+        await asyncio.sleep(0.5)
+        await other.signal(Listener.deliver, "later")
 
-        later = asyncio.ensure_future(deliver_later())
-        assert await other.result() == "got later"
-        await later
-        assert env.now() - virtual_began < timedelta(hours=1)
+    later = asyncio.ensure_future(deliver_later())
+    assert await other.result() == "got later"
+    await later
+    assert env.now() - virtual_began < timedelta(hours=1)
 
 
-async def test_retry_backoffs_are_skipped(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        began = time.monotonic()
-        handle = await env.client.start_workflow(Persistent)
-        assert await handle.result() == 3
-        assert time.monotonic() - began < 30
-        retries = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_RETRYING]
-        starts = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_STARTED]
-        assert len(retries) == 2 and len(starts) == 3
-        # 10 then 20 minutes of backoff (coefficient 2), in virtual time.
-        assert timedelta(minutes=10) <= starts[1] - retries[0] < timedelta(minutes=10, seconds=1)
-        assert timedelta(minutes=20) <= starts[2] - retries[1] < timedelta(minutes=20, seconds=1)
+async def test_retry_backoffs_are_skipped(env: Environment) -> None:
+    began = time.monotonic()
+    handle = await env.client.start_workflow(Persistent)
+    assert await handle.result() == 3
+    assert time.monotonic() - began < 30
+    retries = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_RETRYING]
+    starts = [e.timestamp for e in await handle.history() if e.event_type is EventType.ACTIVITY_TASK_STARTED]
+    assert len(retries) == 2 and len(starts) == 3
+    # 10 then 20 minutes of backoff (coefficient 2), in virtual time.
+    assert timedelta(minutes=10) <= starts[1] - retries[0] < timedelta(minutes=10, seconds=1)
+    assert timedelta(minutes=20) <= starts[2] - retries[1] < timedelta(minutes=20, seconds=1)
 
 
-async def test_env_sleep_fires_the_timers_due_within_it(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        handle = await env.client.start_workflow(TwoNaps)
-        await asyncio.sleep(0.5)  # time is not skipped while no result is awaited
-        assert await handle.query(TwoNaps.naps_taken) == 0
-        virtual_began = env.now()
-        await env.sleep(timedelta(minutes=30))
-        assert env.now() - virtual_began >= timedelta(minutes=30)
-        assert await handle.query(TwoNaps.naps_taken) == 1
-        await env.sleep(timedelta(minutes=15))  # the second nap ends within it: the execution completes
-        assert (await handle.describe()).status.value == "COMPLETED"
-        assert await handle.result() == 2
-        fired = [e.timestamp for e in await handle.history() if e.event_type is EventType.TIMER_FIRED]
-        assert timedelta(minutes=20) <= fired[1] - fired[0] < timedelta(minutes=20, seconds=1)
+async def test_env_sleep_fires_the_timers_due_within_it(env: Environment) -> None:
+    handle = await env.client.start_workflow(TwoNaps)
+    await asyncio.sleep(0.5)  # time is not skipped while no result is awaited
+    assert await handle.query(TwoNaps.naps_taken) == 0
+    virtual_began = env.now()
+    await env.sleep(timedelta(minutes=30))
+    assert env.now() - virtual_began >= timedelta(minutes=30)
+    assert await handle.query(TwoNaps.naps_taken) == 1
+    await env.sleep(timedelta(minutes=15))  # the second nap ends within it: the execution completes
+    assert (await handle.describe()).status.value == "COMPLETED"
+    assert await handle.result() == 2
+    fired = [e.timestamp for e in await handle.history() if e.event_type is EventType.TIMER_FIRED]
+    assert timedelta(minutes=20) <= fired[1] - fired[0] < timedelta(minutes=20, seconds=1)
 
 
-async def test_the_readmes_example(treeflow_broker) -> None:
-    async with Environment(workflows=[Reminder], time_skipping=True, **treeflow_broker.options) as env:
-        handle = await env.client.start_workflow(Reminder, "pay rent")
-        await env.sleep(timedelta(hours=23))                  # by hand: not due yet
-        assert await handle.query(Reminder.was_sent) is False
-        assert await handle.result() == "reminded: pay rent"  # skips the last hour at once
+async def test_the_readmes_example(env: Environment) -> None:
+    handle = await env.client.start_workflow(Reminder, "pay rent")
+    await env.sleep(timedelta(hours=23))                  # by hand: not due yet
+    assert await handle.query(Reminder.was_sent) is False
+    assert await handle.result() == "reminded: pay rent"  # skips the last hour at once
 
 
-async def test_time_does_not_skip_past_a_running_activity(treeflow_broker) -> None:
+async def test_time_does_not_skip_past_a_running_activity(env: Environment) -> None:
     """The rule: while an activity attempt runs, time flows as on the system's clock, so
     its start-to-close timeout is measured in real time and a timer due meanwhile waits."""
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        virtual_began = env.now()
-        assert await env.execute_workflow(Dawdler, 0.3) == "done"
-        assert env.now() - virtual_began < timedelta(minutes=1)
-        # An attempt that outlives its 1 s bound times out after 1 s of real time, not at once.
-        began = time.monotonic()
-        result = await env.execute_workflow(Dawdler, 3.0)
-        assert result.startswith("failed"), result
-        assert 0.9 <= time.monotonic() - began < 3.0
-        assert env.now() - virtual_began < timedelta(minutes=1)
+    virtual_began = env.now()
+    assert await env.execute_workflow(Dawdler, 0.3) == "done"
+    assert env.now() - virtual_began < timedelta(minutes=1)
+    # An attempt that outlives its 1 s bound times out after 1 s of real time, not at once.
+    began = time.monotonic()
+    result = await env.execute_workflow(Dawdler, 3.0)
+    assert result.startswith("failed"), result
+    assert 0.9 <= time.monotonic() - began < 3.0
+    assert env.now() - virtual_began < timedelta(minutes=1)
 
 
-async def test_without_time_skipping_env_sleep_is_real(treeflow_broker) -> None:
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, **treeflow_broker.options) as env:
-        began, virtual_began = time.monotonic(), env.now()
-        await env.sleep(0.2)
-        assert time.monotonic() - began >= 0.2
-        assert abs((env.now() - virtual_began).total_seconds() - (time.monotonic() - began)) < 0.1
-        assert isinstance(env.now(), datetime)
-
-
-async def test_a_signal_sent_while_a_result_is_awaited_is_decided_before_time_skips(treeflow_broker) -> None:
+async def test_a_signal_sent_while_a_result_is_awaited_is_decided_before_time_skips(env: Environment) -> None:
     """The skip race: time may skip only once the processor has decided every command sent
     (this client's commands in flight, the commands topic read to its end)."""
-    async with Environment(workflows=WORKFLOWS, activities=ACTIVITIES, time_skipping=True,
-                           **treeflow_broker.options) as env:
-        results = []
-        for round in range(20):
-            handle = await env.client.start_workflow(Patient, 1.0)
-            result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, f"r{round}"))
-            results.append(result)
-        assert results == [f"got r{round}" for round in range(20)]
-
-        # A broker slow to take the signal: time does not skip while it is in flight.
+    results = []
+    for round in range(20):
         handle = await env.client.start_workflow(Patient, 1.0)
-        producer = env.client._producer
-        send_and_wait = producer.send_and_wait
+        result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, f"r{round}"))
+        results.append(result)
+    assert results == [f"got r{round}" for round in range(20)]
 
-        async def slow_send_and_wait(*args, **kwargs):
-            await asyncio.sleep(0.5)
-            return await send_and_wait(*args, **kwargs)
+    # A broker slow to take the signal: time does not skip while it is in flight.
+    handle = await env.client.start_workflow(Patient, 1.0)
+    producer = env.client._producer
+    send_and_wait = producer.send_and_wait
 
-        producer.send_and_wait = slow_send_and_wait
-        try:
-            result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, "slow"))
-        finally:
-            producer.send_and_wait = send_and_wait
-        assert result == "got slow"
+    async def slow_send_and_wait(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await send_and_wait(*args, **kwargs)
+
+    producer.send_and_wait = slow_send_and_wait
+    try:
+        result, _ = await asyncio.gather(handle.result(), handle.signal(Patient.deliver, "slow"))
+    finally:
+        producer.send_and_wait = send_and_wait
+    assert result == "got slow"
