@@ -24,6 +24,7 @@ import time
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -197,8 +198,10 @@ class WorkflowHandle:
         task is retried with backoff. `wait_for_registration=True` waits instead (for a
         worker that registers it to be deployed).
         """
+        waiting = self.client.result_waits
         try:
-            event = await asyncio.wait_for(self.client._closing_event(self, not wait_for_registration), timeout)
+            with waiting() if waiting is not None else nullcontext():
+                event = await asyncio.wait_for(self.client._closing_event(self, not wait_for_registration), timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceededError(
                 f"workflow execution {self.execution_id} did not close within {timeout:g}s; it goes on: "
@@ -368,6 +371,14 @@ class Client:
         self.stats = ClientStats()
         self._assignment: set[TopicPartition] = set()
         self._assigning = asyncio.Lock()
+        #: Entered around each wait for a result (`WorkflowHandle.result`): a time-skipping
+        #: `treeflow.testing.Environment` lets time skip while one is open. None: nothing.
+        self.result_waits: Callable[[], AbstractContextManager[Any]] | None = None
+
+    @property
+    def commands_in_flight(self) -> int:
+        """Commands sent (or being sent) whose reply has not arrived yet."""
+        return len(self._replies)
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -931,9 +942,17 @@ async def default_client() -> Client:
     return client
 
 
-async def close_default_clients() -> None:
+def use_as_default(client: Client, settings: KafkaSettings) -> None:
+    """Make `client` this event loop's default client for `settings` (the settings the
+    environment variables resolve to: what `treeflow.execute_workflow` uses outside
+    workflow code); closed by `close_default_clients`."""
+    _default[(id(asyncio.get_running_loop()), settings)] = client
+
+
+async def close_default_clients(settings: KafkaSettings | None = None) -> None:
+    """Close this event loop's default clients (only the one for `settings`, when given)."""
     for key, client in list(_default.items()):
-        if key[0] == id(asyncio.get_running_loop()):
+        if key[0] == id(asyncio.get_running_loop()) and (settings is None or key[1] == settings):
             await client.close()
             del _default[key]
 

@@ -8,7 +8,8 @@
 
 `treeflow_broker` is one broker for the whole test session: the Kafka named by
 `TREEFLOW_BOOTSTRAP_SERVERS`, else the embedded broker shared by every `Environment` of
-the process (started once, about 3 s, instead of once per environment).
+the process (started once, about 3 s, instead of once per environment). For
+time-skipping tests, `Environment(time_skipping=True, **treeflow_broker.options)`.
 """
 
 from __future__ import annotations

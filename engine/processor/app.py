@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -51,6 +51,7 @@ from ..deadlines import processor_group
 from ..ids import new_id
 from ..observability import metrics, tracing
 from ..worker.runner import TaskRunner
+from .clock import SYSTEM_CLOCK, Clock
 from .engine import Dispatch, Effects, PartitionEngine
 from .faust_app import ProcessorApp
 from .snapshots import DURABLE_HEADER, SnapshotOptions, SnapshotStore, recover_partition
@@ -104,17 +105,18 @@ class _PartitionLog:
     changed: bool = False
 
 
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 class Processor:
-    """Runs the processor for `settings`; `runner` hosts `local_queues` in this process."""
+    """Runs the processor for `settings`; `runner` hosts `local_queues` in this process.
+
+    `clock` is where it reads the time (`treeflow.processor.clock`; the system's clock
+    by default): every decision time, so every timer, timeout, backoff and retention.
+    """
 
     def __init__(self, settings: KafkaSettings, *, runner: TaskRunner | None = None,
                  local_queues: Iterable[str] = (), app_id: str | None = None,
-                 snapshots: SnapshotOptions | None = None) -> None:
+                 snapshots: SnapshotOptions | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
+        self.clock = clock or SYSTEM_CLOCK
         self.snapshot_options = snapshots or SnapshotOptions.from_env()
         self._snapshots: SnapshotStore | None = None
         self._logs: dict[int, _PartitionLog] = {}
@@ -131,6 +133,10 @@ class Processor:
         self._read: dict[int, int] = {}
         self._lock = asyncio.Lock()
         self._local: asyncio.Queue[Command] = asyncio.Queue()
+        #: Batches of commands being decided now (for `idle`).
+        self._busy = 0
+        #: Activity attempts running in-process (for `idle`).
+        self._local_runs: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
         self._last_publish: asyncio.Task[None] | None = None
@@ -190,8 +196,12 @@ class Processor:
                     message.incref()
                 if self._traces is not None:
                     self._remember_traces(messages)
-                await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
-                                   functools.partial(self._release, messages, app.consumer))
+                self._busy += 1
+                try:
+                    await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
+                                       functools.partial(self._release, messages, app.consumer))
+                finally:
+                    self._busy -= 1
 
         app.agent(topic, name="treeflow-commands")(consume)
         app.on_partitions_assigned.connect(self._on_assigned)
@@ -260,6 +270,33 @@ class Processor:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    # ------------------------------------------------------------ what is left to do (time-skipping tests)
+
+    def next_wakeup(self) -> datetime | None:
+        """The earliest time at which the clock has something to decide here (a timer, a
+        timeout, a backoff), or None (wakeups that would wake nothing are dropped first)."""
+        wakes = []
+        for engine in list(self.engines.values()):
+            engine.prune_wakeups()
+            if (wake := engine.next_wakeup()) is not None:
+                wakes.append(wake)
+        return min(wakes, default=None)
+
+    def idle(self) -> bool:
+        """True when nothing moves here but the clock: the partitions are recovered, no
+        command is being decided or waits in the in-process queue, no event, reply or
+        task is on its way out, no activity runs in-process, and every task handed to a
+        worker (here or elsewhere) has its report decided. Commands still in the commands
+        topic are not seen here: compare `positions()` with the topic's end."""
+        return (self.assignment_seen and self._busy == 0 and not self._lock.locked() and self._local.empty()
+                and not self._local_runs and (self._last_publish is None or self._last_publish.done())
+                and not self._backlog and all(ready.is_set() for ready in self._ready.values())
+                and not any(engine.outstanding() for engine in list(self.engines.values())))
+
+    def positions(self) -> dict[int, int]:
+        """Per commands partition owned: the offset of the next command to read."""
+        return dict(self._next_offsets)
 
     # ------------------------------------------------------------ health and metrics
 
@@ -365,7 +402,7 @@ class Processor:
         """
         partition = commands.partition
         began = time.perf_counter()
-        recovery = await recover_partition(self.settings, partition, utc_now(), self._snapshots,
+        recovery = await recover_partition(self.settings, partition, self.clock.now(), self._snapshots,
                                            self.snapshot_options.closed_retention,
                                            on_record=self._recover_trace if self._traces is not None else None)
         seconds = time.perf_counter() - began
@@ -435,7 +472,7 @@ class Processor:
         self._backlog.pop(partition, None)
         engine = self.engines.get(partition)
         if engine is not None and engine.recovering:
-            await self._dispatch(engine.resume(utc_now()))
+            await self._dispatch(engine.resume(self.clock.now()))
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
         async with self._lock:
@@ -502,10 +539,14 @@ class Processor:
         """Reports of the in-process runner: decided like commands, without the round trip."""
         while True:
             commands = [await self._local.get()]
-            while not self._local.empty() and len(commands) < BATCH_SIZE:
-                commands.append(self._local.get_nowait())
-            partitions = self.settings.partitions
-            await self._decide([(partition_for(c.root_workflow_exec_id, partitions), c) for c in commands])
+            self._busy += 1
+            try:
+                while not self._local.empty() and len(commands) < BATCH_SIZE:
+                    commands.append(self._local.get_nowait())
+                partitions = self.settings.partitions
+                await self._decide([(partition_for(c.root_workflow_exec_id, partitions), c) for c in commands])
+            finally:
+                self._busy -= 1
 
     async def _decide(self, commands: list[tuple[int, Command]],
                       on_durable: Callable[[], None] | None = None) -> None:
@@ -516,7 +557,7 @@ class Processor:
             return
         await self._recovered({p for p, _ in commands})
         async with self._lock:
-            now = utc_now()
+            now = self.clock.now()
             results: list[tuple[int, Effects]] = []
             clock = time.perf_counter
             observe = metrics.DECISION_SECONDS.observe
@@ -546,7 +587,7 @@ class Processor:
     async def _clock(self) -> None:
         while True:
             await asyncio.sleep(CLOCK_INTERVAL)
-            now = utc_now()
+            now = self.clock.now()
             due = [engine for engine in self.engines.values()
                    if (wake := engine.next_wakeup()) is not None and wake <= now]
             if not due:
@@ -556,7 +597,7 @@ class Processor:
                 for engine in due:
                     if engine.partition in self.engines:
                         began = time.perf_counter()
-                        effects = engine.tick(utc_now(), f"tick-{new_id()}")
+                        effects = engine.tick(self.clock.now(), f"tick-{new_id()}")
                         metrics.DECISION_SECONDS.observe(time.perf_counter() - began)
                         results.append((engine.partition, effects))
                         if self._traces is not None:
@@ -690,7 +731,7 @@ class Processor:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(options.check_every)
-            now = utc_now()
+            now = self.clock.now()
             due = []
             async with self._lock:
                 for partition, engine in self.engines.items():
@@ -750,8 +791,10 @@ class Processor:
         # No claim: a hosted attempt's reports are decided by this process, which hands
         # out its task once per lifetime; the runner still drops a copy it is running.
         traceparent = self._traces.header(dispatch.context.workflow_exec_id) if self._traces else None
-        self._spawn(runner.run_activity(dispatch.context, dispatch.task.payload, self._send_local,
-                                        traceparent=traceparent))
+        run = self._spawn(runner.run_activity(dispatch.context, dispatch.task.payload, self._send_local,
+                                              traceparent=traceparent))
+        self._local_runs.add(run)
+        run.add_done_callback(self._local_runs.discard)
 
     async def _send_local(self, command: Command) -> None:
         await self._local.put(command)

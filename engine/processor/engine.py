@@ -259,6 +259,31 @@ class PartitionEngine:
         """When a tick has something to decide (None while `recovering`)."""
         return self._due[0][0] if self._due and not self.recovering else None
 
+    def outstanding(self) -> bool:
+        """Whether a task handed out (a workflow or activity task) still waits for its report."""
+        return bool(self._dispatched)
+
+    def prune_wakeups(self) -> None:
+        """Drop the wakeups that would wake nothing, so that `next_wakeup` is exact: those
+        of executions closed or forgotten since, and those earlier than anything their
+        execution waits for now (a timer canceled, a timeout whose work was done). Each
+        execution's current wakeup is in the heap (every change schedules it), so nothing
+        due is lost; a tick would pop these and decide nothing."""
+        while self._due and not self.recovering:
+            at, exec_id = self._due[0]
+            state = self.states.get(exec_id)
+            if state is not None and state.open:
+                wake = self._wakeup(state)
+                if wake is not None and wake <= at:
+                    return
+            heapq.heappop(self._due)
+
+    def _wakeup(self, state: ExecutionState) -> datetime | None:
+        """When a tick has something to decide for `state`: what is due, or a task's backoff end."""
+        dispatched = self._dispatched.get(state.exec_id, set())
+        waiting = [item.ready_at for item in pending_work(state) if item.key not in dispatched]
+        return min((t for t in (next_due(state), *waiting) if t is not None), default=None)
+
     # ------------------------------------------------------------ replies
 
     def _route(self, command: Command, effects: Effects) -> None:
