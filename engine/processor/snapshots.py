@@ -53,7 +53,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -397,7 +397,3 @@ async def recover_partition(settings: KafkaSettings, partition: int, now: dateti
         engine = PartitionEngine(partition, closed_retention)
         engine.replay(tail, now)
     return Recovery(engine, durable.offset, events_end, len(tail), loaded)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
