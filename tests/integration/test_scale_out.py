@@ -8,7 +8,6 @@ each history exactly once (no loss, no duplicate event, each activity completed 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,7 @@ from .test_durability import (  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
-#: Quarantined from the default run: in full-suite runs it failed 2 times in 4 (every
-#: execution did not finish within 150 s after the kills) while it passes alone in about
-#: 25 s; the cause is not found yet (issue 10). `TREEFLOW_SCALE_OUT_TEST=1` runs it.
-QUARANTINED = os.environ.get("TREEFLOW_SCALE_OUT_TEST") != "1"
 
-
-@pytest.mark.skipif(QUARANTINED, reason="quarantined (flaky in full runs, see QUARANTINED); TREEFLOW_SCALE_OUT_TEST=1 runs it")
 async def test_processors_and_workers_killed_and_added_under_load_lose_and_duplicate_nothing(
         settings: KafkaSettings, client: Client, processes: Processes, workdir: Path) -> None:  # noqa: F811
     first = processes.processor()
