@@ -40,8 +40,9 @@ between, e.g. a zombie owner during a rebalance).
 What a snapshot holds (the contract is `schemas/avro/snapshots/`): each open
 execution's current run history (what workflow tasks carry; its state is the fold of
 it) with the two fields that come from earlier runs, each closed execution still within
-`closed_retention`, the `tf.durable` commands offset, and the events offset. What is each schedule (its whole state: a schedule has no history kept in memory, and is never evicted),
-rebuilt rather than stored: the due-time heap (from the states), what was dispatched
+`closed_retention`, each schedule (its whole state: no history of a schedule is kept in
+memory, and a schedule is never evicted), the `tf.durable` commands offset, and the events
+offset. What is rebuilt rather than stored: the due-time heap (from the states), what was dispatched
 (everything pending is dispatched again after a recovery, as before), heartbeats
 (counted again from the recovery).
 """
