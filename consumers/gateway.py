@@ -51,6 +51,7 @@ from .cursor import Cursor, CursorError, cursor_before
 from .filters import EventFilter
 from .lookup import RootCache
 from .reader import partition_count, resolve_settings
+from .schedule_api import routes as schedule_routes
 from .subscription import TreeSubscription
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
+        *schedule_routes(gateway.settings),
         *api,
     ])
     app.state.gateway = gateway
