@@ -68,8 +68,19 @@ def _ms(t: datetime) -> int:
 
 
 def _cron_next(expression: str, zone: ZoneInfo | timezone, after: datetime) -> datetime:
-    # croniter walks local wall-clock time of `zone` (DST-aware); the answer goes back to UTC.
-    return croniter(expression, after.astimezone(zone)).get_next(datetime).astimezone(timezone.utc)
+    """The first time after `after` whose wall-clock time in `zone` matches `expression`.
+
+    croniter walks naive wall-clock times (its own DST handling misplaces ticks around a
+    change); each is placed in `zone` by zoneinfo with fold=0: a wall-clock time that a
+    change repeats fires once, the first time; one that a change skips fires as far after
+    the change as it was meant to be after the hour (02:30 skipped -> 03:30 summer time).
+    """
+    walker = croniter(expression, after.astimezone(zone).replace(tzinfo=None))
+    for _ in range(1000):
+        candidate = walker.get_next(datetime).replace(tzinfo=zone).astimezone(timezone.utc)
+        if candidate > after:
+            return candidate
+    raise InvalidScheduleSpec(f"cron expression {expression!r} found no time after {after}")
 
 
 def _interval_next(interval: m.ScheduleInterval, after: datetime) -> datetime:
@@ -135,8 +146,9 @@ def latest_due(spec: m.ScheduleSpec, first: datetime, now: datetime) -> tuple[da
             latest = max(latest, candidate if candidate <= now else latest)
         zone = _zone(spec.time_zone)
         for expression in spec.cron:
-            candidate = croniter(expression, now.astimezone(zone)).get_prev(datetime).astimezone(timezone.utc)
-            latest = max(latest, candidate)
+            walker = croniter(expression, now.astimezone(zone).replace(tzinfo=None))
+            candidate = walker.get_prev(datetime).replace(tzinfo=zone).astimezone(timezone.utc)
+            latest = max(latest, candidate if candidate <= now else latest)
     return latest, missed
 
 
