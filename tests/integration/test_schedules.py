@@ -26,7 +26,7 @@ from treeflow.core.schedules import run_id_of
 from treeflow.kafka import KafkaSettings, partition_for
 from treeflow.schemas import EventType
 
-from .test_durability import Processes, client, processes, read_events, settle, wait_until  # noqa: F401
+from .test_durability import Processes, client, processes, read_events, settle  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
