@@ -150,3 +150,36 @@ async def test_cli_and_http_routes(settings: KafkaSettings, client: Client, proc
         assert bad.status_code == 422 and "not supported" in bad.json()["detail"]
         names = [s["schedule_id"] for s in (await http.get("/v1/workflows/schedules")).json()["schedules"]]
         assert names == ["nightly"]
+
+
+async def test_the_mistralai_client_drives_the_schedule_routes(settings: KafkaSettings, client: Client,
+                                                               processes: Processes) -> None:
+    """Mistral's own client (`mistralai`, when installed) against `treeflow serve`'s schedule routes."""
+    mistral = pytest.importorskip("mistralai.client")
+    from treeflow.consumers.gateway import GatewayServer, create_app
+
+    processes.processor("--module", str(APP_FILE), "-q", "default")
+    server = GatewayServer(create_app(settings), port=0)
+    await server.start()
+    try:
+        schedules = mistral.Mistral(server_url=server.url, api_key="unused").workflows.schedules
+        models = mistral.models
+        created = await schedules.schedule_workflow_async(
+            workflow_identifier="scheduled_echo", schedule_id="m1", schedule=models.ScheduleDefinition(
+                input={"a": 1}, intervals=[models.ScheduleInterval(every="3600s")],
+                policy=models.SchedulePolicy(overlap=6)), timeout_ms=60_000)
+        assert created.schedule_id == "m1"
+        await schedules.pause_schedule_async(schedule_id="m1", note="hold")
+        listed = await schedules.get_schedules_async(status="paused")
+        assert [s.schedule_id for s in listed.result.schedules] == ["m1"] and listed.result.schedules[0].note == "hold"
+        await schedules.trigger_schedule_async(schedule_id="m1")
+        await schedules.resume_schedule_async(schedule_id="m1")
+        got = await schedules.get_schedule_async(schedule_id="m1")
+        assert got.paused is False and got.policy.overlap == 6 and got.intervals[0].every == "3600s"
+        [run] = [e.execution_id for e in got.recent_executions]
+        assert (await client.get_handle(run).result(timeout=30))["echo"] == {"a": 1}
+        await schedules.unschedule_workflow_async(schedule_id="m1")
+        with pytest.raises(Exception, match="404"):
+            await schedules.get_schedule_async(schedule_id="m1")
+    finally:
+        await server.stop()
