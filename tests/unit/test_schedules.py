@@ -319,3 +319,19 @@ def test_state_is_the_fold_of_the_log_and_survives_a_snapshot() -> None:
     live_events = p.engine.handle(resume, T0 + timedelta(seconds=7)).events
     assert restored.handle(resume, T0 + timedelta(seconds=7)).events == live_events
     assert restored.schedules == p.engine.schedules
+
+
+def test_a_schedules_tree_is_open_until_it_is_deleted_and_its_runs_closed() -> None:
+    from treeflow.consumers.tree import TreeTracker
+
+    p = Partition()
+    p.command(create(), T0)
+    p.tick(T0 + timedelta(seconds=2))
+    p.command(m.DeleteSchedule(), T0 + timedelta(seconds=3))
+    tracker = TreeTracker("s")
+    for event in p.events:
+        tracker.observe(event)
+    assert tracker.open_executions() == ["s.20260101T000002Z"]  # the schedule is gone, its run goes on
+    p.close_run("s.20260101T000002Z", T0 + timedelta(seconds=4))
+    tracker.observe(p.events[-1])
+    assert tracker.closed
