@@ -11,6 +11,10 @@ time-based is decided (`tick` refuses), so a report waiting in the commands topi
 decided before the processor re-sends its task or times it out (DESIGN §5
 invariants 5 and 6).
 
+It also holds the partition's schedules (`treeflow.core.schedules`): their state is the
+fold of their events, the due-time heap wakes them like timers, and a tick decides them
+with the executions (README "Schedules").
+
 A closed execution is forgotten `closed_retention` after it closed (DESIGN.md §5
 invariant 7); `export` and `restore` give and take the state a snapshot holds
 (`treeflow.processor.snapshots`); `restore` leaves the engine `recovering` as `replay` does.
@@ -23,12 +27,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
+from treeflow.schemas import SCHEDULE_EVENTS, Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
 from ..errors import UNKNOWN_WORKFLOW
-from treeflow.schemas import SCHEDULE_EVENTS
-
 from ..core import ExecutionState, Query, WorkItem, evolve, fold, next_due, pending_work, process
 from ..core.schedules import ScheduleState, evolve_schedule
 from ..core.state import updated
