@@ -55,6 +55,7 @@ from .filters import EventFilter
 from .lookup import RootCache
 from .mistral import MistralApi
 from .reader import partition_count, resolve_settings
+from .schedule_api import routes as schedule_routes
 from .subscription import TreeSubscription
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
+        *schedule_routes(gateway.settings),
         *api,
     ])
     app.state.gateway = gateway

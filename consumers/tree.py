@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from treeflow.schemas import CLOSING_STATUS, Event, EventType
+from treeflow.schemas import CLOSING_STATUS, SCHEDULE_EVENTS, Event, EventType
 
 RUNNING = "RUNNING"
 #: A child its parent asked for, whose own WORKFLOW_EXECUTION_STARTED is not read yet.
@@ -22,8 +22,10 @@ START_FAILED = "START_FAILED"
 CONTINUED_AS_NEW = CLOSING_STATUS[EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW]
 #: An execution known only as the parent of one seen (its own events were not read).
 UNKNOWN = "UNKNOWN"
+#: The root of a schedule's tree (README "Schedules"): the schedule itself, until it is deleted.
+SCHEDULE, SCHEDULE_DELETED = "SCHEDULE", "SCHEDULE_DELETED"
 #: Statuses of an execution that is still going (a continued-as-new one is about to start its next run).
-OPEN_STATUSES = frozenset({RUNNING, PENDING, CONTINUED_AS_NEW})
+OPEN_STATUSES = frozenset({RUNNING, PENDING, CONTINUED_AS_NEW, SCHEDULE})
 
 
 @dataclass
@@ -81,7 +83,9 @@ class TreeTracker:
         node.last_sequence = max(node.last_sequence, event.sequence)
         event_type = event.event_type
         payload = event.payload
-        if event_type is EventType.WORKFLOW_EXECUTION_STARTED:
+        if event_type in SCHEDULE_EVENTS:
+            node.status = SCHEDULE_DELETED if event_type is EventType.SCHEDULE_DELETED else SCHEDULE
+        elif event_type is EventType.WORKFLOW_EXECUTION_STARTED:
             node.status = RUNNING
             node.runs += 1
             node.workflow_run_id = context.workflow_run_id

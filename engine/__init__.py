@@ -40,11 +40,21 @@ from .errors import (
     WorkflowUpdateError,
 )
 from .options import RetryPolicy
+from .schedules import (
+    ScheduleDescription,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+)
 from .workflow import execute_workflow, get_execution_id
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScheduleDescription", "ScheduleHandle", "ScheduleIntervalSpec", "ScheduleOverlapPolicy", "SchedulePolicy",
+    "ScheduleSpec",
     "ActivityError", "ApplicationError", "ChildWorkflowError", "Client", "CommandRejectedError",
     "ContinueAsNewError", "ExecutionDescription", "ParentClosePolicy", "QueryTimeoutError", "RetryPolicy",
     "TreeflowError", "WorkflowAlreadyStartedError", "WorkflowError", "WorkflowFailureError", "WorkflowHandle", "WorkflowQueryError", "WorkflowUpdateError",

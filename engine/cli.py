@@ -592,6 +592,154 @@ async def _with_client(bootstrap_servers: str | None, call: Any) -> Any:
         await client.close()
 
 
+# ---------------------------------------------------------------- schedules (README "Schedules")
+
+@main.group("schedule")
+def schedule_group() -> None:
+    """Create and manage durable schedules (the processor's clock starts their workflows)."""
+
+
+def _overlap(value: str | None) -> Any:
+    from treeflow.schedules import ScheduleOverlapPolicy
+
+    return None if value is None else ScheduleOverlapPolicy(value.upper().replace("-", "_"))
+
+
+overlap_choice = click.Choice(["skip", "buffer_one", "allow_all"], case_sensitive=False)
+
+
+@schedule_group.command("create")
+@bootstrap_option
+@click.argument("schedule_id")
+@click.argument("workflow_name")
+@click.option("--cron", "crons", multiple=True, metavar="EXPR",
+              help="A cron expression, e.g. '*/5 * * * *' (5 fields; 6 with seconds last; repeatable).")
+@click.option("--every", "intervals", multiple=True, metavar="DURATION",
+              help="An interval, e.g. 2s, 5m, 1h30m, PT10S (repeatable; ticks at multiples of it since the epoch).")
+@click.option("--offset", default="0s", show_default=True, metavar="DURATION", help="Shift of the --every ticks.")
+@click.option("--jitter", default="0s", show_default=True, metavar="DURATION",
+              help="Each tick fires up to this much after its time.")
+@click.option("--time-zone", metavar="IANA_NAME", help="Time zone of the cron expressions. Default: UTC.")
+@click.option("--overlap", type=overlap_choice, default="skip", show_default=True,
+              help="What a tick does while the previous run is open.")
+@click.option("--catchup-window", default="365d", show_default=True, metavar="DURATION",
+              help="After an outage, the most recent missed tick fires if at most this old.")
+@click.option("--task-queue", metavar="QUEUE", help="The runs' task queue. Default: 'default'.")
+@click.option("--execution-timeout", metavar="DURATION", help="Bound of each run. Default: none.")
+@click.option("--paused", is_flag=True, help="Create it paused.")
+@click.option("--note", metavar="TEXT")
+@input_option
+@command_timeout_option
+def schedule_create(bootstrap_servers: str | None, schedule_id: str, workflow_name: str, crons: tuple[str, ...],
+                    intervals: tuple[str, ...], offset: str, jitter: str, time_zone: str | None, overlap: str,
+                    catchup_window: str, task_queue: str | None, execution_timeout: str | None, paused: bool,
+                    note: str | None, input_json: str | None, timeout: float | None) -> None:
+    """Create schedule SCHEDULE_ID starting WORKFLOW_NAME (with --input) at each tick.
+
+    Each run's execution id is SCHEDULE_ID.<nominal time, UTC> (e.g. nightly.20261201T030000Z).
+    """
+    from treeflow.schedules import SchedulePolicy, ScheduleIntervalSpec, ScheduleSpec, parse_duration
+
+    if not crons and not intervals:
+        raise click.UsageError("give at least one --cron or --every")
+    params = parse_input(input_json)
+    spec = ScheduleSpec(cron=list(crons), intervals=[ScheduleIntervalSpec(every, offset) for every in intervals],
+                        jitter=jitter, time_zone=time_zone)
+    spec.to_record()  # bad input fails here (exit 2), before any connection
+    parse_duration(catchup_window)
+    policy = SchedulePolicy(overlap=_overlap(overlap), catchup_window=catchup_window)
+    run_timeout = parse_duration(execution_timeout) if execution_timeout else None
+    handle = asyncio.run(_with_client(bootstrap_servers, lambda client: client.create_schedule(
+        schedule_id, workflow_name, params, spec=spec, policy=policy, task_queue=task_queue,
+        execution_timeout=run_timeout, paused=paused, note=note, timeout=timeout)))
+    click.echo(f"schedule {handle.id} created")
+
+
+@schedule_group.command("list")
+@bootstrap_option
+@click.option("--workflow", "workflow_name", metavar="NAME", help="Only the schedules of this workflow.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@command_timeout_option
+def schedule_list(bootstrap_servers: str | None, workflow_name: str | None, as_json: bool,
+                  timeout: float | None) -> None:
+    """List every schedule: id, workflow, state, next fire time, runs started."""
+    import json
+
+    found = asyncio.run(_with_client(bootstrap_servers, lambda client: client.list_schedules(
+        workflow_name=workflow_name, timeout=timeout)))
+    for description in found:
+        if as_json:
+            click.echo(json.dumps(description.raw))
+            continue
+        state = "paused" if description.paused else "active"
+        upcoming = description.next_fire_at.isoformat() if description.next_fire_at else "-"
+        click.echo(f"{description.schedule_id}  {description.workflow_name}  {state}  next {upcoming}  "
+                   f"fired {description.fired}  skipped {description.skipped}")
+
+
+@schedule_group.command("describe")
+@bootstrap_option
+@click.argument("schedule_id")
+@command_timeout_option
+def schedule_describe(bootstrap_servers: str | None, schedule_id: str, timeout: float | None) -> None:
+    """Print a schedule as JSON: spec, policy, state, next fire times, recent runs."""
+    import json
+
+    description = asyncio.run(_with_client(bootstrap_servers, lambda client: client.get_schedule_handle(
+        schedule_id).describe(timeout=timeout)))
+    click.echo(json.dumps(description.raw, indent=2))
+
+
+def _on_schedule(bootstrap_servers: str | None, schedule_id: str, call: Any) -> Any:
+    return asyncio.run(_with_client(bootstrap_servers, lambda client: call(client.get_schedule_handle(schedule_id))))
+
+
+@schedule_group.command("pause")
+@bootstrap_option
+@click.argument("schedule_id")
+@click.option("--note", metavar="TEXT")
+@command_timeout_option
+def schedule_pause(bootstrap_servers: str | None, schedule_id: str, note: str | None, timeout: float | None) -> None:
+    """Pause a schedule: no tick fires until it is resumed."""
+    _on_schedule(bootstrap_servers, schedule_id, lambda handle: handle.pause(note, timeout=timeout))
+    click.echo(f"schedule {schedule_id} paused")
+
+
+@schedule_group.command("resume")
+@bootstrap_option
+@click.argument("schedule_id")
+@click.option("--note", metavar="TEXT")
+@command_timeout_option
+def schedule_resume(bootstrap_servers: str | None, schedule_id: str, note: str | None,
+                    timeout: float | None) -> None:
+    """Resume a paused schedule (ticks due while it was paused do not fire)."""
+    _on_schedule(bootstrap_servers, schedule_id, lambda handle: handle.resume(note, timeout=timeout))
+    click.echo(f"schedule {schedule_id} resumed")
+
+
+@schedule_group.command("trigger")
+@bootstrap_option
+@click.argument("schedule_id")
+@click.option("--overlap", type=overlap_choice, help="Override the schedule's overlap policy for this run.")
+@command_timeout_option
+def schedule_trigger(bootstrap_servers: str | None, schedule_id: str, overlap: str | None,
+                     timeout: float | None) -> None:
+    """Start the schedule's workflow now; prints the run's execution id."""
+    run = _on_schedule(bootstrap_servers, schedule_id,
+                       lambda handle: handle.trigger(_overlap(overlap), timeout=timeout))
+    click.echo(run if run else f"not started: the overlap policy skipped or buffered it (schedule {schedule_id})")
+
+
+@schedule_group.command("delete")
+@bootstrap_option
+@click.argument("schedule_id")
+@command_timeout_option
+def schedule_delete(bootstrap_servers: str | None, schedule_id: str, timeout: float | None) -> None:
+    """Delete a schedule (its runs go on)."""
+    _on_schedule(bootstrap_servers, schedule_id, lambda handle: handle.delete(timeout=timeout))
+    click.echo(f"schedule {schedule_id} deleted")
+
+
 # The consumer library's `serve` and `tail`: importing it runs main.add_command for them (it
 # imports this module's options, so it registers itself; its HTTP and UI imports wait until a run).
 import treeflow.consumers.cli  # noqa: E402,F401

@@ -16,6 +16,7 @@ looks up when the caller does not give it (see there for the cost).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -59,7 +60,10 @@ from .errors import (
     CommandTimeoutError,
     DeadlineExceededError,
     ExecutionNotFoundError,
+    InvalidScheduleError,
     QueryTimeoutError,
+    ScheduleAlreadyExistsError,
+    ScheduleNotFoundError,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
     WorkflowNotRegisteredError,
@@ -69,6 +73,13 @@ from .errors import (
 )
 from .options import RetryPolicy, millis
 from .payloads import from_json, handler_input, handler_name, to_json
+from .schedules import (
+    ScheduleDescription,
+    ScheduleHandle,
+    SchedulePolicy,
+    ScheduleSpec,
+    parse_duration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -613,6 +624,66 @@ class Client:
         reader = EventReader(self.settings, [partition_for(root, self.settings.partitions)], key=root)
         return [item.event async for item in reader if item.event.workflow_context.root_workflow_exec_id == root]
 
+    # ------------------------------------------------------------ schedules
+
+    async def create_schedule(self, schedule_id: str, workflow: type | str, params: Any = None, *,
+                              spec: ScheduleSpec, policy: SchedulePolicy | None = None,
+                              task_queue: str | None = None, execution_timeout: timedelta | None = None,
+                              retry_policy: RetryPolicy | None = None, paused: bool = False,
+                              note: str | None = None, timeout: float | None = None) -> ScheduleHandle:
+        """Create a durable schedule that starts `workflow` with `params` at each tick of
+        `spec` (README "Schedules"); returns once the processor recorded it.
+
+        Raises `InvalidScheduleError` for a spec that cannot tick or params that do not fit
+        the workflow, `ScheduleAlreadyExistsError` when the id is taken, and
+        `CommandTimeoutError` as `start_workflow` does.
+        """
+        definition = None if isinstance(workflow, str) else workflow_definition(workflow)
+        name = workflow if isinstance(workflow, str) else definition.name  # type: ignore[union-attr]
+        if definition is not None and params is not None:
+            try:
+                definition.parameters.bind(to_json(params))
+            except Exception as exc:  # noqa: BLE001 - said as a bad schedule, before anything is sent
+                raise InvalidScheduleError(f"params do not fit workflow {name}: {exc}") from None
+        if not schedule_id or "|" in schedule_id:
+            raise InvalidScheduleError(f"invalid schedule id {schedule_id!r}")
+        policy = policy or SchedulePolicy()
+        run_timeout = execution_timeout or (definition.execution_timeout if definition else None)
+        queue = task_queue or (definition.task_queue if definition else None) or DEFAULT_TASK_QUEUE
+        payload = m.CreateSchedule(
+            spec=spec.to_record(),
+            action=m.ScheduleAction(workflow_name=name, task_queue=queue,
+                                    input_json=None if params is None else to_json(params),
+                                    execution_timeout_ms=millis(run_timeout),
+                                    retry_policy=retry_policy.to_record() if retry_policy else None),
+            overlap=policy.overlap, catchup_window_ms=millis(parse_duration(policy.catchup_window)),
+            paused=paused, note=note, identity=self.identity)
+        await self._schedule_command(schedule_id, payload, timeout)
+        return ScheduleHandle(self, schedule_id)
+
+    def get_schedule_handle(self, schedule_id: str) -> ScheduleHandle:
+        """A handle on an existing schedule (nothing is checked until it is used)."""
+        return ScheduleHandle(self, schedule_id)
+
+    async def list_schedules(self, *, workflow_name: str | None = None,
+                             timeout: float | None = None) -> list[ScheduleDescription]:
+        """Every schedule, by id: asks the processor for each partition's schedules."""
+        replies = await asyncio.gather(*(
+            self._send("", "", m.ListSchedules(workflow_name=workflow_name), timeout, partition=partition)
+            for partition in range(self.settings.partitions)))
+        found = [ScheduleDescription.of(item) for reply in replies for item in json.loads(reply.result_json or "[]")]
+        return sorted(found, key=lambda d: d.schedule_id)
+
+    async def _schedule_command(self, schedule_id: str, payload: Any, timeout: float | None) -> Reply:
+        reply = await self._send(schedule_id, schedule_id, payload, timeout)
+        if not reply.accepted:
+            error = reply.error
+            message = error.message if error and error.message else "rejected"
+            kind = {"ScheduleNotFound": ScheduleNotFoundError, "ScheduleAlreadyExists": ScheduleAlreadyExistsError,
+                    "InvalidArgument": InvalidScheduleError}.get(error.type if error else "", CommandRejectedError)
+            raise kind(message)
+        return reply
+
     # ------------------------------------------------------------ internals
 
     async def _request(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> None:
@@ -635,9 +706,11 @@ class Client:
         return m.Failure(type="WorkflowClosed", non_retryable=True,
                        message=f"workflow execution {exec_id} is already closed ({state.status.value})")
 
-    async def _send(self, exec_id: str, root: str, payload: Any, timeout: float | None = None) -> Reply:
+    async def _send(self, exec_id: str, root: str, payload: Any, timeout: float | None = None, *,
+                    partition: int | None = None) -> Reply:
         """Write the command and wait for the processor's reply, for at most `timeout`
-        seconds (default `command_timeout`); then raise `CommandTimeoutError`."""
+        seconds (default `command_timeout`); then raise `CommandTimeoutError`. `partition`
+        picks the commands partition of a command about no tree (an empty root)."""
         assert self._producer is not None, "call start() (or use Client.connect()) first"
         seconds = self.command_timeout if timeout is None else _command_timeout(timeout)
         command = Command(command_id=new_id(), timestamp=datetime.now(timezone.utc),
@@ -651,6 +724,7 @@ class Client:
             assert self._producer is not None
             written.append(await self._producer.send_and_wait(self.settings.topics.commands,
                                                               COMMANDS.encode(command), key=root.encode(),
+                                                              partition=partition,
                                                               headers=tracing.current_headers() or None))
             return await answered
 

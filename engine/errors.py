@@ -103,6 +103,23 @@ class ExecutionNotFoundError(CommandRejectedError, LookupError):
     exit_code = 7
 
 
+class ScheduleNotFoundError(CommandRejectedError, LookupError):
+    """No schedule has this id (never created, or deleted)."""
+
+    exit_code = 7
+
+
+class ScheduleAlreadyExistsError(CommandRejectedError):
+    """A schedule with this id exists already (delete it first, or pick another id)."""
+
+
+class InvalidScheduleError(TreeflowError, ValueError):
+    """A schedule spec or option that cannot work (a bad cron expression, an unknown time
+    zone, an interval under a second...)."""
+
+    exit_code = 2
+
+
 #: The WORKFLOW_TASK_FAILED cause when no worker of the queue registers the workflow's name.
 UNKNOWN_WORKFLOW = "UNKNOWN_WORKFLOW"
 

@@ -31,3 +31,10 @@ CLOSING_STATUS: dict[EventType, str] = {
     EventType.WORKFLOW_EXECUTION_TIMED_OUT: "TIMED_OUT",
     EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW: "CONTINUED_AS_NEW",
 }
+
+#: Events of a schedule (README "Schedules"), not of an execution: their workflow_context's
+#: workflow_exec_id and root are the schedule id; the schedule's runs are keyed in that tree.
+SCHEDULE_EVENTS: frozenset[EventType] = frozenset({
+    EventType.SCHEDULE_CREATED, EventType.SCHEDULE_PAUSED, EventType.SCHEDULE_RESUMED, EventType.SCHEDULE_DELETED,
+    EventType.SCHEDULE_FIRED, EventType.SCHEDULE_SKIPPED, EventType.SCHEDULE_BUFFERED,
+})

@@ -29,6 +29,14 @@ class ParentClosePolicy(str, Enum):
     UNSPECIFIED = "UNSPECIFIED"
 
 
+class ScheduleOverlapPolicy(str, Enum):
+    """What a schedule does when a tick comes while its previous run is still open: SKIP the tick, BUFFER_ONE (start it once the open run closes; one tick at most waits), ALLOW_ALL (start it anyway)."""
+
+    SKIP = "SKIP"
+    BUFFER_ONE = "BUFFER_ONE"
+    ALLOW_ALL = "ALLOW_ALL"
+
+
 class EventType(str, Enum):
     """The type of an event; names the payload's record."""
 
@@ -75,6 +83,13 @@ class EventType(str, Enum):
     WORKFLOW_EXECUTION_UPDATE_COMPLETED = "WORKFLOW_EXECUTION_UPDATE_COMPLETED"
     MARKER_RECORDED = "MARKER_RECORDED"
     EXTERNAL_WORKFLOW_EXECUTION_SIGNALED = "EXTERNAL_WORKFLOW_EXECUTION_SIGNALED"
+    SCHEDULE_CREATED = "SCHEDULE_CREATED"
+    SCHEDULE_PAUSED = "SCHEDULE_PAUSED"
+    SCHEDULE_RESUMED = "SCHEDULE_RESUMED"
+    SCHEDULE_DELETED = "SCHEDULE_DELETED"
+    SCHEDULE_FIRED = "SCHEDULE_FIRED"
+    SCHEDULE_SKIPPED = "SCHEDULE_SKIPPED"
+    SCHEDULE_BUFFERED = "SCHEDULE_BUFFERED"
 
 
 class ExecutionStatus(str, Enum):
@@ -123,7 +138,7 @@ class Command(AvroModel):
     timestamp: Timestamp = Field(description='When the sender wrote it; the timestamp of the events it causes.')
     root_workflow_exec_id: str = Field(description="The tree's root execution id; the Kafka key.")
     workflow_exec_id: str = Field(description='The execution the command is about.')
-    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask | UpdateWorkflowExecution | AcceptWorkflowUpdate = Field(description='The typed request or report.')
+    payload: StartWorkflowExecution | SignalWorkflowExecution | RequestCancelWorkflowExecution | TerminateWorkflowExecution | CompleteWorkflowTask | FailWorkflowTask | ReportActivityTaskStarted | CompleteActivityTask | FailActivityTask | RecordActivityHeartbeat | RecordCustomTaskEvent | Tick | QueryWorkflow | RespondQueryTask | UpdateWorkflowExecution | AcceptWorkflowUpdate | CreateSchedule | PauseSchedule | ResumeSchedule | TriggerSchedule | DeleteSchedule | DescribeSchedule | ListSchedules = Field(description='The typed request or report.')
     reply_partition: None | int = Field(default=None, description="The replies partition the sender reads: the processor answers there (default: the root's partition); a start's result is also sent there when the execution closes.")
 
 
@@ -172,6 +187,32 @@ class ContinueAsNewWorkflowExecution(AvroModel):
     input_json: None | str = Field(default=None, description='The input, as JSON text.')
 
 
+class CreateSchedule(AvroModel):
+    """Client: create a schedule (its id is the command's workflow_exec_id and root)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.CreateSchedule"
+    spec: ScheduleSpec = Field(description='When it ticks.')
+    action: ScheduleAction = Field(description='What each tick starts.')
+    overlap: ScheduleOverlapPolicy = Field(default=ScheduleOverlapPolicy.SKIP, description='What a tick does while the previous run is open.')
+    catchup_window_ms: int = Field(default=31536000000, description='After an outage, the most recent missed tick still fires when it is at most this old.')
+    paused: bool = Field(default=False, description='Created paused.')
+    note: None | str = Field(default=None, description='Why (shown by describe).')
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
+class DeleteSchedule(AvroModel):
+    """Client: delete a schedule (its runs go on)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.DeleteSchedule"
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
+class DescribeSchedule(AvroModel):
+    """Client: the schedule's state, answered in the reply's result_json (no event)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.DescribeSchedule"
+
+
 class FailActivityTask(AvroModel):
     """Worker: an activity attempt raised."""
 
@@ -198,6 +239,21 @@ class FailWorkflowTask(AvroModel):
     workflow_run_id: str = Field(description='The run this report is about; a stale run is ignored.')
     cause: str = Field(description='E.g. NON_DETERMINISTIC.')
     failure: Failure = Field(description='What went wrong.')
+
+
+class ListSchedules(AvroModel):
+    """Client: the schedules of one partition (sent to each partition, with an empty root), answered in the reply's result_json (no event)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.ListSchedules"
+    workflow_name: None | str = Field(default=None, description='Only schedules of this workflow.')
+
+
+class PauseSchedule(AvroModel):
+    """Client: pause a schedule (no tick fires until it is resumed)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.PauseSchedule"
+    note: None | str = Field(default=None, description='Why.')
+    identity: None | str = Field(default=None, description='Who asked.')
 
 
 class QueryWorkflow(AvroModel):
@@ -298,6 +354,14 @@ class RespondQueryTask(AvroModel):
     failure: None | Failure = Field(default=None, description='Why there is no result (QueryNotFound, QueryFailed, NonDeterministic, ...).')
 
 
+class ResumeSchedule(AvroModel):
+    """Client: resume a paused schedule (its next tick is the next one after now)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.ResumeSchedule"
+    note: None | str = Field(default=None, description='Why.')
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
 class ScheduleActivityTask(AvroModel):
     """Decision: run an activity."""
 
@@ -378,6 +442,14 @@ class Tick(AvroModel):
     now: Timestamp = Field(description="The processor's clock when it wrote the tick.")
 
 
+class TriggerSchedule(AvroModel):
+    """Client: start the schedule's workflow now (paused or not)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.TriggerSchedule"
+    overlap: None | ScheduleOverlapPolicy = Field(default=None, description="Overrides the schedule's overlap policy for this start.")
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
 class UpdateWorkflowExecution(AvroModel):
     """Client: run an update handler of a running execution and answer with its result. The processor hands its validation to a worker (a query task marked update); nothing is recorded until the worker accepts it (AcceptWorkflowUpdate). The reply to this command carries the handler's result or the rejection or failure."""
 
@@ -415,6 +487,37 @@ class RetryPolicy(AvroModel):
     maximum_interval_ms: None | int = Field(default=None, description='Upper bound of a delay; null means 100 x initial_interval_ms.')
     maximum_attempts: int = Field(default=0, description='Attempts in all, the first included; 0 means unlimited.')
     non_retryable_error_types: list[str] = Field(default_factory=list, description='Error types that fail at once.')
+
+
+class ScheduleAction(AvroModel):
+    """The workflow a schedule starts at each tick."""
+
+    __avro_name__: ClassVar[str] = "treeflow.ScheduleAction"
+    workflow_name: str = Field(description='The workflow to start.')
+    task_queue: str = Field(description='Its task queue.')
+    input_json: None | str = Field(default=None, description='Its input, as JSON text.')
+    execution_timeout_ms: None | int = Field(default=None, description='Bound of each run.')
+    retry_policy: None | RetryPolicy = Field(default=None, description='Retry policy of each run.')
+
+
+class ScheduleInterval(AvroModel):
+    """Ticks every `every_ms`, at epoch + offset_ms + k * every_ms (UTC)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.ScheduleInterval"
+    every_ms: int = Field(description='The period, at least 1000.')
+    offset_ms: int = Field(default=0, description="Shift of the ticks from the epoch's multiples of the period.")
+
+
+class ScheduleSpec(AvroModel):
+    """When a schedule ticks: the union of its cron expressions and intervals, within [start_at, end_at]."""
+
+    __avro_name__: ClassVar[str] = "treeflow.ScheduleSpec"
+    cron: list[str] = Field(default_factory=list, description='Cron expressions (5 fields, or 6 with seconds last), read in `time_zone`.')
+    intervals: list[ScheduleInterval] = Field(default_factory=list, description='Fixed periods.')
+    jitter_ms: int = Field(default=0, description='Each tick fires up to this much after its nominal time (a delay derived from the schedule id and the tick, never past the next tick).')
+    time_zone: None | str = Field(default=None, description='IANA time zone of the cron expressions (UTC when null).')
+    start_at: None | Timestamp = Field(default=None, description='No tick before it.')
+    end_at: None | Timestamp = Field(default=None, description='No tick after it.')
 
 
 class WorkflowContext(AvroModel):
@@ -639,7 +742,7 @@ class Event(AvroModel):
     sequence: int = Field(description="Position in the execution's history: 1, 2, 3, ... with no gaps.")
     workflow_context: WorkflowContext = Field(description='Where the execution sits in its tree.')
     attempt: None | int = Field(default=None, description='The attempt, where it applies (activities, retried executions).')
-    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied | WorkflowExecutionUpdateAccepted | WorkflowExecutionUpdateCompleted | MarkerRecorded | ExternalWorkflowExecutionSignaled = Field(description='The typed payload; its record is named after event_type.')
+    payload: WorkflowExecutionStarted | WorkflowExecutionCompleted | WorkflowExecutionFailed | WorkflowExecutionCanceled | WorkflowExecutionContinuedAsNew | WorkflowExecutionTerminated | WorkflowExecutionTimedOut | WorkflowExecutionCancelRequested | WorkflowExecutionSignaled | WorkflowTaskCompleted | WorkflowTaskTimedOut | WorkflowTaskFailed | ActivityTaskScheduled | ActivityTaskStarted | ActivityTaskCompleted | ActivityTaskRetrying | ActivityTaskFailed | ActivityTaskTimedOut | ActivityTaskCancelRequested | ActivityTaskCanceled | CustomTaskStarted | CustomTaskInProgress | CustomTaskCompleted | CustomTaskFailed | CustomTaskTimedOut | CustomTaskCanceled | TimerStarted | TimerFired | TimerCanceled | StartChildWorkflowExecutionInitiated | StartChildWorkflowExecutionFailed | ChildWorkflowExecutionStarted | ChildWorkflowExecutionCompleted | ChildWorkflowExecutionFailed | ChildWorkflowExecutionCanceled | ChildWorkflowExecutionTerminated | ChildWorkflowExecutionTimedOut | ChildWorkflowExecutionCancelRequested | ParentClosePolicyApplied | WorkflowExecutionUpdateAccepted | WorkflowExecutionUpdateCompleted | MarkerRecorded | ExternalWorkflowExecutionSignaled | ScheduleCreated | SchedulePaused | ScheduleResumed | ScheduleDeleted | ScheduleFired | ScheduleSkipped | ScheduleBuffered = Field(description='The typed payload; its record is named after event_type.')
 
 
 class ExternalWorkflowExecutionSignaled(AvroModel):
@@ -670,6 +773,76 @@ class ParentClosePolicyApplied(AvroModel):
     child_workflow_name: str = Field(description="The child's workflow name.")
     policy: ParentClosePolicy = Field(description='The policy applied: the child was terminated, sent a cancel request, or left running.')
     parent_close_status: str = Field(description='How the parent closed: COMPLETED, FAILED, CANCELED, TERMINATED, TIMED_OUT or CONTINUED_AS_NEW.')
+
+
+class ScheduleBuffered(AvroModel):
+    """A tick came while the previous run was open (BUFFER_ONE): it starts when that run closes."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleBuffered"
+    nominal_time: Timestamp = Field(description="The tick's nominal time.")
+    trigger: str = Field(description='SCHEDULED or TRIGGERED.')
+    missed: int = Field(default=0, description='Ticks missed before it while the processor was away.')
+    next_fire_at: None | Timestamp = Field(default=None, description='The next nominal tick time (null: none).')
+
+
+class ScheduleCreated(AvroModel):
+    """A schedule was created. A schedule's events carry a workflow_context whose workflow_exec_id and root are the schedule id; its runs are keyed in that tree."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleCreated"
+    spec: ScheduleSpec = Field(description='When it ticks.')
+    action: ScheduleAction = Field(description='What each tick starts.')
+    overlap: ScheduleOverlapPolicy = Field(description='What a tick does while the previous run is open.')
+    catchup_window_ms: int = Field(description='How old a missed tick may be and still fire after an outage.')
+    paused: bool = Field(description='Created paused.')
+    note: None | str = Field(default=None, description='Why.')
+    identity: None | str = Field(default=None, description='Who asked.')
+    next_fire_at: None | Timestamp = Field(default=None, description='The first nominal tick time (null: none).')
+
+
+class ScheduleDeleted(AvroModel):
+    """The schedule was deleted (its last event)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleDeleted"
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
+class ScheduleFired(AvroModel):
+    """A tick started the schedule's workflow; the run's WORKFLOW_EXECUTION_STARTED precedes this event."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleFired"
+    nominal_time: Timestamp = Field(description="The tick's nominal time (before jitter); the run's id is derived from it.")
+    workflow_exec_id: str = Field(description="The run's execution id: `<schedule id>.<nominal time, UTC, YYYYMMDDTHHMMSS[.mmm]Z>`.")
+    workflow_run_id: str = Field(description="The run's run id.")
+    trigger: str = Field(description='SCHEDULED, TRIGGERED (run now) or BUFFERED (a tick that waited for the previous run).')
+    missed: int = Field(default=0, description='Ticks that came due while the processor was away and were not fired (only the most recent fires).')
+    next_fire_at: None | Timestamp = Field(default=None, description='The next nominal tick time (null: none).')
+
+
+class SchedulePaused(AvroModel):
+    """The schedule was paused."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.SchedulePaused"
+    note: None | str = Field(default=None, description='Why.')
+    identity: None | str = Field(default=None, description='Who asked.')
+
+
+class ScheduleResumed(AvroModel):
+    """The schedule was resumed."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleResumed"
+    note: None | str = Field(default=None, description='Why.')
+    identity: None | str = Field(default=None, description='Who asked.')
+    next_fire_at: None | Timestamp = Field(default=None, description='The next nominal tick time (null: none).')
+
+
+class ScheduleSkipped(AvroModel):
+    """A tick did not start a run."""
+
+    __avro_name__: ClassVar[str] = "treeflow.events.ScheduleSkipped"
+    nominal_time: Timestamp = Field(description="The tick's nominal time.")
+    reason: str = Field(description="OVERLAP (the previous run is open), CATCHUP_WINDOW (older than the catch-up window) or ALREADY_STARTED (a run with the tick's id exists).")
+    missed: int = Field(default=0, description='Ticks missed before it while the processor was away.')
+    next_fire_at: None | Timestamp = Field(default=None, description='The next nominal tick time (null: none).')
 
 
 class StartChildWorkflowExecutionFailed(AvroModel):
@@ -889,6 +1062,38 @@ class OpenExecution(AvroModel):
     recent_commands: list[str] = Field(default_factory=list, description='Ids of the last commands that appended events to the execution, across runs, oldest first (a re-sent command is recognised by them).')
 
 
+class ScheduleImage(AvroModel):
+    """A schedule as the processor holds it (its state is the fold of its events; a schedule is never evicted, its history is not kept)."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.ScheduleImage"
+    context: WorkflowContext = Field(description="The schedule's events' context (workflow_exec_id and root: the schedule id).")
+    spec: ScheduleSpec = Field(description='When it ticks.')
+    action: ScheduleAction = Field(description='What each tick starts.')
+    overlap: ScheduleOverlapPolicy = Field(description='Overlap policy.')
+    catchup_window_ms: int = Field(description='Catch-up window.')
+    created_at: Timestamp = Field(description='When it was created.')
+    last_sequence: int = Field(description='Sequence of its last event.')
+    paused: bool = Field(description='Paused.')
+    note: None | str = Field(default=None, description='The last pause or resume note.')
+    next_fire_at: None | Timestamp = Field(default=None, description='The next nominal tick time.')
+    buffered_nominal: None | Timestamp = Field(default=None, description='A tick waiting for the open run to close (BUFFER_ONE).')
+    buffered_trigger: None | str = Field(default=None, description="That tick's trigger.")
+    recent_runs: list[ScheduleRun] = Field(default_factory=list, description='The last runs it started, oldest first.')
+    fired: int = Field(default=0, description='Runs started.')
+    skipped: int = Field(default=0, description='Ticks skipped.')
+    missed: int = Field(default=0, description='Ticks missed during outages.')
+    recent_commands: list[str] = Field(default_factory=list, description='Ids of the last commands that appended its events.')
+
+
+class ScheduleRun(AvroModel):
+    """A run a schedule started."""
+
+    __avro_name__: ClassVar[str] = "treeflow.snapshots.ScheduleRun"
+    nominal_time: Timestamp = Field(description="The tick's nominal time.")
+    started_at: Timestamp = Field(description='When it started.')
+    workflow_exec_id: str = Field(description="The run's execution id.")
+
+
 class Snapshot(AvroModel):
     """One record of the snapshots topic: a chunk of a partition's checkpointed state, or the manifest that completes a snapshot (DESIGN.md §5 invariant 7)."""
 
@@ -906,6 +1111,7 @@ class SnapshotChunk(AvroModel):
     index: int = Field(description='Position of the chunk in its snapshot, from 0.')
     open_executions: list[OpenExecution] = Field(default_factory=list, description='Open executions.')
     closed_executions: list[ClosedExecution] = Field(default_factory=list, description='Executions closed within the retention, kept for commands about them.')
+    schedules: list[ScheduleImage] = Field(default_factory=list, description='Schedules (README "Schedules").')
 
 
 class SnapshotManifest(AvroModel):
@@ -977,9 +1183,14 @@ for _model in (
     CompleteWorkflowTask,
     CompleteWorkflowUpdate,
     ContinueAsNewWorkflowExecution,
+    CreateSchedule,
+    DeleteSchedule,
+    DescribeSchedule,
     FailActivityTask,
     FailWorkflowExecution,
     FailWorkflowTask,
+    ListSchedules,
+    PauseSchedule,
     QueryWorkflow,
     RecordActivityHeartbeat,
     RecordCustomTaskEvent,
@@ -990,6 +1201,7 @@ for _model in (
     RequestCancelChildWorkflowExecution,
     RequestCancelWorkflowExecution,
     RespondQueryTask,
+    ResumeSchedule,
     ScheduleActivityTask,
     SignalExternalWorkflowExecution,
     SignalWorkflowExecution,
@@ -998,10 +1210,14 @@ for _model in (
     StartWorkflowExecution,
     TerminateWorkflowExecution,
     Tick,
+    TriggerSchedule,
     UpdateWorkflowExecution,
     CustomTaskPayload,
     Failure,
     RetryPolicy,
+    ScheduleAction,
+    ScheduleInterval,
+    ScheduleSpec,
     WorkflowContext,
     ActivityTaskCancelRequested,
     ActivityTaskCanceled,
@@ -1028,6 +1244,13 @@ for _model in (
     ExternalWorkflowExecutionSignaled,
     MarkerRecorded,
     ParentClosePolicyApplied,
+    ScheduleBuffered,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleFired,
+    SchedulePaused,
+    ScheduleResumed,
+    ScheduleSkipped,
     StartChildWorkflowExecutionFailed,
     StartChildWorkflowExecutionInitiated,
     TimerCanceled,
@@ -1050,6 +1273,8 @@ for _model in (
     Reply,
     ClosedExecution,
     OpenExecution,
+    ScheduleImage,
+    ScheduleRun,
     Snapshot,
     SnapshotChunk,
     SnapshotManifest,

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from treeflow.kafka import KafkaSettings, end_offsets
+from treeflow.schemas import SCHEDULE_EVENTS
 
 from ..events import TreeEvent
 from ..reader import resolve_settings
@@ -149,7 +150,10 @@ class VisibilityService:
                     key = (item.topic, item.update.partition)
                     positions[key] = max(positions.get(key, 0), item.update.offset + 1)
                 try:
-                    await self.store.apply([item.update for item in batch], positions)
+                    # A schedule's events move the position only: a schedule is not an execution
+                    # (its runs are rows like any execution's).
+                    await self.store.apply([item.update for item in batch
+                                            if item.update.last_event_type not in _SCHEDULE_TYPES], positions)
                 except asyncio.CancelledError:
                     for item in batch:
                         item.done.cancel()
@@ -167,6 +171,9 @@ class VisibilityService:
                 for item in batch:
                     if not item.done.done():
                         item.done.set_result(None)
+
+
+_SCHEDULE_TYPES = frozenset(t.value for t in SCHEDULE_EVENTS)
 
 
 async def freshness(store: VisibilityStore, settings: KafkaSettings, *, ask_kafka: bool = True,

@@ -20,6 +20,7 @@ events are acknowledged), so no reader can see two times for one decision.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,16 @@ from treeflow.schemas import (
 from treeflow.schemas import models as m
 
 from .evolve import evolve
+from .schedules import (
+    InvalidScheduleSpec,
+    ScheduleState,
+    describe_schedule,
+    evolve_schedule,
+    latest_due,
+    next_fire_after,
+    run_id_of,
+    validate_spec,
+)
 from .state import ExecutionState, Status, updated
 
 #: Namespace of the run ids derived from command ids.
@@ -76,28 +87,34 @@ class Outcome:
     replies: list[Reply] = field(default_factory=list)
     states: dict[str, ExecutionState] = field(default_factory=dict)
     queries: list[Query] = field(default_factory=list)
+    #: The schedules changed (None: deleted).
+    schedules: dict[str, ScheduleState | None] = field(default_factory=dict)
 
 
 def decide(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None, *,
-           now: datetime | None = None) -> list[Event]:
-    """The events `command` appends, given the executions in `view`, decided at `now`."""
-    return process(view, command, due, now=now).events
+           now: datetime | None = None, schedules: Mapping[str, ScheduleState] | None = None) -> list[Event]:
+    """The events `command` appends, given the executions in `view` (and the partition's
+    `schedules`), decided at `now`."""
+    return process(view, command, due, now=now, schedules=schedules).events
 
 
 def process(view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None = None, *,
-            now: datetime | None = None) -> Outcome:
+            now: datetime | None = None, schedules: Mapping[str, ScheduleState] | None = None) -> Outcome:
     """`decide`, plus the replies and the evolved states (so callers need not fold twice).
 
     `now` is the decision time (the command's timestamp when None): every event's
-    timestamp, and where every deadline the command sets counts from.
+    timestamp, and where every deadline the command sets counts from. A tick also
+    examines the schedules named in `due`.
     """
-    session = _Session(view, command, due, now)
-    target = view.get(command.workflow_exec_id)
+    session = _Session(view, command, due, now, schedules or EMPTY_SCHEDULES)
+    target: Any = view.get(command.workflow_exec_id)
+    if isinstance(command.payload, SCHEDULE_COMMANDS):
+        target = session.schedule(command.workflow_exec_id)
     if (target is not None and command.command_id in target.recent_commands
             and not _is_claim(command.payload)):
         # Delivered again (a crash before the offset commit, or a client retry):
         # its events are already in the log.
-        if isinstance(command.payload, CLIENT_COMMANDS):
+        if isinstance(command.payload, CLIENT_COMMANDS + SCHEDULE_COMMANDS):
             session.reply(accepted=True)
         return session.outcome
     _HANDLERS[type(command.payload)](session, command.payload)
@@ -112,8 +129,9 @@ class _Session:
     """Emits events for one command, evolving an overlay of the view as it goes."""
 
     def __init__(self, view: Mapping[str, ExecutionState], command: Command, due: Iterable[str] | None,
-                 now: datetime | None) -> None:
+                 now: datetime | None, schedules: Mapping[str, ScheduleState] = MappingProxyType({})) -> None:
         self.view = view
+        self.schedules = schedules
         self.due = due
         self.command = command
         self.now: datetime = now or command.timestamp
@@ -142,6 +160,25 @@ class _Session:
         state = evolve(previous, event)
         self.outcome.events.append(event)
         self.outcome.states[exec_id] = state
+        return state
+
+    def schedule(self, schedule_id: str) -> ScheduleState | None:
+        if schedule_id in self.outcome.schedules:
+            return self.outcome.schedules[schedule_id]
+        return self.schedules.get(schedule_id)
+
+    def emit_schedule(self, context: WorkflowContext, payload: AvroModel) -> ScheduleState | None:
+        """Append a schedule's event (its own sequence; see `treeflow.core.schedules`)."""
+        schedule_id = context.workflow_exec_id
+        previous = self.schedule(schedule_id)
+        event = Event.model_construct(
+            event_id=f"{self.command.command_id}:{len(self.outcome.events)}",
+            event_type=EVENT_TYPES[type(payload)], timestamp=self.now,
+            sequence=(previous.last_sequence if previous else 0) + 1,
+            workflow_context=context, attempt=None, payload=payload)
+        state = evolve_schedule(previous, event)
+        self.outcome.events.append(event)
+        self.outcome.schedules[schedule_id] = state
         return state
 
     def emit_on(self, exec_id: str, payload: AvroModel, attempt: int | None = None) -> ExecutionState:
@@ -300,6 +337,9 @@ def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
         # README "Execution ids": an id names one tree among the executions a partition holds.
         s.reply(False, f"execution id {exec_id} is taken by an execution of the tree of "
                        f"{held.context.root_workflow_exec_id}", "WorkflowIdInAnotherTree")
+        return
+    if s.schedule(exec_id) is not None:
+        s.reply(False, f"execution id {exec_id} is a schedule's id", "WorkflowIdInAnotherTree")
         return
     existing = s.running(exec_id)
     if existing is not None:
@@ -476,7 +516,10 @@ def _custom_task_event(s: _Session, p: m.RecordCustomTaskEvent) -> None:
 
 
 def _tick(s: _Session, p: m.Tick) -> None:
-    """Fire what is due at `now` among the executions named due."""
+    """Fire what is due at `now` among the executions named due (and the schedules)."""
+    for schedule_id in sorted(s.schedules if s.due is None else s.due):
+        if s.schedule(schedule_id) is not None:
+            _tick_schedule(s, schedule_id)
     for exec_id in sorted(s.view if s.due is None else s.due):
         state = s.running(exec_id)
         if state is None:
@@ -684,6 +727,165 @@ def _next_run(s: _Session, state: ExecutionState, why: str, input_json: str | No
         first_workflow_task_backoff_ms=backoff_ms, reply_partition=state.reply_partition), attempt=attempt)
 
 
+# --------------------------------------------------------------- schedules
+#
+# A schedule lives on the partition of its id, and so do its runs: each run is a
+# top-level execution (no parent) of the schedule's tree (root: the schedule id), so
+# the overlap policy reads whether the previous run is open from this partition's view,
+# and a tick's run start and its SCHEDULE_FIRED are one decision. README "Schedules".
+
+def _schedule_context(schedule_id: str, action: m.ScheduleAction) -> WorkflowContext:
+    return WorkflowContext(workflow_exec_id=schedule_id, workflow_run_id=run_id_for("schedule", schedule_id),
+                           workflow_name=action.workflow_name, parent_workflow_exec_id=None,
+                           root_workflow_exec_id=schedule_id, task_queue=action.task_queue)
+
+
+def _schedule_or_reject(s: _Session) -> ScheduleState | None:
+    state = s.schedule(s.command.workflow_exec_id)
+    if state is None:
+        s.reply(False, f"schedule {s.command.workflow_exec_id} not found", "ScheduleNotFound")
+    return state
+
+
+def _create_schedule(s: _Session, p: m.CreateSchedule) -> None:
+    schedule_id = s.command.workflow_exec_id
+    if s.command.root_workflow_exec_id != schedule_id:
+        s.reply(False, f"a schedule is keyed by its own id: {schedule_id} was sent with root "
+                       f"{s.command.root_workflow_exec_id}", "InvalidArgument")
+        return
+    if s.schedule(schedule_id) is not None:
+        s.reply(False, f"schedule {schedule_id} already exists", "ScheduleAlreadyExists")
+        return
+    held = s.get(schedule_id)
+    if held is not None:
+        s.reply(False, f"schedule id {schedule_id} is taken by an execution of the tree of "
+                       f"{held.context.root_workflow_exec_id}", "WorkflowIdInAnotherTree")
+        return
+    try:
+        validate_spec(p.spec)
+    except InvalidScheduleSpec as exc:
+        s.reply(False, str(exc), "InvalidArgument")
+        return
+    s.emit_schedule(_schedule_context(schedule_id, p.action), m.ScheduleCreated(
+        spec=p.spec, action=p.action, overlap=p.overlap, catchup_window_ms=p.catchup_window_ms, paused=p.paused,
+        note=p.note, identity=p.identity, next_fire_at=next_fire_after(p.spec, s.now)))
+    s.reply(True)
+
+
+def _pause_schedule(s: _Session, p: m.PauseSchedule) -> None:
+    state = _schedule_or_reject(s)
+    if state is not None:
+        if not state.paused:
+            s.emit_schedule(state.context, m.SchedulePaused(note=p.note, identity=p.identity))
+        s.reply(True)
+
+
+def _resume_schedule(s: _Session, p: m.ResumeSchedule) -> None:
+    """Resumed, the schedule's next tick is the first after now: ticks due while it was
+    paused do not fire."""
+    state = _schedule_or_reject(s)
+    if state is not None:
+        if state.paused:
+            s.emit_schedule(state.context, m.ScheduleResumed(note=p.note, identity=p.identity,
+                                                             next_fire_at=next_fire_after(state.spec, s.now)))
+        s.reply(True)
+
+
+def _delete_schedule(s: _Session, p: m.DeleteSchedule) -> None:
+    state = _schedule_or_reject(s)
+    if state is not None:
+        s.emit_schedule(state.context, m.ScheduleDeleted(identity=p.identity))
+        s.reply(True)
+
+
+def _trigger_schedule(s: _Session, p: m.TriggerSchedule) -> None:
+    """Run now (paused or not): a tick at the decision time, under the schedule's overlap
+    policy unless the command names one; the reply's result_json says what it did."""
+    state = _schedule_or_reject(s)
+    if state is not None:
+        outcome = _schedule_action(s, state, s.now, "TRIGGERED", 0, p.overlap or state.overlap, state.next_fire_at)
+        s.reply_to(s.command.command_id, True, result_json=json.dumps(outcome))
+
+
+def _describe_schedule(s: _Session, p: m.DescribeSchedule) -> None:
+    state = _schedule_or_reject(s)
+    if state is not None:
+        s.reply_to(s.command.command_id, True, result_json=json.dumps(describe_schedule(state)))
+
+
+def _list_schedules(s: _Session, p: m.ListSchedules) -> None:
+    found = [describe_schedule(state, future=1) for _, state in sorted(s.schedules.items())
+             if p.workflow_name is None or state.action.workflow_name == p.workflow_name]
+    s.reply_to(s.command.command_id, True, result_json=json.dumps(found))
+
+
+def _run_open(s: _Session, state: ScheduleState) -> bool:
+    return any(s.running(run.workflow_exec_id) is not None for run in state.recent_runs)
+
+
+def _tick_schedule(s: _Session, schedule_id: str) -> None:
+    """Decide a schedule at `now`: a buffered tick whose previous run closed starts; a due
+    tick fires, or is skipped or buffered by the overlap policy. After an outage only the
+    most recent due tick is decided (the others count as `missed`), and not at all when
+    it is older than the catch-up window."""
+    state = s.schedule(schedule_id)
+    assert state is not None
+    if state.paused:
+        return
+    if state.buffered is not None and not _run_open(s, state):
+        nominal, _ = state.buffered
+        _schedule_action(s, state, nominal, "BUFFERED", 0, m.ScheduleOverlapPolicy.ALLOW_ALL, state.next_fire_at)
+        state = s.schedule(schedule_id)
+        assert state is not None
+    due_at = state.due_at()
+    if state.next_fire_at is None or due_at is None or due_at > s.now:
+        return
+    nominal, missed = latest_due(state.spec, state.next_fire_at, s.now)
+    following = next_fire_after(state.spec, nominal)
+    if s.now - nominal > timedelta(milliseconds=state.catchup_window_ms + state.spec.jitter_ms):
+        s.emit_schedule(state.context, m.ScheduleSkipped(nominal_time=nominal, reason="CATCHUP_WINDOW",
+                                                         missed=missed, next_fire_at=following))
+        return
+    _schedule_action(s, state, nominal, "SCHEDULED", missed, state.overlap, following)
+
+
+def _schedule_action(s: _Session, state: ScheduleState, nominal: datetime, trigger: str, missed: int,
+                     overlap: m.ScheduleOverlapPolicy, following: datetime | None) -> dict[str, Any]:
+    """Start the run of the tick at `nominal` (or skip or buffer it); what happened, as JSON."""
+    ids = {"nominal_time": nominal, "missed": missed, "next_fire_at": following}
+    if trigger != "BUFFERED" and overlap is not m.ScheduleOverlapPolicy.ALLOW_ALL and _run_open(s, state):
+        if overlap is m.ScheduleOverlapPolicy.BUFFER_ONE and state.buffered is None:
+            s.emit_schedule(state.context, m.ScheduleBuffered(**ids, trigger=trigger))
+            return {"action": "BUFFERED", "nominal_time": nominal.isoformat()}
+        s.emit_schedule(state.context, m.ScheduleSkipped(**ids, reason="OVERLAP"))
+        return {"action": "SKIPPED", "reason": "OVERLAP", "nominal_time": nominal.isoformat()}
+    exec_id = run_id_of(state.schedule_id, nominal)
+    held = s.get(exec_id)
+    if held is not None and held.context.root_workflow_exec_id != state.schedule_id:
+        s.emit_schedule(state.context, m.ScheduleSkipped(**ids, reason="ALREADY_STARTED"))
+        return {"action": "SKIPPED", "reason": "ALREADY_STARTED", "execution_id": exec_id}
+    if held is None:
+        # The run first, its SCHEDULE_FIRED after: a tick decided again after a crash that
+        # left only the run in the log finds the id used and records the firing alone.
+        action = state.action
+        s.emit(WorkflowContext(workflow_exec_id=exec_id, workflow_run_id=run_id_for("schedule", exec_id),
+                               workflow_name=action.workflow_name, parent_workflow_exec_id=None,
+                               root_workflow_exec_id=state.schedule_id, task_queue=action.task_queue),
+               m.WorkflowExecutionStarted(input_json=action.input_json,
+                                          execution_timeout_ms=action.execution_timeout_ms,
+                                          retry_policy=action.retry_policy, identity=f"schedule {state.schedule_id}"))
+        held = s.get(exec_id)
+        assert held is not None
+    s.emit_schedule(state.context, m.ScheduleFired(**ids, workflow_exec_id=exec_id,
+                                                   workflow_run_id=held.context.workflow_run_id, trigger=trigger))
+    return {"action": "STARTED", "execution_id": exec_id, "run_id": held.context.workflow_run_id,
+            "nominal_time": nominal.isoformat()}
+
+
+SCHEDULE_COMMANDS = (m.CreateSchedule, m.PauseSchedule, m.ResumeSchedule, m.TriggerSchedule, m.DeleteSchedule)
+EMPTY_SCHEDULES: Mapping[str, ScheduleState] = MappingProxyType({})
+
+
 _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {
     m.StartWorkflowExecution: _start,
     m.SignalWorkflowExecution: _signal,
@@ -701,6 +903,13 @@ _HANDLERS: dict[type, Callable[[_Session, Any], None]] = {
     m.Tick: _tick,
     m.UpdateWorkflowExecution: _update,
     m.AcceptWorkflowUpdate: _accept_update,
+    m.CreateSchedule: _create_schedule,
+    m.PauseSchedule: _pause_schedule,
+    m.ResumeSchedule: _resume_schedule,
+    m.TriggerSchedule: _trigger_schedule,
+    m.DeleteSchedule: _delete_schedule,
+    m.DescribeSchedule: _describe_schedule,
+    m.ListSchedules: _list_schedules,
 }
 
 _DECISIONS: dict[type, Callable[[_Session, str, Any], None]] = {

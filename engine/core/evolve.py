@@ -7,7 +7,7 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
-from treeflow.schemas import Event, EventType
+from treeflow.schemas import SCHEDULE_EVENTS, Event, EventType
 from treeflow.schemas import models as m
 
 from .state import (
@@ -77,9 +77,12 @@ def _final_timeout(event: Event) -> bool:
 
 
 def fold(events: Iterable[Event], states: Mapping[str, ExecutionState] | None = None) -> dict[str, ExecutionState]:
-    """The states of every execution after `events`, starting from `states`."""
+    """The states of every execution after `events`, starting from `states` (a schedule's
+    events are left out)."""
     result = dict(states or {})
     for event in events:
+        if event.event_type in SCHEDULE_EVENTS:
+            continue  # a schedule's, not an execution's (treeflow.core.schedules folds those)
         exec_id = event.workflow_context.workflow_exec_id
         result[exec_id] = evolve(result.get(exec_id), event)
     return result

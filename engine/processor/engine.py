@@ -11,6 +11,10 @@ time-based is decided (`tick` refuses), so a report waiting in the commands topi
 decided before the processor re-sends its task or times it out (DESIGN §5
 invariants 5 and 6).
 
+It also holds the partition's schedules (`treeflow.core.schedules`): their state is the
+fold of their events, the due-time heap wakes them like timers, and a tick decides them
+with the executions (README "Schedules").
+
 A closed execution is forgotten `closed_retention` after it closed (DESIGN.md §5
 invariant 7); `export` and `restore` give and take the state a snapshot holds
 (`treeflow.processor.snapshots`); `restore` leaves the engine `recovering` as `replay` does.
@@ -23,11 +27,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from treeflow.schemas import Command, Event, EventType, Reply, Task, WorkflowContext
+from treeflow.schemas import SCHEDULE_EVENTS, Command, Event, EventType, Reply, Task, WorkflowContext
 from treeflow.schemas import models as m
 
 from ..errors import UNKNOWN_WORKFLOW
 from ..core import ExecutionState, Query, WorkItem, evolve, fold, next_due, pending_work, process
+from ..core.schedules import ScheduleState, evolve_schedule
 from ..core.state import updated
 
 #: How long a closed execution stays in memory by default (TREEFLOW_CLOSED_RETENTION).
@@ -82,6 +87,8 @@ class PartitionImage:
 
     open: list[OpenImage]
     closed: list[ExecutionState]
+    #: Every schedule of the partition (never evicted; deleted ones are gone).
+    schedules: list[ScheduleState] = field(default_factory=list)
 
 
 class PartitionEngine:
@@ -95,6 +102,8 @@ class PartitionEngine:
         #: every workflow task carries, stays bounded; continue-as-new starts a fresh run).
         self.history_limit = history_limit
         self.states: dict[str, ExecutionState] = {}
+        #: The partition's schedules, by id (README "Schedules").
+        self.schedules: dict[str, ScheduleState] = {}
         self.histories: dict[str, list[Event]] = {}
         self._dispatched: dict[str, set[str]] = {}
         self._due: list[tuple[datetime, str]] = []
@@ -149,6 +158,8 @@ class PartitionEngine:
             dispatches.extend(self._ready_work(exec_id, now))
             if exec_id in self.states:
                 self._schedule(self.states[exec_id])
+        for schedule in self.schedules.values():
+            self._schedule_due(schedule)
         return dispatches
 
     # ------------------------------------------------------------ snapshots
@@ -164,7 +175,7 @@ class PartitionEngine:
                                         state.recent_commands))
             else:
                 closed.append(state)
-        return PartitionImage(opened, closed)
+        return PartitionImage(opened, closed, list(self.schedules.values()))
 
     @classmethod
     def restore(cls, partition: int, image: PartitionImage, tail: list[Event], now: datetime,
@@ -172,6 +183,8 @@ class PartitionEngine:
         """The engine of a snapshot's `image` plus the `tail` of events after it: the
         same as `replay` of the whole partition at `now` (DESIGN.md §5 invariant 1)."""
         engine = cls(partition, closed_retention)
+        for schedule in image.schedules:
+            engine.schedules[schedule.schedule_id] = schedule
         for state in image.closed:
             engine.states[state.exec_id] = state
             heapq.heappush(engine._closings, (state.closed_at or now, state.exec_id))
@@ -211,12 +224,13 @@ class PartitionEngine:
         caller appends the events, sends the replies and dispatches. While `recovering`,
         only query tasks are dispatched (`resume` dispatches the rest)."""
         now = self._advance(now)
-        outcome = process(self.states, command, now=now)
+        outcome = process(self.states, command, now=now, schedules=self.schedules)
         for event in outcome.events:
             self._append(event)
         # States not moved by an event (a heartbeat) still change.
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
+        self._schedules_changed(outcome.events, now)
         effects = Effects(outcome.events, outcome.replies)
         touched = set(outcome.states) | self._terminate_over_limit(effects, now)
         self._route(command, effects)
@@ -241,11 +255,15 @@ class PartitionEngine:
             return effects
         tick = Command(command_id=command_id, timestamp=now, root_workflow_exec_id="", workflow_exec_id="",
                        payload=m.Tick(now=now))
-        outcome = process(self.states, tick, [exec_id for exec_id in due if exec_id in self.states])
+        outcome = process(self.states, tick, [i for i in due if i in self.states or i in self.schedules],
+                          schedules=self.schedules)
         for event in outcome.events:
             self._append(event)
         for exec_id, state in outcome.states.items():
             self.states[exec_id] = state
+        for schedule_id in due & set(self.schedules):
+            self._schedule_due(self.schedules[schedule_id])
+        self._schedules_changed(outcome.events, now)
         effects.events, effects.replies = outcome.events, outcome.replies
         touched = set(outcome.states) | self._terminate_over_limit(effects, now)
         self._close_notices(effects)
@@ -366,8 +384,34 @@ class PartitionEngine:
             self.clock = now
         return self.clock
 
+    def _schedules_changed(self, events: list[Event], now: datetime) -> None:
+        """Put the schedules these events changed on the due heap, and those whose buffered
+        tick waits for a run these events closed (it starts at the next tick)."""
+        for event in events:
+            context = event.workflow_context
+            if event.event_type in SCHEDULE_EVENTS:
+                schedule = self.schedules.get(context.workflow_exec_id)
+                if schedule is not None:
+                    self._schedule_due(schedule)
+            elif event.event_type in FINAL_CLOSES:
+                schedule = self.schedules.get(context.root_workflow_exec_id)
+                if schedule is not None and schedule.buffered is not None:
+                    heapq.heappush(self._due, (now, schedule.schedule_id))
+
+    def _schedule_due(self, schedule: ScheduleState) -> None:
+        due = schedule.due_at()
+        if due is not None:
+            heapq.heappush(self._due, (due, schedule.schedule_id))
+
     def _append(self, event: Event) -> None:
         exec_id = event.workflow_context.workflow_exec_id
+        if event.event_type in SCHEDULE_EVENTS:
+            schedule = evolve_schedule(self.schedules.get(exec_id), event)
+            if schedule is None:
+                self.schedules.pop(exec_id, None)
+            else:
+                self.schedules[exec_id] = schedule
+            return
         state = evolve(self.states.get(exec_id), event)
         self.states[exec_id] = state
         if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:

@@ -40,8 +40,9 @@ between, e.g. a zombie owner during a rebalance).
 What a snapshot holds (the contract is `schemas/avro/snapshots/`): each open
 execution's current run history (what workflow tasks carry; its state is the fold of
 it) with the two fields that come from earlier runs, each closed execution still within
-`closed_retention`, the `tf.durable` commands offset, and the events offset. What is
-rebuilt rather than stored: the due-time heap (from the states), what was dispatched
+`closed_retention`, each schedule (its whole state: no history of a schedule is kept in
+memory, and a schedule is never evicted), the `tf.durable` commands offset, and the events
+offset. What is rebuilt rather than stored: the due-time heap (from the states), what was dispatched
 (everything pending is dispatched again after a recovery, as before), heartbeats
 (counted again from the recovery).
 """
@@ -66,6 +67,7 @@ from treeflow.kafka.topics import partition_counts
 from treeflow.schemas import SNAPSHOTS, DecodeError, RecordPosition
 from treeflow.schemas import models as m
 
+from ..core.schedules import ScheduleRun, ScheduleState
 from ..core.state import EMPTY, ExecutionState, Status
 from ..ids import new_id
 from .engine import DEFAULT_CLOSED_RETENTION, DEFAULT_HISTORY_LIMIT, OpenImage, PartitionEngine, PartitionImage
@@ -185,16 +187,41 @@ def closed_state(record: m.ClosedExecution) -> ExecutionState:
         reply_partition=record.reply_partition)
 
 
+def schedule_record(state: ScheduleState) -> m.ScheduleImage:
+    return m.ScheduleImage.model_construct(
+        context=state.context, spec=state.spec, action=state.action, overlap=state.overlap,
+        catchup_window_ms=state.catchup_window_ms, created_at=state.created_at, last_sequence=state.last_sequence,
+        paused=state.paused, note=state.note, next_fire_at=state.next_fire_at,
+        buffered_nominal=state.buffered[0] if state.buffered else None,
+        buffered_trigger=state.buffered[1] if state.buffered else None,
+        recent_runs=[m.ScheduleRun.model_construct(nominal_time=r.nominal_time, started_at=r.started_at,
+                                                   workflow_exec_id=r.workflow_exec_id) for r in state.recent_runs],
+        fired=state.fired, skipped=state.skipped, missed=state.missed, recent_commands=list(state.recent_commands))
+
+
+def schedule_state(record: m.ScheduleImage) -> ScheduleState:
+    buffered = (record.buffered_nominal, record.buffered_trigger or "SCHEDULED") if record.buffered_nominal else None
+    return ScheduleState(
+        context=record.context, spec=record.spec, action=record.action, overlap=record.overlap,
+        catchup_window_ms=record.catchup_window_ms, created_at=record.created_at, last_sequence=record.last_sequence,
+        paused=record.paused, note=record.note, next_fire_at=record.next_fire_at, buffered=buffered,
+        recent_runs=tuple(ScheduleRun(r.nominal_time, r.started_at, r.workflow_exec_id) for r in record.recent_runs),
+        fired=record.fired, skipped=record.skipped, missed=record.missed,
+        recent_commands=tuple(record.recent_commands))
+
+
 def encode_chunks(partition: int, snapshot_id: str, image: PartitionImage, chunk_bytes: int) -> list[bytes]:
     """The image as encoded chunk records, each at most `chunk_bytes` unless one
     execution alone is bigger. (CPU-bound: run it in a thread.)"""
-    items: list[Any] = [open_record(i) for i in image.open] + [closed_record(s) for s in image.closed]
+    items: list[Any] = ([open_record(i) for i in image.open] + [closed_record(s) for s in image.closed]
+                        + [schedule_record(s) for s in image.schedules])
     out: list[bytes] = []
 
     def encode(part: list[Any]) -> None:
         chunk = m.SnapshotChunk.model_construct(
             index=len(out), open_executions=[i for i in part if isinstance(i, m.OpenExecution)],
-            closed_executions=[i for i in part if isinstance(i, m.ClosedExecution)])
+            closed_executions=[i for i in part if isinstance(i, m.ClosedExecution)],
+            schedules=[i for i in part if isinstance(i, m.ScheduleImage)])
         data = SNAPSHOTS.encode(m.Snapshot.model_construct(snapshot_id=snapshot_id, partition=partition,
                                                            payload=chunk))
         if len(data) > chunk_bytes and len(part) > 1:
@@ -328,11 +355,12 @@ class SnapshotStore:
                 found[snapshot.payload.index] = snapshot.payload
         if len(found) != len(offsets):
             return None, size
-        opened, closed = [], []
+        opened, closed, schedules = [], [], []
         for index in range(len(offsets)):
             opened.extend(open_image(record) for record in found[index].open_executions)
             closed.extend(closed_state(record) for record in found[index].closed_executions)
-        return PartitionImage(opened, closed), size
+            schedules.extend(schedule_state(record) for record in found[index].schedules)
+        return PartitionImage(opened, closed, schedules), size
 
 
 async def _read_range(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int,

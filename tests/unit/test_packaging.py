@@ -41,4 +41,4 @@ def test_the_wheel_holds_only_the_treeflow_namespace_and_its_schemas(tmp_path: P
     zipfile.ZipFile(wheel).extractall(site)
     out = run_python("import treeflow.schemas as s, treeflow.consumers; "
                      "print(s.__file__.startswith(%r), len(s.EventType))" % str(site), tmp_path, site)
-    assert out == "True 43"
+    assert out == "True 50"
