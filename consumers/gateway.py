@@ -108,12 +108,11 @@ def create_app(settings: KafkaSettings | None = None, *, bootstrap_servers: str 
     api, app_api = api_routes(gateway.settings, visibility_url)
     mistral = MistralApi(gateway, workflows, visibility_url, gateway.options.frames)
     app = Starlette(routes=[
+        *schedule_routes(gateway.settings),  # before Mistral's /v1/workflows/{name} routes
         *mistral.routes(),
-        # MOUNT POINT of the schedule routes: *schedule_routes(gateway.settings) (consumers/schedule_api.py `routes`)
         Route("/healthz", gateway.health),
         Route("/readyz", gateway.ready),
         Route("/metrics", gateway.metrics),
-        *schedule_routes(gateway.settings),
         *api,
     ])
     app.state.gateway = gateway
