@@ -87,7 +87,8 @@ _TASK_COMPLETED = EventType.WORKFLOW_TASK_COMPLETED.value.encode()
 #: What `start_workflow` does when the execution id is already running.
 IdConflictPolicy = Literal["fail", "use_existing"]
 #: How long a wait for a started execution's close notice goes before the log is checked
-#: (a notice lost with a processor that died after appending the close).
+#: (a notice lost with a processor that died after appending the close), and then
+#: between checks. One sweep checks every such wait: one read per events partition.
 CLOSE_NOTICE_CHECK = 10.0
 
 
@@ -100,6 +101,9 @@ class ClientStats:
     fetched_bytes: int = 0
     #: Events partitions followed (for executions waited on that this client did not start).
     followed_event_partitions: int = 0
+    #: Events partitions read to look for close notices that may have been lost (one read
+    #: per partition per sweep, whatever the number of waits).
+    notice_checks: int = 0
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,9 @@ class Client:
         self.stats = ClientStats()
         self._assignment: set[TopicPartition] = set()
         self._assigning = asyncio.Lock()
+        #: Started here and waited on: root id and when to look in the log for its close.
+        self._unnoticed: dict[str, tuple[str, float]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, bootstrap_servers: str | None = None, *, identity: str | None = None,
@@ -390,13 +397,16 @@ class Client:
         self._consumer = await clients.start(clients.consumer(self.settings, "client"), self.settings)
         await self._follow_partitions({TopicPartition(topics.replies, self.reply_partition)})
         self._follower = asyncio.ensure_future(self._follow_while_topics_stay())
+        self._sweeper = asyncio.ensure_future(self._sweep_unnoticed())
 
     async def close(self) -> None:
         follower, consumer, producer = self._follower, self._consumer, self._producer
         self._follower = self._consumer = self._producer = None
-        if follower is not None:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
+        for task in (follower, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sweeper = None
         if consumer is not None:
             await consumer.stop()
         if producer is not None:
@@ -670,18 +680,14 @@ class Client:
             # Started here, the processor sends the closing event (and an UNKNOWN_WORKFLOW
             # task failure) to this client's replies partition; else the tree's partition
             # is followed. A notice lost with a processor that died after appending the
-            # close is found in the log after CLOSE_NOTICE_CHECK.
-            check = CLOSE_NOTICE_CHECK if exec_id in self._started_here else None
+            # close is found in the log by the sweep, CLOSE_NOTICE_CHECK after the wait began.
+            if exec_id in self._started_here and exec_id not in self._unnoticed:
+                self._unnoticed[exec_id] = (await handle.root(),
+                                            asyncio.get_running_loop().time() + CLOSE_NOTICE_CHECK)
             while True:
                 if fail_unregistered and exec_id in self._unregistered:
                     raise _not_registered(self._unregistered[exec_id])
-                try:
-                    event = await asyncio.wait_for(asyncio.shield(waiter), check)
-                except asyncio.TimeoutError:
-                    found = await self._closed_in_log(exec_id, await handle.root())
-                    if found is not None:
-                        return found
-                    continue
+                event = await asyncio.shield(waiter)
                 if event.event_type in FINAL:
                     return event
                 # Woken by an UNKNOWN_WORKFLOW failure: wait on with a new future.
@@ -696,6 +702,7 @@ class Client:
                 waiters.remove(waiter)
             if not waiters:
                 self._waiters.pop(exec_id, None)
+                self._unnoticed.pop(exec_id, None)
 
     async def _follow_while_topics_stay(self) -> None:
         """Follow the topics; if they vanish (or following fails), fail every waiting call with why."""
@@ -718,17 +725,56 @@ class Client:
     async def _closed_in_log(self, exec_id: str, root: str) -> Event | None:
         """The execution's closing event if its history has one since its last start; notes
         a pending UNKNOWN_WORKFLOW workflow-task failure of it."""
-        history = await self.history(exec_id, root_execution_id=root)
-        for event in reversed(history):
-            if event.event_type in FINAL:
-                return event
-            if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
-                break
-        failed = pending_task_failures(history).get(history[-1].workflow_context.workflow_run_id) \
-            if history else None
-        if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
+        final, failed = _close_in(await self.history(exec_id, root_execution_id=root))
+        if failed is not None:
             self._unregistered.setdefault(exec_id, failed)
-        return None
+        return final
+
+    async def _sweep_unnoticed(self) -> None:
+        """Look in the log for the close of the executions started here whose notice is
+        overdue: every CLOSE_NOTICE_CHECK, one read of each events partition that holds
+        such an execution, decoding only their records. So the cost of the safety net
+        grows with the partitions, not with the waits (a wait per execution re-reading
+        its partition made a slow engine slower, until results timed out)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CLOSE_NOTICE_CHECK / 5)
+            now = loop.time()
+            due: dict[int, dict[str, str]] = {}
+            for exec_id, (root, check_at) in self._unnoticed.items():
+                if check_at <= now:
+                    due.setdefault(partition_for(root, self.settings.partitions), {})[exec_id] = root
+            for partition, execs in due.items():
+                try:
+                    histories = await self._histories(partition, execs)
+                except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                    log.warning("could not look for close notices in events partition %d: %r", partition, exc)
+                    continue
+                self.stats.notice_checks += 1
+                next_check = loop.time() + CLOSE_NOTICE_CHECK
+                for exec_id, root in execs.items():
+                    if exec_id in self._unnoticed:
+                        self._unnoticed[exec_id] = (root, next_check)
+                    final, failed = _close_in(histories.get(exec_id, []))
+                    if final is not None:
+                        self._on_close(final)
+                    elif failed is not None and exec_id not in self._unregistered:
+                        self._on_task_failure(failed)
+
+    async def _histories(self, partition: int, execs: dict[str, str]) -> dict[str, list[Event]]:
+        """The histories of `execs` (exec id -> root id), all in events `partition`."""
+        wanted = {exec_id.encode() for exec_id in execs}
+
+        def accept(record: Any) -> bool:
+            exec_header = dict(record.headers or ()).get("tf.exec")
+            return exec_header is None or exec_header in wanted
+
+        histories: dict[str, list[Event]] = {}
+        async for item in EventReader(self.settings, [partition], accept=accept):
+            context = item.event.workflow_context
+            if execs.get(context.workflow_exec_id) == context.root_workflow_exec_id:
+                histories.setdefault(context.workflow_exec_id, []).append(item.event)
+        return histories
 
     async def _follow_partitions(self, partitions: set[TopicPartition]) -> None:
         """Add `partitions` to what the follower reads, each from its true end now."""
@@ -821,6 +867,20 @@ class Client:
         for waiter in self._waiters.pop(exec_id, []):
             if not waiter.done():
                 waiter.set_result(event)
+
+
+def _close_in(history: list[Event]) -> tuple[Event | None, Event | None]:
+    """The closing event of `history`'s last run, if any; else its pending UNKNOWN_WORKFLOW
+    workflow-task failure, if any."""
+    for event in reversed(history):
+        if event.event_type in FINAL:
+            return event, None
+        if event.event_type is EventType.WORKFLOW_EXECUTION_STARTED:
+            break
+    failed = pending_task_failures(history).get(history[-1].workflow_context.workflow_run_id) if history else None
+    if failed is not None and failed.payload.cause == UNKNOWN_WORKFLOW:  # type: ignore[union-attr]
+        return None, failed
+    return None, None
 
 
 def _not_registered(event: Event) -> WorkflowNotRegisteredError:
