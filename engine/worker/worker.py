@@ -96,15 +96,25 @@ class _Fresh(ConsumerRebalanceListener):
 
 
 class _Replies:
-    """Follows the replies topic from its end for the claims this worker waits on."""
+    """Follows the worker's replies partition for the claims it waits on.
+
+    The partition is fetched only while a claim waits (claims are rare: after a
+    rebalance or a processor recovery); otherwise it is paused, so an idle or busy
+    worker does not poll it (on Tansu, whose fetches do not wake on new data, a
+    follower polls every few milliseconds). Before the first claim after a pause it is
+    moved to its end, so the answer is read and the replies in between are not.
+    """
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._waking = asyncio.Lock()
         #: The replies partition this worker reads (chosen at start, by the topics' count).
         self.partition = 0
+        #: How many times the partition was resumed for claims (after a pause).
+        self.wakes = 0
 
     async def start(self) -> None:
         # One replies partition of its own, named in each claim (`Command.reply_partition`):
@@ -116,7 +126,31 @@ class _Replies:
         self._consumer.assign(partitions)
         for tp, offset in ends.items():
             self._consumer.seek(tp, offset)
+        self._consumer.pause(*partitions)
         self._follower = asyncio.ensure_future(self._follow())
+
+    @property
+    def _tp(self) -> TopicPartition:
+        return TopicPartition(self.settings.topics.replies, self.partition)
+
+    async def expect(self, command_id: str) -> asyncio.Future[Reply]:
+        """A future for the reply to `command_id`, to be sent after this returns: the
+        partition is fetched (from its end, if it was paused) until that reply came."""
+        assert self._consumer is not None
+        async with self._waking:
+            if not self._waiting and self._tp in self._consumer.paused():
+                ends = await end_offsets(self.settings, [self._tp])
+                self._consumer.seek(self._tp, ends[self._tp])
+                self._consumer.resume(self._tp)
+                self.wakes += 1
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            self._waiting[command_id] = future
+            return future
+
+    def forget(self, command_id: str) -> None:
+        self._waiting.pop(command_id, None)
+        if not self._waiting and self._consumer is not None and not self._waking.locked():
+            self._consumer.pause(self._tp)
 
     async def stop(self) -> None:
         if self._follower is not None:
@@ -124,14 +158,6 @@ class _Replies:
             await asyncio.gather(self._follower, return_exceptions=True)
         if self._consumer is not None:
             await clients.stop(self._consumer)
-
-    def expect(self, command_id: str) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[command_id] = future
-        return future
-
-    def forget(self, command_id: str) -> None:
-        self._waiting.pop(command_id, None)
 
     async def _follow(self) -> None:
         assert self._consumer is not None
@@ -360,7 +386,7 @@ class Worker:
         wait = CLAIM_RETRY
         claim = claim.model_copy(update={"reply_partition": self._replies.partition})
         while True:
-            answer = self._replies.expect(claim.command_id)
+            answer = await self._replies.expect(claim.command_id)
             try:
                 await self._send(claim)
                 reply = await asyncio.wait_for(answer, wait)
