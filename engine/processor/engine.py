@@ -211,11 +211,31 @@ class PartitionEngine:
             self.states[exec_id] = state
         effects = Effects(outcome.events, outcome.replies)
         self._route(command, effects)
+        if isinstance(command.payload, m.CompleteWorkflowTask):
+            self._taken_eagerly(command.workflow_exec_id, command.payload, outcome.events)
         if not self.recovering:
             for exec_id in outcome.states:
                 effects.dispatches.extend(self._ready_work(exec_id, now))
         effects.dispatches.extend(self._query_task(query, now) for query in outcome.queries)
         return effects
+
+    def _taken_eagerly(self, exec_id: str, report: m.CompleteWorkflowTask, events: list[Event]) -> None:
+        """The first attempts the reporting worker runs itself (eager activities): no task
+        is sent for them. Decided while `recovering` (the worker may be gone, or a copy
+        may run), such an attempt is dispatched on `resume` like inherited work: claimed.
+
+        Only when the report was accepted (its WORKFLOW_TASK_COMPLETED is among `events`)."""
+        eager = [d.activity_id for d in report.decisions if isinstance(d, m.ScheduleActivityTask) and d.eager]
+        state = self.states.get(exec_id)
+        if not eager or state is None or not any(
+                e.event_type is EventType.WORKFLOW_TASK_COMPLETED and e.workflow_context.workflow_exec_id == exec_id
+                for e in events):
+            return
+        keys = {f"{exec_id}|{state.context.workflow_run_id}|{activity_id}|1" for activity_id in eager
+                if (activity := state.activities.get(activity_id)) is not None and activity.attempt == 1}
+        if keys:
+            target = self._inherited if self.recovering else self._dispatched
+            target.setdefault(exec_id, set()).update(keys)
 
     def tick(self, now: datetime, command_id: str) -> Effects:
         """Decide what is due at `now`, and dispatch work whose backoff has passed

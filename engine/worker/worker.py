@@ -22,9 +22,10 @@ attempt is dropped without asking.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -41,7 +42,7 @@ from treeflow.kafka import (
     partition_for,
     watch_topics,
 )
-from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
+from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
@@ -50,6 +51,10 @@ from ..observability import metrics, tracing
 from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
+
+#: Decisions that close the run: a workflow task holding one takes no activity eagerly.
+_CLOSING_DECISIONS = (m.CompleteWorkflowExecution, m.FailWorkflowExecution, m.CancelWorkflowExecution,
+                      m.ContinueAsNewWorkflowExecution)
 
 
 @dataclass
@@ -62,6 +67,8 @@ class WorkerStats:
     claimed_tasks: int = 0
     #: Claims sent again because no reply came (a processor outage, a lost reply).
     claim_retries: int = 0
+    #: First attempts run at once by the worker that completed the scheduling workflow task.
+    eager_activities: int = 0
 
 
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
@@ -214,11 +221,14 @@ class Worker:
 
     def __init__(self, settings: KafkaSettings, workflows: dict[str, WorkflowDefinition],
                  activities: dict[str, ActivityDefinition], task_queues: Iterable[str] = ("default",), *,
-                 max_concurrent_activities: int = 100, runner: TaskRunner | None = None) -> None:
+                 max_concurrent_activities: int = 100, runner: TaskRunner | None = None,
+                 eager_activities: bool = True) -> None:
         self.settings = settings
         self.task_queues = list(dict.fromkeys(task_queues))
         self.runner = runner or TaskRunner(workflows, activities)
         self.stats = WorkerStats()
+        #: Run the first attempt of activities it schedules on its own queues at once.
+        self.eager_activities = eager_activities
         self._slots = asyncio.Semaphore(max_concurrent_activities)
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
@@ -346,9 +356,13 @@ class Worker:
         if isinstance(task.payload, m.WorkflowTask):
             self.stats.workflow_tasks += 1
             metrics.worker_task_counter((queue, "workflow")).inc()
-            await self._send(self.runner.run_workflow_task(task.workflow_context, task.task_id,
-                                                           task.payload.history))
+            report, eager = await self._take_eagerly(self.runner.run_workflow_task(
+                task.workflow_context, task.task_id, task.payload.history))
+            await self._send(report)
             offsets.finish(tp, record.offset)
+            for activity in eager:  # after the report: its activity results follow it in the commands partition
+                self._spawn_activity(task.workflow_context, activity, claim=False,
+                                     traceparent=tracing.traceparent_of(record.headers))
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -359,20 +373,53 @@ class Worker:
         metrics.worker_task_counter((queue, "activity")).inc()
         await self._slots.acquire()
         only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets, claim=not only_copy,
-                                                       traceparent=tracing.traceparent_of(record.headers)))
+        self._spawn_activity(task.workflow_context, task.payload, claim=not only_copy,
+                             traceparent=tracing.traceparent_of(record.headers),
+                             done=functools.partial(offsets.finish, tp, record.offset))
+
+    async def _take_eagerly(self, report: Command) -> tuple[Command, list[m.ActivityTask]]:
+        """Eager activity execution: the first attempts of the activities a completed
+        workflow task schedules on a queue this worker serves, with a free slot, are
+        run here at once (the report marks them `eager`, and the processor sends no task
+        for them). Not when the task also closes the run (the activities would never
+        have been dispatched). Each one taken holds its slot (released by the run)."""
+        payload = report.payload
+        if not self.eager_activities or not isinstance(payload, m.CompleteWorkflowTask) or any(
+                isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions):
+            return report, []
+        decisions, eager = [], []
+        for decision in payload.decisions:
+            if (isinstance(decision, m.ScheduleActivityTask) and decision.task_queue in self.task_queues
+                    and decision.activity_name in self.runner.activities and not self._slots.locked()):
+                await self._slots.acquire()  # free (not locked): returns at once
+                decision = decision.model_copy(update={"eager": True})
+                eager.append(m.ActivityTask(
+                    activity_id=decision.activity_id, activity_name=decision.activity_name,
+                    input_json=decision.input_json, attempt=1, scheduled_at=report.timestamp,
+                    start_to_close_timeout_ms=decision.start_to_close_timeout_ms,
+                    heartbeat_timeout_ms=decision.heartbeat_timeout_ms, first_dispatch=True))
+            decisions.append(decision)
+        if not eager:
+            return report, []
+        self.stats.eager_activities += len(eager)
+        return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), eager
+
+    def _spawn_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
+                        traceparent: bytes | None, done: Callable[[], None] | None = None) -> None:
+        """Run one attempt (its slot already held) in the background."""
+        job = asyncio.ensure_future(self._run_activity(context, task, claim, traceparent, done))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
-    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
-                            claim: bool, traceparent: bytes | None = None) -> None:
+    async def _run_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
+                            traceparent: bytes | None, done: Callable[[], None] | None) -> None:
         try:
             self.stats.activity_tasks += 1
             if claim:
                 self.stats.claimed_tasks += 1
-            await self.runner.run_activity(task.workflow_context, task.payload, self._send,
-                                           self._claim if claim else None, traceparent)
-            offsets.finish(tp, offset)
+            await self.runner.run_activity(context, task, self._send, self._claim if claim else None, traceparent)
+            if done is not None:
+                done()
         finally:
             self._slots.release()
 
