@@ -220,9 +220,12 @@ class PartitionEngine:
         return effects
 
     def _taken_eagerly(self, exec_id: str, report: m.CompleteWorkflowTask, events: list[Event]) -> None:
-        """The first attempts the reporting worker runs itself (eager activities): no task
-        is sent for them. Decided while `recovering` (the worker may be gone, or a copy
-        may run), such an attempt is dispatched on `resume` like inherited work: claimed.
+        """The first attempts the reporting worker runs itself (eager activities). Their
+        task is still sent, as possibly not the only copy (`first_dispatch` false): the
+        eager worker drops it, any other worker claims the attempt first (refused once
+        its completion is recorded: invariant 5). So a worker killed mid-attempt is
+        replaced as for any task (the copy stays uncommitted), and a copy read by another
+        worker after a rebalance does not run the attempt a second time unasked.
 
         Only when the report was accepted (its WORKFLOW_TASK_COMPLETED is among `events`)."""
         eager = [d.activity_id for d in report.decisions if isinstance(d, m.ScheduleActivityTask) and d.eager]
@@ -234,8 +237,7 @@ class PartitionEngine:
         keys = {f"{exec_id}|{state.context.workflow_run_id}|{activity_id}|1" for activity_id in eager
                 if (activity := state.activities.get(activity_id)) is not None and activity.attempt == 1}
         if keys:
-            target = self._inherited if self.recovering else self._dispatched
-            target.setdefault(exec_id, set()).update(keys)
+            self._inherited.setdefault(exec_id, set()).update(keys)
 
     def tick(self, now: datetime, command_id: str) -> Effects:
         """Decide what is due at `now`, and dispatch work whose backoff has passed

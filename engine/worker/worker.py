@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import signal
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,6 +53,14 @@ from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
 
+#: Eagerly taken attempts remembered, to drop their task copies.
+EAGER_REMEMBERED = 10_000
+
+
+def _attempt_key(context: m.WorkflowContext, task: m.ActivityTask) -> str:
+    return f"{context.workflow_exec_id}|{context.workflow_run_id}|{task.activity_id}|{task.attempt}"
+
+
 #: Decisions that close the run: a workflow task holding one takes no activity eagerly.
 _CLOSING_DECISIONS = (m.CompleteWorkflowExecution, m.FailWorkflowExecution, m.CancelWorkflowExecution,
                       m.ContinueAsNewWorkflowExecution)
@@ -69,6 +78,8 @@ class WorkerStats:
     claim_retries: int = 0
     #: First attempts run at once by the worker that completed the scheduling workflow task.
     eager_activities: int = 0
+    #: Task copies of attempts this worker took eagerly, dropped.
+    eager_copies: int = 0
 
 
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
@@ -229,6 +240,8 @@ class Worker:
         self.stats = WorkerStats()
         #: Run the first attempt of activities it schedules on its own queues at once.
         self.eager_activities = eager_activities
+        #: Attempts taken eagerly here (their task copies are dropped), oldest first.
+        self._eager: OrderedDict[str, None] = OrderedDict()
         self._slots = asyncio.Semaphore(max_concurrent_activities)
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
@@ -371,6 +384,10 @@ class Worker:
             offsets.finish(tp, record.offset)
             return
         metrics.worker_task_counter((queue, "activity")).inc()
+        if _attempt_key(task.workflow_context, task.payload) in self._eager:
+            self.stats.eager_copies += 1  # this process ran (or runs) it eagerly: its report is sent
+            offsets.finish(tp, record.offset)
+            return
         await self._slots.acquire()
         only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
         self._spawn_activity(task.workflow_context, task.payload, claim=not only_copy,
@@ -380,9 +397,11 @@ class Worker:
     async def _take_eagerly(self, report: Command) -> tuple[Command, list[m.ActivityTask]]:
         """Eager activity execution: the first attempts of the activities a completed
         workflow task schedules on a queue this worker serves, with a free slot, are
-        run here at once (the report marks them `eager`, and the processor sends no task
-        for them). Not when the task also closes the run (the activities would never
-        have been dispatched). Each one taken holds its slot (released by the run)."""
+        run here at once (the report marks them `eager`). The processor still sends their
+        task, as possibly not the only copy: this worker drops it (`eager_copies`), another
+        one claims the attempt first. Not when the task also closes the run (the
+        activities would never have been dispatched). Each one taken holds its slot
+        (released by the run)."""
         payload = report.payload
         if not self.eager_activities or not isinstance(payload, m.CompleteWorkflowTask) or any(
                 isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions):
@@ -393,6 +412,9 @@ class Worker:
                     and decision.activity_name in self.runner.activities and not self._slots.locked()):
                 await self._slots.acquire()  # free (not locked): returns at once
                 decision = decision.model_copy(update={"eager": True})
+                self._eager[f"{report.workflow_exec_id}|{payload.workflow_run_id}|{decision.activity_id}|1"] = None
+                while len(self._eager) > EAGER_REMEMBERED:
+                    self._eager.popitem(last=False)
                 eager.append(m.ActivityTask(
                     activity_id=decision.activity_id, activity_name=decision.activity_name,
                     input_json=decision.input_json, attempt=1, scheduled_at=report.timestamp,

@@ -293,13 +293,16 @@ def scheduled_eagerly(engine: PartitionEngine, task_id: str, seconds: float) -> 
         seconds), at(seconds))
 
 
-def test_an_eager_first_attempt_gets_no_task_and_a_retry_gets_one() -> None:
+def test_an_eager_first_attempt_is_dispatched_as_maybe_not_the_only_copy() -> None:
     """Eager activity execution: the worker that reported the scheduling runs attempt 1
-    itself, so no task is sent for it (no copy exists to run twice); a retry is dispatched."""
+    itself; its task still goes out, marked as possibly not the only copy, so that any
+    other worker claims before running it (invariant 5), and a killed eager worker is
+    replaced through it. A retry is an ordinary first dispatch."""
     engine = PartitionEngine(0)
     effects = scheduled_eagerly(engine, started(engine), 1)
     assert types(effects.events) == ["WORKFLOW_TASK_COMPLETED", "ACTIVITY_TASK_SCHEDULED"]
-    assert [d.item.kind for d in effects.dispatches] == []
+    [task] = [d.task.payload for d in effects.dispatches if d.item.kind == "activity"]
+    assert (task.attempt, task.first_dispatch) == (1, False)
     run = engine.states[ROOT].context.workflow_run_id
     failed = engine.handle(command(m.FailActivityTask(activity_id="a", workflow_run_id=run, attempt=1,
                                                       failure=m.Failure(type="E", message="boom")), 2), at(2))
@@ -308,9 +311,7 @@ def test_an_eager_first_attempt_gets_no_task_and_a_retry_gets_one() -> None:
     assert (retry.attempt, retry.first_dispatch) == (2, True)
 
 
-def test_an_eager_attempt_decided_in_a_recovery_backlog_is_dispatched_again_and_claimed() -> None:
-    """Decided while recovering, the eager worker may be gone: the attempt is dispatched on
-    resume, marked as maybe not the only copy (so the worker claims it: invariant 5)."""
+def test_an_eager_attempt_decided_in_a_recovery_backlog_is_dispatched_on_resume_and_claimed() -> None:
     live = PartitionEngine(0)
     log = live.handle(command(m.StartWorkflowExecution(workflow_name="w", task_queue="q"), 0), at(0)).events
     task_id = live.states[ROOT].workflow_task.task_id  # type: ignore[union-attr]
