@@ -240,8 +240,9 @@ class Worker:
         self.stats = WorkerStats()
         #: Run the first attempt of activities it schedules on its own queues at once.
         self.eager_activities = eager_activities
-        #: Attempts taken eagerly here (their task copies are dropped), oldest first.
-        self._eager: OrderedDict[str, None] = OrderedDict()
+        #: Attempts taken eagerly here, oldest first: resolved once run (their task copies
+        #: are dropped, and done with the run).
+        self._eager: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._slots = asyncio.Semaphore(max_concurrent_activities)
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
@@ -370,12 +371,14 @@ class Worker:
             self.stats.workflow_tasks += 1
             metrics.worker_task_counter((queue, "workflow")).inc()
             report, eager = await self._take_eagerly(self.runner.run_workflow_task(
-                task.workflow_context, task.task_id, task.payload.history))
+                task.workflow_context, task.task_id, task.payload.history), fresh.fresh(tp, record.offset))
             await self._send(report)
             offsets.finish(tp, record.offset)
             for activity in eager:  # after the report: its activity results follow it in the commands partition
                 self._spawn_activity(task.workflow_context, activity, claim=False,
-                                     traceparent=tracing.traceparent_of(record.headers))
+                                     traceparent=tracing.traceparent_of(record.headers),
+                                     done=functools.partial(
+                                         self._eager[_attempt_key(task.workflow_context, activity)].set_result, None))
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -384,9 +387,12 @@ class Worker:
             offsets.finish(tp, record.offset)
             return
         metrics.worker_task_counter((queue, "activity")).inc()
-        if _attempt_key(task.workflow_context, task.payload) in self._eager:
-            self.stats.eager_copies += 1  # this process ran (or runs) it eagerly: its report is sent
-            offsets.finish(tp, record.offset)
+        ran = self._eager.get(_attempt_key(task.workflow_context, task.payload))
+        if ran is not None:
+            # This process runs (or ran) the attempt eagerly: the copy is done when the run
+            # is (its offset committed after the report, as the copy's own run would be).
+            self.stats.eager_copies += 1
+            ran.add_done_callback(lambda _: offsets.finish(tp, record.offset))
             return
         await self._slots.acquire()
         only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
@@ -394,16 +400,18 @@ class Worker:
                              traceparent=tracing.traceparent_of(record.headers),
                              done=functools.partial(offsets.finish, tp, record.offset))
 
-    async def _take_eagerly(self, report: Command) -> tuple[Command, list[m.ActivityTask]]:
+    async def _take_eagerly(self, report: Command, fresh: bool) -> tuple[Command, list[m.ActivityTask]]:
         """Eager activity execution: the first attempts of the activities a completed
         workflow task schedules on a queue this worker serves, with a free slot, are
         run here at once (the report marks them `eager`). The processor still sends their
         task, as possibly not the only copy: this worker drops it (`eager_copies`), another
         one claims the attempt first. Not when the task also closes the run (the
-        activities would never have been dispatched). Each one taken holds its slot
-        (released by the run)."""
+        activities would never have been dispatched), nor for a workflow task that may
+        have been run before (not `fresh`: a worker that ran it may have died before
+        committing it, its activities possibly done and recorded). Each one taken holds
+        its slot (released by the run)."""
         payload = report.payload
-        if not self.eager_activities or not isinstance(payload, m.CompleteWorkflowTask) or any(
+        if not (self.eager_activities and fresh) or not isinstance(payload, m.CompleteWorkflowTask) or any(
                 isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions):
             return report, []
         decisions, eager = [], []
@@ -412,7 +420,8 @@ class Worker:
                     and decision.activity_name in self.runner.activities and not self._slots.locked()):
                 await self._slots.acquire()  # free (not locked): returns at once
                 decision = decision.model_copy(update={"eager": True})
-                self._eager[f"{report.workflow_exec_id}|{payload.workflow_run_id}|{decision.activity_id}|1"] = None
+                self._eager[f"{report.workflow_exec_id}|{payload.workflow_run_id}|{decision.activity_id}|1"] = \
+                    asyncio.get_running_loop().create_future()
                 while len(self._eager) > EAGER_REMEMBERED:
                     self._eager.popitem(last=False)
                 eager.append(m.ActivityTask(
@@ -428,7 +437,8 @@ class Worker:
 
     def _spawn_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
                         traceparent: bytes | None, done: Callable[[], None] | None = None) -> None:
-        """Run one attempt (its slot already held) in the background."""
+        """Run one attempt (its slot already held) in the background; `done()` once its
+        outcome was handed to the producer (not when it was cancelled or dropped)."""
         job = asyncio.ensure_future(self._run_activity(context, task, claim, traceparent, done))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)

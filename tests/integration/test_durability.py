@@ -607,9 +607,9 @@ async def remote_processor(settings: KafkaSettings) -> Processor:
     return running
 
 
-async def in_process_worker(settings: KafkaSettings) -> Worker:
+async def in_process_worker(settings: KafkaSettings, eager_activities: bool = True) -> Worker:
     workflows, activities = collect([app])
-    worker = Worker(settings, workflows, activities, QUEUES)
+    worker = Worker(settings, workflows, activities, QUEUES, eager_activities=eager_activities)
     await worker.start()
     return worker
 
@@ -740,7 +740,7 @@ async def test_copies_of_a_task_run_once(settings: KafkaSettings, client: Client
     drops them. A copy a recovered processor sends (not `first_dispatch`) arriving after
     the completion is recorded is claimed and refused. The attempt runs once."""
     processor = await remote_processor(settings)
-    worker = await in_process_worker(settings)
+    worker = await in_process_worker(settings, eager_activities=False)  # the copies of a dispatched task
     tag = "gate-copies"
     try:
         handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir), tag=tag))
