@@ -702,7 +702,9 @@ async def test_a_partition_recovered_with_reports_in_its_backlog_decides_them_fi
     kinds = [e.event_type for e in history]
     assert EventType.ACTIVITY_TASK_TIMED_OUT not in kinds, [k.value for k in kinds]
     assert kinds.count(EventType.ACTIVITY_TASK_COMPLETED) == 1
-    assert len(activity_tasks(await read_tasks(settings), "1")) == 1, "the activity's task was dispatched again"
+    # One task, or none: the worker ran the attempt eagerly (README "Eager activities"), and
+    # the processor stopped before it sent the attempt's task copy.
+    assert len(activity_tasks(await read_tasks(settings), "1")) <= 1, "the activity's task was dispatched again"
     assert len(app.starts(workdir)) == 1
 
 
