@@ -90,6 +90,8 @@ IdConflictPolicy = Literal["fail", "use_existing"]
 #: (a notice lost with a processor that died after appending the close), and then
 #: between checks. One sweep checks every such wait: one read per events partition.
 CLOSE_NOTICE_CHECK = 10.0
+#: The sweep rests this many times as long as its last round of reads took.
+NOTICE_SWEEP_REST = 9.0
 
 
 @dataclass
@@ -735,10 +737,13 @@ class Client:
         overdue: every CLOSE_NOTICE_CHECK, one read of each events partition that holds
         such an execution, decoding only their records. So the cost of the safety net
         grows with the partitions, not with the waits (a wait per execution re-reading
-        its partition made a slow engine slower, until results timed out)."""
+        its partition made a slow engine slower, until results timed out). A read costs
+        the partition's size: the sweep rests at least NOTICE_SWEEP_REST times as long as
+        its last round took, so it uses at most a tenth of the time (of the broker's too)."""
         loop = asyncio.get_running_loop()
+        spent = 0.0
         while True:
-            await asyncio.sleep(CLOSE_NOTICE_CHECK / 5)
+            await asyncio.sleep(max(CLOSE_NOTICE_CHECK / 5, NOTICE_SWEEP_REST * spent))
             now = loop.time()
             due: dict[int, dict[str, str]] = {}
             for exec_id, (root, check_at) in self._unnoticed.items():
@@ -760,6 +765,7 @@ class Client:
                         self._on_close(final)
                     elif failed is not None and exec_id not in self._unregistered:
                         self._on_task_failure(failed)
+            spent = loop.time() - now
 
     async def _histories(self, partition: int, execs: dict[str, str]) -> dict[str, list[Event]]:
         """The histories of `execs` (exec id -> root id), all in events `partition`."""
