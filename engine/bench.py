@@ -1,6 +1,6 @@
 """The benchmark: latency and throughput of workflow trees, with the CPU each process spent.
 
-    python -m treeflow.bench [--mode in-process|split|both] [--workload seed|flat|fanout|all] [--fanout N] [--json]
+    python -m treeflow.bench [--mode in-process|split|both] [--workload seed|flat|fanout|all] [--fanout N] [--peers] [--json]
 
 It runs three workloads, the seed's tree (`bench_parent` -> `bench_child` ->
 `bench_activity`), a flat one (`bench_flat` -> `bench_activity`) and a fan-out
@@ -128,6 +128,21 @@ WORKLOADS = {
                      lambda v: BenchFlatInput(value=v), lambda v: f"processed:{v}", "executions"),
 }
 
+#: Issue 11's reference figures (seed tree; 300 sequential trees, then 2,000 with 200 in
+#: flight; one run on a quiet machine): stored, not re-run. `--peers` prints this run's
+#: figures against each.
+PEERS: list[dict[str, Any]] = [
+    {"engine": "treeflow in-process, embedded broker", "p50_ms": 10.4, "p99_ms": 16.4, "per_s": 393, "cpu_ms": 3.5},
+    {"engine": "treeflow split (processor + 1 worker), embedded broker", "p50_ms": 58.8, "p99_ms": 88.6,
+     "per_s": 165, "cpu_ms": 10.1},
+    {"engine": "treeflow split on Apache Kafka 3.8", "p50_ms": 46.4, "p99_ms": 97.4, "per_s": 159, "cpu_ms": 9.8},
+    {"engine": "Restate 1.7 + Python SDK", "p50_ms": 10.3, "p99_ms": 17.2, "per_s": 332, "cpu_ms": 4.9},
+    {"engine": "DBOS 3.4 on PostgreSQL 15", "p50_ms": 11.5, "p99_ms": 18.7, "per_s": 67, "cpu_ms": 19.8},
+    {"engine": "Temporal dev server 1.32 + temporalio", "p50_ms": 300, "p99_ms": 348, "per_s": 9, "cpu_ms": 128},
+]
+#: Issue 11's goal for the split mode against the in-process one, in the same run.
+SPLIT_GOALS = {"p50": 2.0, "per_s": 0.7}
+
 #: The issue's targets, for the seed tree only (Restate: p50 8.3 ms, ~390 trees/s;
 #: DBOS: p50 ~9 ms, ~88 trees/s, on this 2-core machine class).
 TARGETS: dict[str, dict[str, float]] = {"seed": {"p50_ms": 8.0, "p99_ms": 20.0, "throughput": 400.0}}
@@ -225,6 +240,68 @@ class CpuMeter:
         return {name: round(after[name] - before[name], 3) for name in before if name in after}
 
 
+# ---------------------------------------------------------------- topic traffic
+
+
+async def topic_ends(settings: Any, queues: tuple[str, ...] = ("default",)) -> dict[str, dict[int, int]]:
+    """The end offset of every partition of the benchmark's topics."""
+    from aiokafka import TopicPartition
+
+    from treeflow.kafka import end_offsets
+
+    topics = settings.topics
+    names = [topics.commands, topics.events, topics.replies, *map(topics.tasks, queues)]
+    ends = await end_offsets(settings, [TopicPartition(name, p) for name in names for p in range(settings.partitions)])
+    result: dict[str, dict[int, int]] = {name: {} for name in names}
+    for tp, offset in ends.items():
+        result[tp.topic][tp.partition] = offset
+    return result
+
+
+async def topic_traffic(settings: Any, before: dict[str, dict[int, int]],
+                        after: dict[str, dict[int, int]]) -> dict[str, dict[str, int]]:
+    """Records and bytes (key + value + headers) written to each topic between two `topic_ends`."""
+    from aiokafka import TopicPartition
+
+    from treeflow.kafka import clients
+
+    consumer = await clients.start(clients.consumer(settings, "bench-traffic"), settings)
+    traffic: dict[str, dict[str, int]] = {}
+    try:
+        for topic, ends in after.items():
+            wanted = {TopicPartition(topic, p): (before[topic].get(p, 0), end) for p, end in ends.items()
+                      if end > before[topic].get(p, 0)}
+            records = size = 0
+            if wanted:
+                consumer.assign(list(wanted))
+                for tp, (start, _) in wanted.items():
+                    consumer.seek(tp, start)
+                remaining = set(wanted)
+                while remaining:
+                    batches = await consumer.getmany(*remaining, timeout_ms=500)
+                    for tp, batch in batches.items():
+                        for record in batch:
+                            if record.offset >= wanted[tp][1]:
+                                break
+                            records += 1
+                            size += max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
+                            size += sum(len(k) + len(v or b"") for k, v in record.headers or ())
+                        if batch and batch[-1].offset >= wanted[tp][1] - 1:
+                            remaining.discard(tp)
+            traffic[topic.removeprefix(settings.topic_prefix + ".")] = {"records": records, "bytes": size}
+    finally:
+        await clients.stop(consumer)
+    return traffic
+
+
+def traffic_line(traffic: dict[str, dict[str, int]], executions: int) -> str:
+    parts = [f"{name} {t['records'] / executions:.1f} rec / {t['bytes'] / executions / 1024:.2f} KB"
+             for name, t in traffic.items()]
+    records = sum(t["records"] for t in traffic.values()) / executions
+    size = sum(t["bytes"] for t in traffic.values()) / executions / 1024
+    return f"per execution: {', '.join(parts)}; total {records:.1f} records, {size:.1f} KB"
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -260,8 +337,13 @@ def vs_target(value: float, target: float, higher_is_better: bool) -> str:
 def cpu_line(cpu: dict[str, float], wall: float, executions: int) -> str:
     order = [name for name in ("processor", "worker", "broker", BENCH) if name in cpu]
     total = sum(cpu[name] for name in order)
-    parts = [f"{name} {cpu[name]:.2f} s ({100 * cpu[name] / wall:.0f}%)" if wall > 0 else f"{name} {cpu[name]:.2f} s"
-             for name in order]
+
+    def part(name: str) -> str:
+        share = f" ({100 * cpu[name] / wall:.0f}%" if wall > 0 else " ("
+        per = f", {1000 * cpu[name] / executions:.1f} ms/exec)" if executions else ")"
+        return f"{name} {cpu[name]:.2f} s{share}{per}".replace(" ()", "")
+
+    parts = [part(name) for name in order]
     per = f", {1000 * total / executions:.2f} ms CPU per execution" if executions else ""
     return f"CPU: {', '.join(parts)}; total {total:.2f} s{per}"
 
@@ -503,6 +585,7 @@ class ModeRun:
         progress(f"{label}: latency, {args.latency_runs} sequential executions")
         latencies: list[float] = []
         accepted: list[float] = []
+        ends_before = await topic_ends(self.settings)
         before = self.meter.snapshot()
         began = time.perf_counter()
         try:
@@ -518,8 +601,9 @@ class ModeRun:
         wall = time.perf_counter() - began
         cpu = CpuMeter.delta(before, self.meter.snapshot())
         summary = latency_summary(latencies)
+        traffic = await topic_traffic(self.settings, ends_before, await topic_ends(self.settings))
         figures["latency"] = {**summary, "wall_s": round(wall, 3), "accepted": latency_summary(accepted),
-                              "cpu_s": cpu, "error": error}
+                              "cpu_s": cpu, "error": error, "traffic": traffic}
         out(f"  latency, {len(latencies)} sequential executions (start -> result) after {args.warmup} warm-up:")
         if latencies:
             out(f"    p50 {summary['p50_ms']:.1f} ms{vs_target(summary['p50_ms'], targets['p50_ms'], False) if targets else ''}"
@@ -528,6 +612,7 @@ class ModeRun:
             out(f"    mean {summary['mean_ms']:.1f} ms, min {summary['min_ms']:.1f} ms, max {summary['max_ms']:.1f} ms; "
                 f"start accepted (reply) p50 {figures['latency']['accepted']['p50_ms']:.1f} ms")
             out(f"    {cpu_line(cpu, wall, len(latencies))}")
+            out(f"    {traffic_line(traffic, len(latencies))}")
         if error:
             out(f"    ERROR after {len(latencies)} executions: {error}")
             raise PhaseError(f"{label} latency phase: {error}{self.log_tails()}")
@@ -638,6 +723,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Partitions of the benchmark's topics (default 12).")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                         help="Give up on an execution (and the phase) after this long (default 30).")
+    parser.add_argument("--peers", action="store_true",
+                        help="Also print the seed figures against issue 11's stored reference figures (Restate, "
+                             "DBOS, Temporal, earlier treeflow runs; not re-run), with the ratio to each.")
     parser.add_argument("--json", action="store_true",
                         help="Also print one machine-readable JSON object (one line) at the end.")
     return parser.parse_args(argv)
@@ -692,6 +780,68 @@ def print_summary(report: dict[str, Any]) -> None:
                              for i, (cell, width) in enumerate(zip(row, widths))))
     out("  targets (seed): p50 ≤ 8 ms, p99 ≤ 20 ms, ≥ 400 trees/s; for reference Restate p50 8.3 ms / ~390 trees/s, "
         "DBOS p50 ~9 ms / ~88 trees/s")
+    print_split_ratios(report)
+
+
+def _figures(report: dict[str, Any], mode: str, workload: str) -> dict[str, float] | None:
+    """p50/p99 (latency phase), per_s (throughput phase), cpu_ms (throughput CPU per execution)."""
+    for run in report["modes"]:
+        if run["mode"] != mode or workload not in run["workloads"]:
+            continue
+        lat, tput = run["workloads"][workload].get("latency", {}), run["workloads"][workload].get("throughput", {})
+        if "p50_ms" not in lat:
+            return None
+        cpu = (1000 * sum(tput["cpu_s"].values()) / tput["completed"]
+               if tput.get("cpu_s") and tput.get("completed") else math.nan)
+        return {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "per_s": tput.get("per_s", math.nan), "cpu_ms": cpu}
+    return None
+
+
+def split_ratios(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per workload run in both modes: split / in-process for p50, p99, per_s and CPU."""
+    ratios = {}
+    for workload in ("seed", "flat"):
+        inproc, split = _figures(report, "in-process", workload), _figures(report, "split", workload)
+        if inproc and split:
+            ratios[workload] = {key: round(split[key] / inproc[key], 3) if inproc[key] else math.nan for key in inproc}
+    return ratios
+
+
+def print_split_ratios(report: dict[str, Any]) -> None:
+    ratios = split_ratios(report)
+    report["split_ratios"] = ratios
+    if not ratios:
+        return
+    out("\n=== split / in-process, same run (goal: p50 ≤ 2.0x, executions/s ≥ 0.7x)")
+    for workload, r in ratios.items():
+        p50_ok = "met" if r["p50_ms"] <= SPLIT_GOALS["p50"] else "missed"
+        rate_ok = "met" if r["per_s"] >= SPLIT_GOALS["per_s"] else "missed"
+        out(f"  {workload}: p50 {r['p50_ms']:.2f}x ({p50_ok}), p99 {r['p99_ms']:.2f}x, executions/s "
+            f"{r['per_s']:.2f}x ({rate_ok}), CPU per execution {r['cpu_ms']:.2f}x")
+
+
+def print_peers(report: dict[str, Any]) -> None:
+    """This run's seed figures against issue 11's stored reference figures (not re-run)."""
+    mine = [(mode, f) for mode in ("in-process", "split") if (f := _figures(report, mode, "seed"))]
+    if not mine:
+        return
+    out("\n=== peers: issue 11's reference figures (stored, measured on a quiet machine, not re-run); "
+        "ratio = this run / peer (latency and CPU: < 1 is better; trees/s: > 1 is better)")
+    header = ["engine", "p50 ms", "p99 ms", "trees/s", "CPU ms/tree", *(f"{mode} vs it" for mode, _ in mine)]
+    rows = []
+    for peer in PEERS:
+        cells = [peer["engine"], f"{peer['p50_ms']:g}", f"{peer['p99_ms']:g}", f"{peer['per_s']:g}",
+                 f"{peer['cpu_ms']:g}"]
+        for _, f in mine:
+            cells.append(f"p50 {f['p50_ms'] / peer['p50_ms']:.2f}x, p99 {f['p99_ms'] / peer['p99_ms']:.2f}x, "
+                         f"{f['per_s'] / peer['per_s']:.2f}x/s, CPU {f['cpu_ms'] / peer['cpu_ms']:.2f}x")
+        rows.append(cells)
+    for mode, f in mine:
+        rows.append([f"this run: treeflow {mode}", f"{f['p50_ms']:.1f}", f"{f['p99_ms']:.1f}", f"{f['per_s']:.0f}",
+                     f"{f['cpu_ms']:.1f}", *([""] * len(mine))])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
 
 
 async def run_modes(args: argparse.Namespace, bootstrap: str, profile: Any, run_id: str, meter: CpuMeter,
@@ -724,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
     broker: EmbeddedBroker | None = None
     meter = CpuMeter()
-    report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "modes": [],
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "peers")}, "modes": [],
                               "errors": [], "targets": TARGETS}
     interrupted = False
 
@@ -765,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
     report["wall_s"] = round(time.perf_counter() - wall_began, 1)
     print_summary(report)
+    if args.peers:
+        print_peers(report)
     if report["errors"]:
         out("\nerrors:")
         for error in report["errors"]:

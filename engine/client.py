@@ -376,6 +376,7 @@ class Client:
         self._floor_refresh: dict[int, asyncio.Task[None]] = {}
         #: Per events partition: the log check under way (one at a time serves every waiter).
         self._log_checks: dict[int, asyncio.Future[None]] = {}
+        self._last_log_check: dict[int, float] = {}
         self._roots = RootCache(settings, scan=True, size=KNOWN_ROOTS)
         #: The replies partition this client reads; named in each command it sends.
         self.reply_partition = partition_for(f"{self.identity}/{new_id()}", settings.partitions)
@@ -867,14 +868,20 @@ class Client:
     async def _check_log(self, partition: int) -> None:
         """Look in events `partition` for the closing events of the executions started
         here that are waited on (a close notice lost with a processor): one read at a
-        time per partition, from the oldest such start's floor, serves every waiter."""
+        time per partition, from the oldest such start's floor, serves every waiter; reads
+        of a partition start CLOSE_NOTICE_CHECK apart at most (waits that fall due in
+        between share the next one)."""
         running = self._log_checks.get(partition)
         if running is None:
-            running = self._log_checks[partition] = asyncio.ensure_future(self._read_closes(partition))
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_log_check.get(partition, -math.inf) + CLOSE_NOTICE_CHECK - loop.time())
+            running = self._log_checks[partition] = asyncio.ensure_future(self._read_closes(partition, delay))
             running.add_done_callback(lambda _: self._log_checks.pop(partition, None))
         await asyncio.shield(running)
 
-    async def _read_closes(self, partition: int) -> None:
+    async def _read_closes(self, partition: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._last_log_check[partition] = asyncio.get_running_loop().time()
         # Started here, an execution is the root of its tree: its partition is its own id's.
         waited = {exec_id for exec_id in self._waiters if exec_id in self._started_here
                   and partition_for(exec_id, self.settings.partitions) == partition}

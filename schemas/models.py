@@ -374,6 +374,7 @@ class ScheduleActivityTask(AvroModel):
     schedule_to_close_timeout_ms: None | int = Field(default=None, description='Bound of all attempts.')
     start_to_close_timeout_ms: None | int = Field(default=None, description='Bound of one attempt.')
     heartbeat_timeout_ms: None | int = Field(default=None, description='Longest gap between heartbeats.')
+    eager: bool = Field(default=False, description="Set by the worker completing the workflow task: it runs the first attempt itself at once (eager activity execution); the processor sends the attempt's task as possibly not the only copy (first_dispatch false), which that worker drops and any other claims.")
 
 
 class SignalExternalWorkflowExecution(AvroModel):

@@ -22,9 +22,11 @@ attempt is dropped without asking.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -41,7 +43,7 @@ from treeflow.kafka import (
     partition_for,
     watch_topics,
 )
-from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply, Task
+from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply
 from treeflow.schemas import models as m
 
 from ..definitions import ActivityDefinition, WorkflowDefinition
@@ -50,6 +52,18 @@ from ..observability import metrics, tracing
 from .runner import TaskRunner
 
 log = logging.getLogger(__name__)
+
+#: Eagerly taken attempts remembered, to drop their task copies.
+EAGER_REMEMBERED = 10_000
+
+
+def _attempt_key(context: m.WorkflowContext, task: m.ActivityTask) -> str:
+    return f"{context.workflow_exec_id}|{context.workflow_run_id}|{task.activity_id}|{task.attempt}"
+
+
+#: Decisions that close the run: a workflow task holding one takes no activity eagerly.
+_CLOSING_DECISIONS = (m.CompleteWorkflowExecution, m.FailWorkflowExecution, m.CancelWorkflowExecution,
+                      m.ContinueAsNewWorkflowExecution)
 
 
 @dataclass
@@ -62,6 +76,10 @@ class WorkerStats:
     claimed_tasks: int = 0
     #: Claims sent again because no reply came (a processor outage, a lost reply).
     claim_retries: int = 0
+    #: First attempts run at once by the worker that completed the scheduling workflow task.
+    eager_activities: int = 0
+    #: Task copies of attempts this worker took eagerly, dropped.
+    eager_copies: int = 0
 
 
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
@@ -96,15 +114,25 @@ class _Fresh(ConsumerRebalanceListener):
 
 
 class _Replies:
-    """Follows the replies topic from its end for the claims this worker waits on."""
+    """Follows the worker's replies partition for the claims it waits on.
+
+    The partition is fetched only while a claim waits (claims are rare: after a
+    rebalance or a processor recovery); otherwise it is paused, so an idle or busy
+    worker does not poll it (on Tansu, whose fetches do not wake on new data, a
+    follower polls every few milliseconds). Before the first claim after a pause it is
+    moved to its end, so the answer is read and the replies in between are not.
+    """
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._waking = asyncio.Lock()
         #: The replies partition this worker reads (chosen at start, by the topics' count).
         self.partition = 0
+        #: How many times the partition was resumed for claims (after a pause).
+        self.wakes = 0
 
     async def start(self) -> None:
         # One replies partition of its own, named in each claim (`Command.reply_partition`):
@@ -116,7 +144,31 @@ class _Replies:
         self._consumer.assign(partitions)
         for tp, offset in ends.items():
             self._consumer.seek(tp, offset)
+        self._consumer.pause(*partitions)
         self._follower = asyncio.ensure_future(self._follow())
+
+    @property
+    def _tp(self) -> TopicPartition:
+        return TopicPartition(self.settings.topics.replies, self.partition)
+
+    async def expect(self, command_id: str) -> asyncio.Future[Reply]:
+        """A future for the reply to `command_id`, to be sent after this returns: the
+        partition is fetched (from its end, if it was paused) until that reply came."""
+        assert self._consumer is not None
+        async with self._waking:
+            if not self._waiting and self._tp in self._consumer.paused():
+                ends = await end_offsets(self.settings, [self._tp])
+                self._consumer.seek(self._tp, ends[self._tp])
+                self._consumer.resume(self._tp)
+                self.wakes += 1
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            self._waiting[command_id] = future
+            return future
+
+    def forget(self, command_id: str) -> None:
+        self._waiting.pop(command_id, None)
+        if not self._waiting and self._consumer is not None and not self._waking.locked():
+            self._consumer.pause(self._tp)
 
     async def stop(self) -> None:
         if self._follower is not None:
@@ -124,14 +176,6 @@ class _Replies:
             await asyncio.gather(self._follower, return_exceptions=True)
         if self._consumer is not None:
             await clients.stop(self._consumer)
-
-    def expect(self, command_id: str) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[command_id] = future
-        return future
-
-    def forget(self, command_id: str) -> None:
-        self._waiting.pop(command_id, None)
 
     async def _follow(self) -> None:
         assert self._consumer is not None
@@ -188,11 +232,17 @@ class Worker:
 
     def __init__(self, settings: KafkaSettings, workflows: dict[str, WorkflowDefinition],
                  activities: dict[str, ActivityDefinition], task_queues: Iterable[str] = ("default",), *,
-                 max_concurrent_activities: int = 100, runner: TaskRunner | None = None) -> None:
+                 max_concurrent_activities: int = 100, runner: TaskRunner | None = None,
+                 eager_activities: bool = True) -> None:
         self.settings = settings
         self.task_queues = list(dict.fromkeys(task_queues))
         self.runner = runner or TaskRunner(workflows, activities)
         self.stats = WorkerStats()
+        #: Run the first attempt of activities it schedules on its own queues at once.
+        self.eager_activities = eager_activities
+        #: Attempts taken eagerly here, oldest first: resolved once run (their task copies
+        #: are dropped, and done with the run).
+        self._eager: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._slots = asyncio.Semaphore(max_concurrent_activities)
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
@@ -320,9 +370,15 @@ class Worker:
         if isinstance(task.payload, m.WorkflowTask):
             self.stats.workflow_tasks += 1
             metrics.worker_task_counter((queue, "workflow")).inc()
-            await self._send(self.runner.run_workflow_task(task.workflow_context, task.task_id,
-                                                           task.payload.history))
+            report, eager = await self._take_eagerly(self.runner.run_workflow_task(
+                task.workflow_context, task.task_id, task.payload.history), fresh.fresh(tp, record.offset))
+            await self._send(report)
             offsets.finish(tp, record.offset)
+            for activity in eager:  # after the report: its activity results follow it in the commands partition
+                self._spawn_activity(task.workflow_context, activity, claim=False,
+                                     traceparent=tracing.traceparent_of(record.headers),
+                                     done=functools.partial(
+                                         self._eager[_attempt_key(task.workflow_context, activity)].set_result, None))
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -331,22 +387,71 @@ class Worker:
             offsets.finish(tp, record.offset)
             return
         metrics.worker_task_counter((queue, "activity")).inc()
+        ran = self._eager.get(_attempt_key(task.workflow_context, task.payload))
+        if ran is not None:
+            # This process runs (or ran) the attempt eagerly: the copy is done when the run
+            # is (its offset committed after the report, as the copy's own run would be).
+            self.stats.eager_copies += 1
+            ran.add_done_callback(lambda _: offsets.finish(tp, record.offset))
+            return
         await self._slots.acquire()
         only_copy = task.payload.first_dispatch and fresh.fresh(tp, record.offset)
-        job = asyncio.ensure_future(self._run_activity(task, tp, record.offset, offsets, claim=not only_copy,
-                                                       traceparent=tracing.traceparent_of(record.headers)))
+        self._spawn_activity(task.workflow_context, task.payload, claim=not only_copy,
+                             traceparent=tracing.traceparent_of(record.headers),
+                             done=functools.partial(offsets.finish, tp, record.offset))
+
+    async def _take_eagerly(self, report: Command, fresh: bool) -> tuple[Command, list[m.ActivityTask]]:
+        """Eager activity execution: the first attempts of the activities a completed
+        workflow task schedules on a queue this worker serves, with a free slot, are
+        run here at once (the report marks them `eager`). The processor still sends their
+        task, as possibly not the only copy: this worker drops it (`eager_copies`), another
+        one claims the attempt first. Not when the task also closes the run (the
+        activities would never have been dispatched), nor for a workflow task that may
+        have been run before (not `fresh`: a worker that ran it may have died before
+        committing it, its activities possibly done and recorded). Each one taken holds
+        its slot (released by the run)."""
+        payload = report.payload
+        if not (self.eager_activities and fresh) or not isinstance(payload, m.CompleteWorkflowTask) or any(
+                isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions):
+            return report, []
+        decisions, eager = [], []
+        for decision in payload.decisions:
+            if (isinstance(decision, m.ScheduleActivityTask) and decision.task_queue in self.task_queues
+                    and decision.activity_name in self.runner.activities and not self._slots.locked()):
+                await self._slots.acquire()  # free (not locked): returns at once
+                decision = decision.model_copy(update={"eager": True})
+                self._eager[f"{report.workflow_exec_id}|{payload.workflow_run_id}|{decision.activity_id}|1"] = \
+                    asyncio.get_running_loop().create_future()
+                while len(self._eager) > EAGER_REMEMBERED:
+                    self._eager.popitem(last=False)
+                eager.append(m.ActivityTask(
+                    activity_id=decision.activity_id, activity_name=decision.activity_name,
+                    input_json=decision.input_json, attempt=1, scheduled_at=report.timestamp,
+                    start_to_close_timeout_ms=decision.start_to_close_timeout_ms,
+                    heartbeat_timeout_ms=decision.heartbeat_timeout_ms, first_dispatch=True))
+            decisions.append(decision)
+        if not eager:
+            return report, []
+        self.stats.eager_activities += len(eager)
+        return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), eager
+
+    def _spawn_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
+                        traceparent: bytes | None, done: Callable[[], None] | None = None) -> None:
+        """Run one attempt (its slot already held) in the background; `done()` once its
+        outcome was handed to the producer (not when it was cancelled or dropped)."""
+        job = asyncio.ensure_future(self._run_activity(context, task, claim, traceparent, done))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
-    async def _run_activity(self, task: Task, tp: TopicPartition, offset: int, offsets: _Offsets,
-                            claim: bool, traceparent: bytes | None = None) -> None:
+    async def _run_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
+                            traceparent: bytes | None, done: Callable[[], None] | None) -> None:
         try:
             self.stats.activity_tasks += 1
             if claim:
                 self.stats.claimed_tasks += 1
-            await self.runner.run_activity(task.workflow_context, task.payload, self._send,
-                                           self._claim if claim else None, traceparent)
-            offsets.finish(tp, offset)
+            await self.runner.run_activity(context, task, self._send, self._claim if claim else None, traceparent)
+            if done is not None:
+                done()
         finally:
             self._slots.release()
 
@@ -360,7 +465,7 @@ class Worker:
         wait = CLAIM_RETRY
         claim = claim.model_copy(update={"reply_partition": self._replies.partition})
         while True:
-            answer = self._replies.expect(claim.command_id)
+            answer = await self._replies.expect(claim.command_id)
             try:
                 await self._send(claim)
                 reply = await asyncio.wait_for(answer, wait)

@@ -4,11 +4,14 @@ own replies partition; events only of the trees it waits on without having start
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 import treeflow as workflows
+from treeflow import client as client_module
 from treeflow.client import Client
+from treeflow.kafka import partition_for
 from treeflow.testing import Environment
 
 pytestmark = pytest.mark.integration
@@ -57,8 +60,6 @@ async def test_lost_close_notices_are_found_in_the_log_by_one_read_per_partition
     """Close notices lost (as with a processor that died after appending the close): each
     waiting result is found in the log, by one shared read of each partition from an
     offset read before the starts, not one read of the whole partition per waiter."""
-    from treeflow import client as client_module
-
     monkeypatch.setattr(client_module, "CLOSE_NOTICE_CHECK", 1.0)
     monkeypatch.setattr(client_module, "FLOOR_REFRESH", 0.0)
     async with Environment(workflows=[Echo], bootstrap_servers=broker.bootstrap_servers,
@@ -81,3 +82,48 @@ async def test_lost_close_notices_are_found_in_the_log_by_one_read_per_partition
             assert 1 <= client.stats.log_checks <= 3 * env.settings.partitions, client.stats.log_checks
         finally:
             await client.close()
+
+
+@workflows.workflow.define(name="reads_parked")
+class Parked:
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflows.workflow.signal
+    def release(self) -> None:
+        self.go = True
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        await workflows.workflow.wait_condition(lambda: self.go)
+        return "released"
+
+
+class _CountedReader(client_module.EventReader):
+    made = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        type(self).made += 1
+        super().__init__(*args, **kwargs)
+
+
+async def test_overdue_close_notices_cost_one_read_per_partition_not_one_per_wait(broker, monkeypatch) -> None:
+    """Under load a wait may outlast CLOSE_NOTICE_CHECK; the look in the log for a lost
+    notice must not read the partition once per waiting execution (200 waits doing so made
+    the bench's throughput collapse until results timed out)."""
+    monkeypatch.setattr(client_module, "CLOSE_NOTICE_CHECK", 0.25)
+    monkeypatch.setattr(client_module, "EventReader", _CountedReader)
+    async with Environment(workflows=[Parked], bootstrap_servers=broker.bootstrap_servers,
+                           profile=broker.profile, visibility=False) as env:
+        partitions = env.settings.partitions
+        ids = [i for i in (f"parked-{n}" for n in range(2000)) if partition_for(i, partitions) == 0][:30]
+        handles = [await env.client.start_workflow(Parked, execution_id=i) for i in ids]
+        waits = [asyncio.ensure_future(handle.result()) for handle in handles]
+        _CountedReader.made = 0
+        await asyncio.sleep(1.5)  # about six sweeps
+        reads = _CountedReader.made
+        assert 1 <= reads <= 10, f"{reads} reads of the events partition for {len(ids)} waits in 1.5 s"
+        assert env.client.stats.log_checks >= 1
+        for handle in handles:
+            await handle.signal("release")
+        assert await asyncio.gather(*waits) == ["released"] * len(ids)

@@ -607,9 +607,9 @@ async def remote_processor(settings: KafkaSettings) -> Processor:
     return running
 
 
-async def in_process_worker(settings: KafkaSettings) -> Worker:
+async def in_process_worker(settings: KafkaSettings, eager_activities: bool = True) -> Worker:
     workflows, activities = collect([app])
-    worker = Worker(settings, workflows, activities, QUEUES)
+    worker = Worker(settings, workflows, activities, QUEUES, eager_activities=eager_activities)
     await worker.start()
     return worker
 
@@ -702,7 +702,9 @@ async def test_a_partition_recovered_with_reports_in_its_backlog_decides_them_fi
     kinds = [e.event_type for e in history]
     assert EventType.ACTIVITY_TASK_TIMED_OUT not in kinds, [k.value for k in kinds]
     assert kinds.count(EventType.ACTIVITY_TASK_COMPLETED) == 1
-    assert len(activity_tasks(await read_tasks(settings), "1")) == 1, "the activity's task was dispatched again"
+    # One task, or none: the worker ran the attempt eagerly (README "Eager activities"), and
+    # the processor stopped before it sent the attempt's task copy.
+    assert len(activity_tasks(await read_tasks(settings), "1")) <= 1, "the activity's task was dispatched again"
     assert len(app.starts(workdir)) == 1
 
 
@@ -740,7 +742,7 @@ async def test_copies_of_a_task_run_once(settings: KafkaSettings, client: Client
     drops them. A copy a recovered processor sends (not `first_dispatch`) arriving after
     the completion is recorded is claimed and refused. The attempt runs once."""
     processor = await remote_processor(settings)
-    worker = await in_process_worker(settings)
+    worker = await in_process_worker(settings, eager_activities=False)  # the copies of a dispatched task
     tag = "gate-copies"
     try:
         handle = await client.start_workflow(app.OneShotWorkflow, TaggedInput(workdir=str(workdir), tag=tag))

@@ -283,3 +283,39 @@ def test_decision_times_have_the_logs_precision() -> None:
                            at(1.2345678)).events
     assert {e.timestamp for e in events} == {at(1.234)}
     assert engine.states[ROOT].execution_started_at == at(1.234)
+
+
+def scheduled_eagerly(engine: PartitionEngine, task_id: str, seconds: float) -> Any:
+    run = engine.states[ROOT].context.workflow_run_id
+    return engine.handle(command(m.CompleteWorkflowTask(
+        task_id=task_id, workflow_run_id=run, history_length=engine.states[ROOT].last_sequence,
+        decisions=[m.ScheduleActivityTask(activity_id="a", activity_name="act", task_queue="q", eager=True)]),
+        seconds), at(seconds))
+
+
+def test_an_eager_first_attempt_is_dispatched_as_maybe_not_the_only_copy() -> None:
+    """Eager activity execution: the worker that reported the scheduling runs attempt 1
+    itself; its task still goes out, marked as possibly not the only copy, so that any
+    other worker claims before running it (invariant 5), and a killed eager worker is
+    replaced through it. A retry is an ordinary first dispatch."""
+    engine = PartitionEngine(0)
+    effects = scheduled_eagerly(engine, started(engine), 1)
+    assert types(effects.events) == ["WORKFLOW_TASK_COMPLETED", "ACTIVITY_TASK_SCHEDULED"]
+    [task] = [d.task.payload for d in effects.dispatches if d.item.kind == "activity"]
+    assert (task.attempt, task.first_dispatch) == (1, False)
+    run = engine.states[ROOT].context.workflow_run_id
+    failed = engine.handle(command(m.FailActivityTask(activity_id="a", workflow_run_id=run, attempt=1,
+                                                      failure=m.Failure(type="E", message="boom")), 2), at(2))
+    assert "ACTIVITY_TASK_FAILED" not in types(failed.events)  # retried (default policy)
+    [retry] = [d.task.payload for d in engine.tick(at(4), "t").dispatches if d.item.kind == "activity"]
+    assert (retry.attempt, retry.first_dispatch) == (2, True)
+
+
+def test_an_eager_attempt_decided_in_a_recovery_backlog_is_dispatched_on_resume_and_claimed() -> None:
+    live = PartitionEngine(0)
+    log = live.handle(command(m.StartWorkflowExecution(workflow_name="w", task_queue="q"), 0), at(0)).events
+    task_id = live.states[ROOT].workflow_task.task_id  # type: ignore[union-attr]
+    engine = recovered(log, 10)
+    assert scheduled_eagerly(engine, task_id, 10).dispatches == []
+    [task] = [d.task.payload for d in engine.resume(at(10)) if d.item.kind == "activity"]
+    assert (task.attempt, task.first_dispatch) == (1, False)

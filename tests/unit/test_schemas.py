@@ -156,3 +156,40 @@ def test_avsc_files_are_valid_json_with_docs() -> None:
         if path.parent.name != "history":
             assert schema.get("doc"), f"{path} needs a doc"
             assert path.stem == schema["name"]
+
+
+def _shape(value: object) -> object:
+    """Every value's type, recursively: an enum decoded as its bare string shows here."""
+    if isinstance(value, models.AvroModel):
+        return (type(value), {name: _shape(v) for name, v in value.__dict__.items()})
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value)
+
+
+def test_decoding_without_validation_builds_what_validation_builds() -> None:
+    """The decode hot path builds models with `model_construct` (no pydantic validation):
+    the same values and the same types as validating them, for every branch."""
+    from io import BytesIO
+
+    from fastavro import schemaless_reader
+
+    from treeflow.schemas.codec import HEADER_SIZE
+
+    decisions = models.CompleteWorkflowTask.model_fields["decisions"].annotation.__args__[0].__args__
+    values = [(EVENTS, sample(Event).model_copy(update={"event_type": t, "payload": sample(PAYLOAD_MODELS[t])}))
+              for t in EventType]
+    for record, codec in ((Command, COMMANDS), (Task, TASKS)):
+        values += [(codec, sample(record).model_copy(update={"payload": sample(branch)}))
+                   for branch in record.model_fields["payload"].annotation.__args__]
+    values.append((COMMANDS, sample(Command).model_copy(update={"payload": models.CompleteWorkflowTask(
+        task_id="t", workflow_run_id="r", history_length=4, decisions=[sample(d) for d in decisions])})))
+    history = [value for codec, value in values if codec is EVENTS][:5]
+    values.append((TASKS, sample(Task).model_copy(update={"payload": models.WorkflowTask(history=history)})))
+    for codec, value in values:
+        body = BytesIO(codec.encode(value))
+        body.seek(HEADER_SIZE)
+        raw = schemaless_reader(body, codec.schema, None, return_record_name=True, return_record_name_override=True)
+        fast, validated = codec.model.from_avro(raw), codec.model.from_avro_validated(raw)
+        assert fast == validated == value
+        assert _shape(fast) == _shape(validated) == _shape(value)
