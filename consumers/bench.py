@@ -202,7 +202,7 @@ async def run(args: argparse.Namespace, bootstrap: str, say: Callable[[str], Non
     settings = KafkaSettings(bootstrap, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}", partitions=args.partitions,
                              profile=profile)
     await ensure_topics(settings)
-    say(f"broker {bootstrap} (profile {profile.name}, fetch_max_wait_ms={profile.fetch_max_wait_ms}); "
+    say(f"broker {bootstrap} (profile {profile.name}, fetch_max_wait_ms={profile.fetch_wait_ms()}); "
         f"topic {settings.topics.events} with {args.partitions} partitions")
     roots, sizes = await produce(settings, args.trees, args.events, say)
     topic_bytes = sum(sizes.values())

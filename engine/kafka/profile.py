@@ -57,6 +57,7 @@ from .errors import SettingsError
 from .partitioner import key_partitioner
 
 PROFILE_ENV = "TREEFLOW_BROKER_PROFILE"
+FETCH_WAIT_ENV = "TREEFLOW_FETCH_MAX_WAIT_MS"
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,19 @@ class BrokerProfile:
             "linger_ms": 0,
         }
 
+    def fetch_wait_ms(self) -> int:
+        """`fetch_max_wait_ms`, or `TREEFLOW_FETCH_MAX_WAIT_MS` when set (a long-running
+        embedded broker needs a longer wait as its partitions grow, see above)."""
+        raw = os.environ.get(FETCH_WAIT_ENV)
+        if not raw:
+            return self.fetch_max_wait_ms
+        if not raw.isdigit() or int(raw) < 1:
+            raise SettingsError(f"{FETCH_WAIT_ENV}={raw!r} must be a whole number of milliseconds, at least 1")
+        return int(raw)
+
     def consumer_options(self) -> dict[str, Any]:
         return {
-            "fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "fetch_max_wait_ms": self.fetch_wait_ms(),
             "session_timeout_ms": self.session_timeout_ms,
             "heartbeat_interval_ms": self.heartbeat_interval_ms,
             "enable_auto_commit": False,

@@ -432,6 +432,13 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
 
+    from treeflow.kafka.profile import FETCH_WAIT_ENV
+
+    if not profile.exact_list_offsets and FETCH_WAIT_ENV not in os.environ:
+        # The embedded broker lists a partition's batches on each fetch within the wait:
+        # over ten minutes the partitions outgrow what it lists in the default 10 ms.
+        os.environ[FETCH_WAIT_ENV] = "100"
+        print(f"soak: {FETCH_WAIT_ENV}=100 for the embedded broker (set it to choose)", flush=True)
     prefix = f"soak-{uuid.uuid4().hex[:6]}"
     settings = KafkaSettings.resolve(bootstrap, topic_prefix=prefix, partitions=partitions, profile=profile)
     await ensure_topics(settings)

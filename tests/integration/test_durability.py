@@ -622,7 +622,7 @@ async def read_tasks(settings: KafkaSettings) -> list[Any]:
     """Every record of the default queue's tasks topic, decoded."""
     topic = settings.topics.tasks("default")
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
+                                fetch_max_wait_ms=settings.profile.fetch_wait_ms())
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]

@@ -29,7 +29,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext  # 
 async def raw_events(settings) -> list[bytes]:
     topic = settings.topics.events
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
+                                fetch_max_wait_ms=settings.profile.fetch_wait_ms())
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]

@@ -127,7 +127,7 @@ async def test_a_handler_that_keeps_failing_parks_the_event_and_the_stream_goes_
     topic = subscription.dead_letter_topic
     assert topic == f"{settings.topic_prefix}.dead-letter.dl-group"
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_wait_ms=settings.profile.fetch_max_wait_ms)
+                                enable_auto_commit=False, fetch_max_wait_ms=settings.profile.fetch_wait_ms())
     await consumer.start()
     try:
         partition = partition_for("dl-a", settings.partitions)

@@ -76,3 +76,4 @@ def test_the_history_limit_comes_from_the_environment(monkeypatch: pytest.Monkey
     assert SnapshotOptions.from_env().history_limit == 500
     monkeypatch.delenv(HISTORY_LIMIT_ENV)
     assert SnapshotOptions.from_env().history_limit == 51_200
+

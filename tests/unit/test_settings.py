@@ -106,3 +106,17 @@ def test_bad_pass_through_json(clean_env) -> None:
     clean_env.setenv("TREEFLOW_KAFKA_OPTIONS", "[1, 2]")
     with pytest.raises(SettingsError, match="must be a JSON object"):
         KafkaSettings.resolve("h:1")
+
+
+def test_the_fetch_wait_comes_from_the_profile_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treeflow.kafka.profile import FETCH_WAIT_ENV, KAFKA, TANSU
+    from treeflow.kafka.settings import SettingsError
+
+    monkeypatch.delenv(FETCH_WAIT_ENV, raising=False)
+    assert (KAFKA.fetch_wait_ms(), TANSU.fetch_wait_ms()) == (100, 10)
+    assert TANSU.consumer_options()["fetch_max_wait_ms"] == 10
+    monkeypatch.setenv(FETCH_WAIT_ENV, "100")
+    assert TANSU.consumer_options()["fetch_max_wait_ms"] == 100
+    monkeypatch.setenv(FETCH_WAIT_ENV, "soon")
+    with pytest.raises(SettingsError, match=FETCH_WAIT_ENV):
+        TANSU.fetch_wait_ms()
