@@ -326,11 +326,19 @@ def retry_backoff(policy: m.RetryPolicy, attempt: int, failure: Failure, now: da
 
 # --------------------------------------------------------------- client requests
 
+def _keyed_by_own_id(s: _Session, what: str) -> bool:
+    """Whether the command's root is its own id (a top-level execution, a schedule); else
+    it is rejected (InvalidArgument)."""
+    if s.command.root_workflow_exec_id == s.command.workflow_exec_id:
+        return True
+    s.reply(False, f"{what}: {s.command.workflow_exec_id} was sent with root {s.command.root_workflow_exec_id}",
+            "InvalidArgument")
+    return False
+
+
 def _start(s: _Session, p: m.StartWorkflowExecution) -> None:
     exec_id = s.command.workflow_exec_id
-    if s.command.root_workflow_exec_id != exec_id:
-        s.reply(False, f"a top-level execution is its own root: {exec_id} was sent with root "
-                       f"{s.command.root_workflow_exec_id}", "InvalidArgument")
+    if not _keyed_by_own_id(s, "a top-level execution is its own root"):
         return
     held = s.get(exec_id)
     if held is not None and held.context.root_workflow_exec_id != exec_id:
@@ -749,9 +757,7 @@ def _schedule_or_reject(s: _Session) -> ScheduleState | None:
 
 def _create_schedule(s: _Session, p: m.CreateSchedule) -> None:
     schedule_id = s.command.workflow_exec_id
-    if s.command.root_workflow_exec_id != schedule_id:
-        s.reply(False, f"a schedule is keyed by its own id: {schedule_id} was sent with root "
-                       f"{s.command.root_workflow_exec_id}", "InvalidArgument")
+    if not _keyed_by_own_id(s, "a schedule is keyed by its own id"):
         return
     if s.schedule(schedule_id) is not None:
         s.reply(False, f"schedule {schedule_id} already exists", "ScheduleAlreadyExists")
