@@ -51,7 +51,7 @@ from treeflow.schemas import models as m
 
 from .core import ExecutionState, Status, fold
 from .deadlines import command_timeout as _command_timeout, wait_arg, why_no_answer
-from .definitions import DEFAULT_TASK_QUEUE, WorkflowDefinition, workflow_definition
+from .definitions import DEFAULT_TASK_QUEUE, workflow_definition
 from .ids import new_id
 from .observability import tracing
 from .errors import (
@@ -431,9 +431,11 @@ class Client:
     async def close(self) -> None:
         follower, consumer, producer = self._follower, self._consumer, self._producer
         self._follower = self._consumer = self._producer = None
-        if follower is not None:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
+        background = [task for task in (follower, *self._floor_refresh.values(), *self._log_checks.values())
+                      if task is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if consumer is not None:
             await consumer.stop()
         if producer is not None:
