@@ -257,7 +257,9 @@ def info() -> Info:
 
 def now() -> datetime:
     """The workflow's current time: the time of the newest event it has seen (same on replay)."""
-    return _instance().now
+    instance = _instance()
+    instance.now_read = True
+    return instance.now
 
 
 def random() -> Random:

@@ -151,6 +151,7 @@ class CompleteActivityTask(AvroModel):
     attempt: int = Field(description='The attempt this report is about; a stale attempt is ignored.')
     result_json: None | str = Field(default=None, description='The result, as JSON text.')
     claim_id: None | str = Field(default=None, description="The claim of the ReportActivityTaskStarted this run began with; a report of an older claim than the attempt's latest is stale. Null for a runner the processor hosts itself.")
+    continuation: None | WorkflowTaskContinuation = Field(default=None, description="Set by a worker that ran the attempt eagerly: the decisions of the workflow task its completion causes (Temporal's local activities save the same round trip); null otherwise.")
 
 
 class CompleteWorkflowExecution(AvroModel):
@@ -458,6 +459,15 @@ class UpdateWorkflowExecution(AvroModel):
     update_name: str = Field(description='Update name.')
     input_json: None | str = Field(default=None, description="The update's input, as JSON text.")
     identity: None | str = Field(default=None, description="The sender's identity.")
+
+
+class WorkflowTaskContinuation(AvroModel):
+    """Worker: the decisions of the workflow task that an eager activity's completion causes, made by the worker that ran the activity on the history it predicted (the events of the workflow task that scheduled it, then the activity's start and completion). The processor takes them as that task's only when the run's history after the completion is exactly that: no other event was recorded in between and no workflow task was pending; else the task is dispatched as usual."""
+
+    __avro_name__: ClassVar[str] = "treeflow.commands.WorkflowTaskContinuation"
+    __avro_record_unions__: ClassVar[frozenset[str]] = frozenset(['decisions'])
+    history_length: int = Field(description="The last event sequence the decisions saw: the activity's completion.")
+    decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask | SignalExternalWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
 
 
 class CustomTaskPayload(AvroModel):
@@ -1213,6 +1223,7 @@ for _model in (
     Tick,
     TriggerSchedule,
     UpdateWorkflowExecution,
+    WorkflowTaskContinuation,
     CustomTaskPayload,
     Failure,
     RetryPolicy,

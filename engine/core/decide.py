@@ -487,10 +487,27 @@ def _complete_activity(s: _Session, p: m.CompleteActivityTask) -> None:
     if found is None:
         return  # late or superseded: not an event
     state, activity = found
+    task_pending = state.workflow_task is not None
     s.ensure_started(state, activity)
-    s.emit(state.context, m.ActivityTaskCompleted(activity_id=activity.activity_id,
-                                                  activity_name=activity.activity_name, result_json=p.result_json),
-           activity.attempt)
+    completed = s.emit(state.context, m.ActivityTaskCompleted(
+        activity_id=activity.activity_id, activity_name=activity.activity_name, result_json=p.result_json),
+        activity.attempt)
+    if p.continuation is not None and not task_pending:
+        _continue_workflow_task(s, completed, p.continuation)
+
+
+def _continue_workflow_task(s: _Session, state: ExecutionState, continuation: m.WorkflowTaskContinuation) -> None:
+    """The decisions a worker made for the workflow task this completion causes, on the
+    history it predicted: taken only when that is the run's history. No task was pending
+    before the completion (nothing else the code would see had been recorded since its
+    last task), and the run's last event is the one the worker predicted it to be; so
+    the code saw exactly these events, as a replay of the log will."""
+    task = state.workflow_task
+    if task is None or state.last_sequence != continuation.history_length:
+        return  # the task is dispatched as usual
+    _complete_workflow_task(s, m.CompleteWorkflowTask(
+        task_id=task.task_id, workflow_run_id=state.context.workflow_run_id,
+        history_length=continuation.history_length, decisions=continuation.decisions))
 
 
 def _fail_activity(s: _Session, p: m.FailActivityTask) -> None:

@@ -119,8 +119,13 @@ def _started(previous: ExecutionState | None, event: Event) -> ExecutionState:
     )
 
 
+def workflow_task_id(run_id: str, sequence: int) -> str:
+    """The id of the workflow task that the run's event at `sequence` causes."""
+    return f"{run_id}:{sequence}"
+
+
 def _task_id(event: Event) -> str:
-    return f"{event.workflow_context.workflow_run_id}:{event.sequence}"
+    return workflow_task_id(event.workflow_context.workflow_run_id, event.sequence)
 
 
 def _trigger(state: ExecutionState, event: Event) -> ExecutionState:

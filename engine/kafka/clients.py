@@ -39,7 +39,8 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
 from .errors import AuthenticationError, BrokerUnreachableError, SettingsError, WrongProfileError
-from .profile import PROFILE_ENV
+from . import fetch_wait
+from .profile import PROFILE_ENV, BrokerProfile
 from .settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,12 @@ def consumer(settings: KafkaSettings, role: str, *topics: str, **overrides: Any)
     return built
 
 
+def grow_fetch_wait(consumer: AIOKafkaConsumer, profile: BrokerProfile) -> None:
+    """Let a started consumer's fetch wait grow where the profile says so (`treeflow.kafka.fetch_wait`)."""
+    if profile.fetch_max_wait_ceiling_ms is not None:
+        fetch_wait.install(consumer, profile.fetch_wait_ms(), profile.fetch_max_wait_ceiling_ms)
+
+
 def admin(settings: KafkaSettings, role: str = "admin", **overrides: Any) -> AIOKafkaAdminClient:
     """An admin client (not started)."""
     built = AIOKafkaAdminClient(**{**connection_options(settings, "admin", role), **overrides})
@@ -183,6 +190,8 @@ async def start(client: Started, settings: KafkaSettings) -> Started:
                 await client.bootstrap()
             else:
                 await client.start()
+        if isinstance(client, AIOKafkaConsumer):
+            grow_fetch_wait(client, settings.profile)
         return client
     except BaseException as error:
         await _close_quietly(client)

@@ -34,10 +34,11 @@ Tansu 0.6.0 deviations found and handled (beside DESIGN.md §8's list):
 - A fetch lists the partition's stored batches from the first one until it reaches
   the fetch offset or the fetch's max wait is over (dynostore `fetch`): its cost
   grows with the partition's history, and past what it lists within the wait it
-  answers no records at all, while the high watermark says there are some. The
-  `tansu` profile's wait (`fetch_max_wait_ms`) is set for that; a long-lived
-  embedded broker still slows down as its partitions grow (more partitions help).
-  Kafka finds an offset through its index, in constant time.
+  answers no records at all, while the high watermark says there are some. In the
+  `tansu` profile a consumer's wait grows after such an answer and comes back down
+  while records flow (`fetch_max_wait_ceiling_ms`, `treeflow.kafka.fetch_wait`); a
+  long-lived embedded broker still slows down as its partitions grow (more
+  partitions help). Kafka finds an offset through its index, in constant time.
 
 Found since DESIGN.md §8 was written (consumer library, aiokafka 0.14): Tansu
 acknowledges LeaveGroup but keeps the member until its session times out, so a
@@ -67,14 +68,16 @@ class BrokerProfile:
     name: str
     #: How long a fetch may wait for data. Tansu does not wake a waiting fetch
     #: when data arrives (it looks again after half the remaining wait), so a low
-    #: bound is what keeps latency low there; 0 makes Tansu answer with no data at
-    #: all. But Tansu finds the fetch offset by listing every stored batch of the
-    #: partition from the first, and stops listing when the wait is over: a fetch
-    #: deeper than it can list within the wait answers nothing, every time. At 2 ms
-    #: a loaded machine stalled every consumer of a partition past ~10,000 batches
-    #: (a client's replies partition after ~5,000 executions); 10 ms lists five times
-    #: as far and costs ~0.5 ms per hop (p50 of a new record 7.0 ms against 6.6 ms).
+    #: bound is what keeps latency low there (a hop took 3.5 ms at 2 ms, 9.4 ms at
+    #: 10 ms); 0 makes Tansu answer with no data at all.
     fetch_max_wait_ms: int
+    #: Where the wait may grow to, or None for a fixed wait. Tansu finds the fetch
+    #: offset by listing every stored batch of the partition from the first, and
+    #: stops listing when the wait is over: a fetch deeper than it can list within
+    #: the wait answers nothing, every time (at 2 ms a loaded machine stalled every
+    #: consumer of a partition past ~10,000 batches). There the wait doubles after
+    #: such an answer and comes back down while records flow (`treeflow.kafka.fetch_wait`).
+    fetch_max_wait_ceiling_ms: int | None
     #: Tansu makes a group join wait half the session timeout (at least ~1 s):
     #: keep it short there.
     session_timeout_ms: int
@@ -95,8 +98,7 @@ class BrokerProfile:
         }
 
     def fetch_wait_ms(self) -> int:
-        """`fetch_max_wait_ms`, or `TREEFLOW_FETCH_MAX_WAIT_MS` when set (a long-running
-        embedded broker needs a longer wait as its partitions grow, see above)."""
+        """`fetch_max_wait_ms`, or `TREEFLOW_FETCH_MAX_WAIT_MS` when set."""
         raw = os.environ.get(FETCH_WAIT_ENV)
         if not raw:
             return self.fetch_max_wait_ms
@@ -117,6 +119,7 @@ class BrokerProfile:
 KAFKA = BrokerProfile(
     name="kafka",
     fetch_max_wait_ms=100,
+    fetch_max_wait_ceiling_ms=None,
     session_timeout_ms=10_000,
     heartbeat_interval_ms=3_000,
     idempotent_producer=True,
@@ -125,7 +128,8 @@ KAFKA = BrokerProfile(
 
 TANSU = BrokerProfile(
     name="tansu",
-    fetch_max_wait_ms=10,
+    fetch_max_wait_ms=2,
+    fetch_max_wait_ceiling_ms=500,
     session_timeout_ms=3_000,
     heartbeat_interval_ms=1_000,
     idempotent_producer=False,

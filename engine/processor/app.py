@@ -183,7 +183,7 @@ class Processor:
             stream_buffer_maxsize=4 * BATCH_SIZE,
             **clients.faust_options(self.settings, "processor"),
         )
-        app.treeflow_fetch_max_wait_ms = profile.fetch_wait_ms()
+        app.treeflow_profile = profile
         topic = app.topic(self.settings.topics.commands, key_serializer="raw", value_serializer="raw")
 
         async def consume(stream: Any) -> None:

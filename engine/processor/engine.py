@@ -234,15 +234,18 @@ class PartitionEngine:
         effects = Effects(outcome.events, outcome.replies)
         touched = set(outcome.states) | self._terminate_over_limit(effects, now)
         self._route(command, effects)
-        if isinstance(command.payload, m.CompleteWorkflowTask):
-            self._taken_eagerly(command.workflow_exec_id, command.payload, outcome.events)
+        reported = command.payload
+        if isinstance(reported, m.CompleteActivityTask):
+            reported = reported.continuation
+        if isinstance(reported, (m.CompleteWorkflowTask, m.WorkflowTaskContinuation)):
+            self._taken_eagerly(command.workflow_exec_id, reported.decisions, outcome.events)
         if not self.recovering:
             for exec_id in touched:
                 effects.dispatches.extend(self._ready_work(exec_id, now))
         effects.dispatches.extend(self._query_task(query, now) for query in outcome.queries)
         return effects
 
-    def _taken_eagerly(self, exec_id: str, report: m.CompleteWorkflowTask, events: list[Event]) -> None:
+    def _taken_eagerly(self, exec_id: str, decisions: list[Any], events: list[Event]) -> None:
         """The first attempts the reporting worker runs itself (eager activities). Their
         task is still sent, as possibly not the only copy (`first_dispatch` false): the
         eager worker drops it, any other worker claims the attempt first (refused once
@@ -250,8 +253,9 @@ class PartitionEngine:
         replaced as for any task (the copy stays uncommitted), and a copy read by another
         worker after a rebalance does not run the attempt a second time unasked.
 
-        Only when the report was accepted (its WORKFLOW_TASK_COMPLETED is among `events`)."""
-        eager = [d.activity_id for d in report.decisions if isinstance(d, m.ScheduleActivityTask) and d.eager]
+        Only when the report (a workflow task's, or a continuation's) was accepted: its
+        WORKFLOW_TASK_COMPLETED is among `events`."""
+        eager = [d.activity_id for d in decisions if isinstance(d, m.ScheduleActivityTask) and d.eager]
         state = self.states.get(exec_id)
         if not eager or state is None or not any(
                 e.event_type is EventType.WORKFLOW_TASK_COMPLETED and e.workflow_context.workflow_exec_id == exec_id

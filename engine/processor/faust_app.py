@@ -19,7 +19,8 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as driver
 
-from treeflow.kafka.clients import forbid_auto_creation
+from treeflow.kafka.clients import forbid_auto_creation, grow_fetch_wait
+from treeflow.kafka.profile import KAFKA, BrokerProfile
 
 # faust logs through the module of the App class: keep its rebalance chatter quiet.
 logging.getLogger(__name__).setLevel(logging.ERROR)
@@ -29,9 +30,13 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher.
-        consumer._fetch_max_wait_ms = self.app.treeflow_fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = self.app.treeflow_profile.fetch_wait_ms()
         forbid_auto_creation(consumer._client)
         return consumer
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        grow_fetch_wait(self._consumer, self.app.treeflow_profile)
 
     async def _commit(self, offsets: Any) -> bool:
         """faust's commit, given up once the processor halted (its topics vanished): aiokafka
@@ -66,7 +71,8 @@ class Transport(driver.Transport):
 
 
 class ProcessorApp(faust.App):
-    treeflow_fetch_max_wait_ms: int = 500
+    #: The broker profile: its fetch wait replaces faust's hard-coded 1.5 s.
+    treeflow_profile: BrokerProfile = KAFKA
     #: Set by the processor when it stops because its topics vanished: commit nothing more.
     treeflow_halted: bool = False
 

@@ -233,6 +233,11 @@ class WorkflowInstance:
         self.context = context
         self.loop = WorkflowLoop(self)
         self.now: datetime = datetime.fromtimestamp(0).astimezone()
+        #: Whether the code asked for `workflow.now()` since this was last cleared (a
+        #: continuation on predicted events is only sent when it did not: their times are not known).
+        self.now_read = False
+        #: The last task was a continuation the processor has not been seen to accept yet.
+        self.unconfirmed = False
         self.random = random.Random(uuid.UUID(context.workflow_run_id).int
                                     if _is_uuid(context.workflow_run_id) else context.workflow_run_id)
         self.applied_sequence = 0
@@ -275,6 +280,7 @@ class WorkflowInstance:
         """
         for index, event in enumerate(events):
             if event.sequence <= self.applied_sequence:
+                self._times[event.sequence] = event.timestamp  # the log's, after a continuation's predicted one
                 continue
             self.applied_sequence = event.sequence
             self._times[event.sequence] = event.timestamp

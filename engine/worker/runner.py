@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from treeflow.schemas import Command, Event, EventType, Failure, WorkflowContext
+from treeflow.schemas import EVENT_TYPES, Command, Event, EventType, Failure, WorkflowContext
 from treeflow.schemas import models as m
 
 from ..activities import ActivityContext, ActivityInfo, _context
+from ..core.evolve import workflow_task_id
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
 from ..observability import metrics, tracing
@@ -125,6 +126,58 @@ class TaskRunner:
         return self._command(context, m.CompleteWorkflowTask(
             task_id=task_id, workflow_run_id=context.workflow_run_id, history_length=history_length,
             decisions=decisions))
+
+    def continue_after_activity(self, context: WorkflowContext, report: m.CompleteWorkflowTask,
+                                completion: m.CompleteActivityTask) -> m.WorkflowTaskContinuation | None:
+        """The decisions of the workflow task that `completion` will cause, made now on the
+        history the processor will then hold, or None when they cannot be known here.
+
+        `report` is the cached run's last task, which scheduled the completed activity as its
+        only decision. The history predicted after it: that task's completion, the activity's
+        scheduling, start and completion. Not when the code asks for `workflow.now()` (those
+        events' times are the processor's), fails the task, or does not match. The processor
+        takes the decisions only if that is the run's history (`treeflow.core.decide`); if it
+        does not, the instance is ahead of the log and is not used again until a history
+        shows that it was (see `_continues`).
+        """
+        key = (context.workflow_exec_id, context.workflow_run_id)
+        instance = self._cache.get(key)
+        if (instance is None or instance.last_task_id != report.task_id
+                or instance.applied_sequence != report.history_length or len(report.decisions) != 1):
+            return None
+        scheduled = report.decisions[0]
+        if not isinstance(scheduled, m.ScheduleActivityTask) or scheduled.activity_id != completion.activity_id:
+            return None
+        del self._cache[key]
+        ids = {"activity_id": scheduled.activity_id, "activity_name": scheduled.activity_name}
+        predicted = [
+            m.WorkflowTaskCompleted(task_id=report.task_id, history_length=report.history_length),
+            m.ActivityTaskScheduled(**ids, task_queue=scheduled.task_queue, input_json=scheduled.input_json,
+                                    retry_policy=scheduled.retry_policy,
+                                    schedule_to_close_timeout_ms=scheduled.schedule_to_close_timeout_ms,
+                                    start_to_close_timeout_ms=scheduled.start_to_close_timeout_ms,
+                                    heartbeat_timeout_ms=scheduled.heartbeat_timeout_ms),
+            m.ActivityTaskStarted(**ids),
+            m.ActivityTaskCompleted(**ids, result_json=completion.result_json),
+        ]
+        now = self.clock()
+        events = [Event.model_construct(
+            event_id=f"predicted:{n}", event_type=EVENT_TYPES[type(payload)], timestamp=now,
+            sequence=report.history_length + n, workflow_context=context,
+            attempt=None if n <= 2 else completion.attempt, payload=payload)
+            for n, payload in enumerate(predicted, start=1)]
+        instance.now_read = False
+        try:
+            decisions = instance.activate(events)
+        except NonDeterminismError:
+            return None
+        if instance.task_failure is not None or instance.now_read:
+            return None
+        history_length = events[-1].sequence
+        instance.last_task_id, instance.unconfirmed = workflow_task_id(context.workflow_run_id, history_length), True
+        if not instance.closed:
+            self._cache[key] = instance
+        return m.WorkflowTaskContinuation(history_length=history_length, decisions=decisions)
 
     # ------------------------------------------------------------ query tasks
 
@@ -290,6 +343,8 @@ def _up_to_date(instance: WorkflowInstance, history: list[Event]) -> bool:
     """True when the events of `history` the instance has not applied change nothing its
     code sees: only the events of its own decisions, its accepted task, activity
     starts... (no signal, result, timer or cancel request waits for it)."""
+    if instance.unconfirmed and not _accepted(instance, history):
+        return False
     for event in history:
         if event.sequence <= instance.applied_sequence:
             continue
@@ -306,6 +361,15 @@ def _continues(instance: WorkflowInstance, history: list[Event]) -> bool:
     was accepted (its WORKFLOW_TASK_COMPLETED is in the new events)."""
     if instance.last_task_id is None:
         return False
+    if _accepted(instance, history):
+        instance.unconfirmed = False
+        return True
+    return False
+
+
+def _accepted(instance: WorkflowInstance, history: list[Event]) -> bool:
+    """Whether the first WORKFLOW_TASK_COMPLETED of `history` after the instance's last
+    applied event is its last task's."""
     for event in history:
         if event.sequence > instance.applied_sequence and event.event_type is EventType.WORKFLOW_TASK_COMPLETED:
             return event.payload.task_id == instance.last_task_id  # type: ignore[union-attr]

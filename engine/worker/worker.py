@@ -26,7 +26,7 @@ import functools
 import logging
 import signal
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -46,6 +46,7 @@ from treeflow.kafka import (
 from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply
 from treeflow.schemas import models as m
 
+from ..core.evolve import workflow_task_id
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
 from ..observability import metrics, tracing
@@ -80,6 +81,8 @@ class WorkerStats:
     eager_activities: int = 0
     #: Task copies of attempts this worker took eagerly, dropped.
     eager_copies: int = 0
+    #: Eager completions sent with the decisions of the workflow task they cause.
+    continuations: int = 0
 
 
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
@@ -233,13 +236,15 @@ class Worker:
     def __init__(self, settings: KafkaSettings, workflows: dict[str, WorkflowDefinition],
                  activities: dict[str, ActivityDefinition], task_queues: Iterable[str] = ("default",), *,
                  max_concurrent_activities: int = 100, runner: TaskRunner | None = None,
-                 eager_activities: bool = True) -> None:
+                 eager_activities: bool = True, eager_continuations: bool = True) -> None:
         self.settings = settings
         self.task_queues = list(dict.fromkeys(task_queues))
         self.runner = runner or TaskRunner(workflows, activities)
         self.stats = WorkerStats()
         #: Run the first attempt of activities it schedules on its own queues at once.
         self.eager_activities = eager_activities
+        #: Send an eager attempt's completion with the decisions of the workflow task it causes.
+        self.eager_continuations = eager_continuations
         #: Attempts taken eagerly here, oldest first: resolved once run (their task copies
         #: are dropped, and done with the run).
         self._eager: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
@@ -344,6 +349,9 @@ class Worker:
 
     async def _consume(self, consumer: AIOKafkaConsumer, fresh: _Fresh) -> None:
         offsets = _Offsets()
+        # Commits run beside the fetch loop, one at a time: a task that arrives while the
+        # previous batch's reports are flushed and its offsets committed is taken at once.
+        committing: asyncio.Future[None] | None = None
         try:
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=500)
@@ -352,8 +360,13 @@ class Worker:
                         self._next_offsets[tp] = record.offset + 1
                         offsets.begin(tp, record.offset)
                         await self._take(tp, record, offsets, fresh)
-                await self._commit(consumer, offsets)
+                if committing is None or committing.done():
+                    if committing is not None:
+                        committing.result()  # a failed flush stops the worker, as it did inline
+                    committing = asyncio.ensure_future(self._commit(consumer, offsets))
         finally:
+            if committing is not None:
+                await asyncio.gather(committing, return_exceptions=True)
             if self._in_flight and self._stopping.is_set():
                 await asyncio.wait(self._in_flight, timeout=self._grace)
             await self._commit(consumer, offsets)
@@ -374,11 +387,8 @@ class Worker:
                 task.workflow_context, task.task_id, task.payload.history), fresh.fresh(tp, record.offset))
             await self._send(report)
             offsets.finish(tp, record.offset)
-            for activity in eager:  # after the report: its activity results follow it in the commands partition
-                self._spawn_activity(task.workflow_context, activity, claim=False,
-                                     traceparent=tracing.traceparent_of(record.headers),
-                                     done=functools.partial(
-                                         self._eager[_attempt_key(task.workflow_context, activity)].set_result, None))
+            # After the report: the activity results follow it in the commands partition.
+            self._run_eagerly(task.workflow_context, report.payload, eager, tracing.traceparent_of(record.headers))
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -405,51 +415,75 @@ class Worker:
         workflow task schedules on a queue this worker serves, with a free slot, are
         run here at once (the report marks them `eager`). The processor still sends their
         task, as possibly not the only copy: this worker drops it (`eager_copies`), another
-        one claims the attempt first. Not when the task also closes the run (the
-        activities would never have been dispatched), nor for a workflow task that may
-        have been run before (not `fresh`: a worker that ran it may have died before
-        committing it, its activities possibly done and recorded). Each one taken holds
-        its slot (released by the run)."""
+        one claims the attempt first. Not for a workflow task that may have been run before
+        (not `fresh`: a worker that ran it may have died before committing it, its
+        activities possibly done and recorded)."""
         payload = report.payload
-        if not (self.eager_activities and fresh) or not isinstance(payload, m.CompleteWorkflowTask) or any(
-                isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions):
+        if not fresh or not isinstance(payload, m.CompleteWorkflowTask):
             return report, []
-        decisions, eager = [], []
-        for decision in payload.decisions:
+        decisions, eager = await self._eager_decisions(report.workflow_exec_id, payload.workflow_run_id,
+                                                       payload.decisions, report.timestamp)
+        if not eager:
+            return report, []
+        return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), eager
+
+    async def _eager_decisions(self, exec_id: str, run_id: str, decisions: list[Any],
+                               scheduled_at: datetime) -> tuple[list[Any], list[m.ActivityTask]]:
+        """`decisions` with the activities this worker takes eagerly marked `eager`, and
+        their first attempts' tasks. Not when the decisions also close the run (the
+        activities would never have been dispatched). Each one taken holds its slot
+        (released by the run)."""
+        if not self.eager_activities or any(isinstance(d, _CLOSING_DECISIONS) for d in decisions):
+            return decisions, []
+        marked, eager = [], []
+        for decision in decisions:
             if (isinstance(decision, m.ScheduleActivityTask) and decision.task_queue in self.task_queues
                     and decision.activity_name in self.runner.activities and not self._slots.locked()):
                 await self._slots.acquire()  # free (not locked): returns at once
                 decision = decision.model_copy(update={"eager": True})
-                self._eager[f"{report.workflow_exec_id}|{payload.workflow_run_id}|{decision.activity_id}|1"] = \
+                self._eager[f"{exec_id}|{run_id}|{decision.activity_id}|1"] = \
                     asyncio.get_running_loop().create_future()
                 while len(self._eager) > EAGER_REMEMBERED:
                     self._eager.popitem(last=False)
                 eager.append(m.ActivityTask(
                     activity_id=decision.activity_id, activity_name=decision.activity_name,
-                    input_json=decision.input_json, attempt=1, scheduled_at=report.timestamp,
+                    input_json=decision.input_json, attempt=1, scheduled_at=scheduled_at,
                     start_to_close_timeout_ms=decision.start_to_close_timeout_ms,
                     heartbeat_timeout_ms=decision.heartbeat_timeout_ms, first_dispatch=True))
-            decisions.append(decision)
-        if not eager:
-            return report, []
+            marked.append(decision)
         self.stats.eager_activities += len(eager)
-        return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), eager
+        return marked, eager
+
+    def _run_eagerly(self, context: m.WorkflowContext, report: m.CompleteWorkflowTask, eager: list[m.ActivityTask],
+                     traceparent: bytes | None) -> None:
+        """Run the attempts `report` took eagerly. A lone one's completion goes with the
+        decisions of the workflow task it causes (`_send_continued`)."""
+        send = self._send
+        if self.eager_continuations and len(eager) == 1:
+            send = functools.partial(self._send_continued, context, report, traceparent)
+        for activity in eager:
+            self._spawn_activity(context, activity, claim=False, traceparent=traceparent,
+                                 done=functools.partial(self._eager[_attempt_key(context, activity)].set_result, None),
+                                 send=send)
 
     def _spawn_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
-                        traceparent: bytes | None, done: Callable[[], None] | None = None) -> None:
-        """Run one attempt (its slot already held) in the background; `done()` once its
-        outcome was handed to the producer (not when it was cancelled or dropped)."""
-        job = asyncio.ensure_future(self._run_activity(context, task, claim, traceparent, done))
+                        traceparent: bytes | None, done: Callable[[], None] | None = None,
+                        send: Callable[[Command], Awaitable[None]] | None = None) -> None:
+        """Run one attempt (its slot already held) in the background, its reports through
+        `send` (default: `_send`); `done()` once its outcome was handed to the producer
+        (not when it was cancelled or dropped)."""
+        job = asyncio.ensure_future(self._run_activity(context, task, claim, traceparent, done, send or self._send))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
 
     async def _run_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
-                            traceparent: bytes | None, done: Callable[[], None] | None) -> None:
+                            traceparent: bytes | None, done: Callable[[], None] | None,
+                            send: Callable[[Command], Awaitable[None]]) -> None:
         try:
             self.stats.activity_tasks += 1
             if claim:
                 self.stats.claimed_tasks += 1
-            await self.runner.run_activity(context, task, self._send, self._claim if claim else None, traceparent)
+            await self.runner.run_activity(context, task, send, self._claim if claim else None, traceparent)
             if done is not None:
                 done()
         finally:
@@ -476,6 +510,30 @@ class Worker:
                 self._replies.forget(claim.command_id)
             claim = claim.model_copy(update={"command_id": new_id(), "timestamp": datetime.now(timezone.utc)})
             wait = min(wait * 2, CLAIM_RETRY_MAX)
+
+    async def _send_continued(self, context: m.WorkflowContext, report: m.CompleteWorkflowTask,
+                              traceparent: bytes | None, command: Command) -> None:
+        """Send a report of the attempt `report` took eagerly; its completion with the
+        decisions of the workflow task it causes, when the runner can make them
+        (`TaskRunner.continue_after_activity`): the processor then records both at once,
+        and that task never travels. Activities those decisions take eagerly continue the
+        same way."""
+        eager: list[m.ActivityTask] = []
+        if isinstance(command.payload, m.CompleteActivityTask):
+            continuation = self.runner.continue_after_activity(context, report, command.payload)
+            if continuation is not None:
+                self.stats.continuations += 1
+                decisions, eager = await self._eager_decisions(
+                    context.workflow_exec_id, context.workflow_run_id, continuation.decisions, command.timestamp)
+                continuation = continuation.model_copy(update={"decisions": decisions})
+                command = command.model_copy(update={
+                    "payload": command.payload.model_copy(update={"continuation": continuation})})
+                report = m.CompleteWorkflowTask(
+                    task_id=workflow_task_id(context.workflow_run_id, continuation.history_length),
+                    workflow_run_id=context.workflow_run_id, history_length=continuation.history_length,
+                    decisions=decisions)
+        await self._send(command)
+        self._run_eagerly(context, report, eager, traceparent)
 
     async def _send(self, command: Command) -> None:
         assert self._producer is not None

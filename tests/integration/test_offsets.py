@@ -74,3 +74,55 @@ def test_a_consumer_stopped_right_after_it_started_stops_cleanly(settings: Kafka
     done = subprocess.run([sys.executable, "-c", SCRIPT, settings.bootstrap_servers], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_a_consumer_reaches_the_end_of_a_partition_too_long_for_a_short_fetch(
+        settings: KafkaSettings, broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tansu profile's growing fetch wait (treeflow.kafka.fetch_wait): Tansu lists a
+    partition's batches from the first within the fetch's wait, so a 1 ms fetch at the end of
+    4,000 batches answers nothing, every time; the consumers treeflow starts get there."""
+    import asyncio
+
+    from treeflow.kafka import clients
+    from treeflow.kafka.fetch_wait import GrowingWaitFetcher
+    from treeflow.kafka.profile import FETCH_WAIT_ENV
+
+    if not settings.profile.fetch_max_wait_ceiling_ms:
+        pytest.skip("only the tansu profile grows its fetch wait (Kafka finds an offset through its index)")
+    monkeypatch.setenv(FETCH_WAIT_ENV, "1")
+    await ensure_topics(settings)
+    tp = TopicPartition(settings.topics.events, 3)
+    batches = 4000
+
+    async def one_record_per_batch(count: int) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
+        await producer.start()
+        try:
+            for n in range(count):
+                await producer.send_and_wait(tp.topic, f"v{n}".encode(), partition=tp.partition)
+        finally:
+            await producer.stop()
+
+    await asyncio.gather(*(one_record_per_batch(batches // 8) for _ in range(8)))
+
+    async def tail(consumer: AIOKafkaConsumer, seconds: float) -> int:
+        consumer.assign([tp])
+        consumer.seek(tp, batches - 3)
+        got = await consumer.getmany(tp, timeout_ms=int(seconds * 1000))
+        return len(got.get(tp, []))
+
+    fixed = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, fetch_max_wait_ms=1,
+                             enable_auto_commit=False)
+    await fixed.start()
+    try:
+        if await tail(fixed, 2.0):
+            pytest.skip(f"this broker lists {batches} batches within 1 ms: nothing to show here")
+    finally:
+        await fixed.stop()
+    growing = await clients.start(clients.consumer(settings, "test"), settings)
+    try:
+        assert type(growing._fetcher) is GrowingWaitFetcher
+        assert await tail(growing, 10.0) == 3
+        assert growing._fetcher._fetch_max_wait_ms > 1  # it grew to reach that far
+    finally:
+        await clients.stop(growing)

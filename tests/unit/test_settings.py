@@ -113,10 +113,24 @@ def test_the_fetch_wait_comes_from_the_profile_or_the_environment(monkeypatch: p
     from treeflow.kafka.settings import SettingsError
 
     monkeypatch.delenv(FETCH_WAIT_ENV, raising=False)
-    assert (KAFKA.fetch_wait_ms(), TANSU.fetch_wait_ms()) == (100, 10)
-    assert TANSU.consumer_options()["fetch_max_wait_ms"] == 10
+    assert (KAFKA.fetch_wait_ms(), TANSU.fetch_wait_ms()) == (100, 2)
+    assert TANSU.consumer_options()["fetch_max_wait_ms"] == 2
     monkeypatch.setenv(FETCH_WAIT_ENV, "100")
     assert TANSU.consumer_options()["fetch_max_wait_ms"] == 100
     monkeypatch.setenv(FETCH_WAIT_ENV, "soon")
     with pytest.raises(SettingsError, match=FETCH_WAIT_ENV):
         TANSU.fetch_wait_ms()
+
+
+def test_the_tansu_fetch_wait_doubles_when_a_fetch_falls_short_and_comes_back_while_records_flow() -> None:
+    from treeflow.kafka.fetch_wait import next_wait
+
+    wait, waits = 2, []
+    for _ in range(10):  # a deep partition: every fetch answers nothing while its end is further on
+        wait = next_wait(wait, 2, 500, got_records=False, starved=True)
+        waits.append(wait)
+    assert waits == [4, 8, 16, 32, 64, 128, 256, 500, 500, 500]
+    assert next_wait(64, 2, 500, got_records=False, starved=False) == 64  # caught up: nothing to reach
+    for _ in range(60):
+        wait = next_wait(wait, 2, 500, got_records=True, starved=False)
+    assert wait == 2
