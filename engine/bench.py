@@ -459,7 +459,7 @@ class ModeRun:
             self.spawn("processor", "processor", "--module", "treeflow.bench", "-q", "default")
         else:
             self.spawn("processor", "processor")
-            self.spawn("worker", "worker", "--module", "treeflow.bench", "-q", "default")
+            self.spawn("worker", "worker", "--module", "treeflow.bench", "-q", "default", *args.worker_arg)
         out("    processes: " + ", ".join(f"{c.name} pid {c.pid}" for c in self.mine) +
             (f", broker pid {self.meter.pids['broker']}" if "broker" in self.meter.pids else "") +
             f", bench (client) pid {os.getpid()}")
@@ -726,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers", action="store_true",
                         help="Also print the seed figures against issue 11's stored reference figures (Restate, "
                              "DBOS, Temporal, earlier treeflow runs; not re-run), with the ratio to each.")
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="Split mode: one more argument of the `treeflow worker` command (repeatable), e.g. "
+                             "--worker-arg=--no-eager-continuations to measure a lever by its absence.")
     parser.add_argument("--json", action="store_true",
                         help="Also print one machine-readable JSON object (one line) at the end.")
     return parser.parse_args(argv)
@@ -900,6 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         out(f"latency: {args.latency_runs} sequential executions after {args.warmup} warm-up; throughput: "
             f"{args.throughput_runs} executions with {args.in_flight} in flight; fan-out: {args.fanout_runs} x "
             f"{args.fanout} children; CPU seconds per process per phase (% = share of one core over the phase)")
+        if args.worker_arg:
+            out(f"split mode's worker: treeflow worker ... {' '.join(args.worker_arg)}")
         out("targets (seed tree): p50 ≤ 8 ms, p99 ≤ 20 ms, ≥ 400 trees/s; the ratio next to a figure is how many "
             "times it is off its target (≤ 1.00x meets it)")
         asyncio.run(run_modes(args, bootstrap, profile, run_id, meter, log_dir, children, report))

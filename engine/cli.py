@@ -229,9 +229,16 @@ def dev(file: str, serve: bool, http_port: int | None, http_host: str) -> None:
 @click.option("--task-queue", "-q", "task_queues", multiple=True, metavar="QUEUE",
               help="Task queue to serve (repeatable). Default: 'default'.")
 @click.option("--max-concurrent-activities", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--eager-activities/--no-eager-activities", default=True, show_default=True,
+              help="Run the first attempt of an activity a workflow task schedules on a queue this worker serves "
+                   "at once (Temporal's eager activity execution).")
+@click.option("--eager-continuations/--no-eager-continuations", default=True, show_default=True,
+              help="Send an eager attempt's completion with the decisions of the workflow task it causes "
+                   "(README, \"Eager continuations\").")
 @metrics_port_option
 def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues: tuple[str, ...],
-           max_concurrent_activities: int, metrics_port: int | None) -> None:
+           max_concurrent_activities: int, eager_activities: bool, eager_continuations: bool,
+           metrics_port: int | None) -> None:
     """Run workflow and activity tasks from task queues until SIGTERM (then finish or hand back)."""
     from treeflow.definitions import collect
     from treeflow.loading import load_module
@@ -241,7 +248,8 @@ def worker(bootstrap_servers: str | None, modules: tuple[str, ...], task_queues:
     workflows, activities = collect(load_module(target) for target in modules)
     settings = KafkaSettings.resolve(bootstrap_servers)
     running = Worker(settings, workflows, activities, task_queues or ("default",),
-                     max_concurrent_activities=max_concurrent_activities)
+                     max_concurrent_activities=max_concurrent_activities, eager_activities=eager_activities,
+                     eager_continuations=eager_continuations)
     click.echo(f"worker: {len(workflows)} workflow(s), {len(activities)} activity(ies) on "
                f"{list(task_queues or ('default',))} via {settings.bootstrap_servers}", err=True)
 

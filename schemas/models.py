@@ -159,6 +159,7 @@ class CompleteWorkflowExecution(AvroModel):
 
     __avro_name__: ClassVar[str] = "treeflow.commands.CompleteWorkflowExecution"
     result_json: None | str = Field(default=None, description='The result, as JSON text.')
+    parent_continuation: None | WorkflowTaskContinuation = Field(default=None, description="Set by a worker that has the parent's run cached, its last task done and its decisions all recorded: the decisions of the parent's workflow task this child's completion causes, made on the history it predicted (that task's completion, then CHILD_WORKFLOW_EXECUTION_COMPLETED). Taken only when that is the parent's history; null otherwise.")
 
 
 class CompleteWorkflowTask(AvroModel):
@@ -462,11 +463,11 @@ class UpdateWorkflowExecution(AvroModel):
 
 
 class WorkflowTaskContinuation(AvroModel):
-    """Worker: the decisions of the workflow task that an eager activity's completion causes, made by the worker that ran the activity on the history it predicted (the events of the workflow task that scheduled it, then the activity's start and completion). The processor takes them as that task's only when the run's history after the completion is exactly that: no other event was recorded in between and no workflow task was pending; else the task is dispatched as usual."""
+    """Worker: the decisions of a workflow task that has not been dispatched yet, made by the worker that caused it on the history it predicted: after an eager activity's completion (`CompleteActivityTask.continuation`: the events of the workflow task that scheduled it, then the activity's start and completion), or after a child's completion (`CompleteWorkflowExecution.parent_continuation`: the parent's last task's completion, then the child's). The processor takes them as that task's only when the run's history is then exactly that: no other event was recorded in between and no workflow task was pending; else the task is dispatched as usual."""
 
     __avro_name__: ClassVar[str] = "treeflow.commands.WorkflowTaskContinuation"
     __avro_record_unions__: ClassVar[frozenset[str]] = frozenset(['decisions'])
-    history_length: int = Field(description="The last event sequence the decisions saw: the activity's completion.")
+    history_length: int = Field(description='The last event sequence the decisions saw: the completion that causes the task.')
     decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask | SignalExternalWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
 
 

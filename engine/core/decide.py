@@ -431,7 +431,11 @@ def _respond_query(s: _Session, p: m.RespondQueryTask) -> None:
 
 
 def _complete_workflow_task(s: _Session, p: m.CompleteWorkflowTask) -> None:
-    state = s.running(s.command.workflow_exec_id)
+    _complete_task(s, s.command.workflow_exec_id, p)
+
+
+def _complete_task(s: _Session, exec_id: str, p: m.CompleteWorkflowTask) -> None:
+    state = s.running(exec_id)
     if (state is None or state.context.workflow_run_id != p.workflow_run_id or state.workflow_task is None
             or state.workflow_task.task_id != p.task_id):
         return  # a stale task: superseded, timed out, or the run closed
@@ -497,15 +501,18 @@ def _complete_activity(s: _Session, p: m.CompleteActivityTask) -> None:
 
 
 def _continue_workflow_task(s: _Session, state: ExecutionState, continuation: m.WorkflowTaskContinuation) -> None:
-    """The decisions a worker made for the workflow task this completion causes, on the
-    history it predicted: taken only when that is the run's history. No task was pending
-    before the completion (nothing else the code would see had been recorded since its
-    last task), and the run's last event is the one the worker predicted it to be; so
-    the code saw exactly these events, as a replay of the log will."""
+    """The decisions a worker made for the workflow task that a completion (an activity's
+    in `state`'s run, or a child's of it) causes, on the history it predicted: taken only
+    when that is the run's history. No task was pending before the completion (nothing
+    else the code would see had been recorded since its last task), and the run's last
+    event is the one the worker predicted it to be; so the code saw exactly these events,
+    as a replay of the log will. Not once the run's deadline is reached: its tick times it
+    out, as it would before a dispatched task came back."""
     task = state.workflow_task
-    if task is None or state.last_sequence != continuation.history_length:
+    if (task is None or state.last_sequence != continuation.history_length
+            or (state.deadline is not None and state.deadline <= s.now)):
         return  # the task is dispatched as usual
-    _complete_workflow_task(s, m.CompleteWorkflowTask(
+    _complete_task(s, state.exec_id, m.CompleteWorkflowTask(
         task_id=task.task_id, workflow_run_id=state.context.workflow_run_id,
         history_length=continuation.history_length, decisions=continuation.decisions))
 
@@ -711,7 +718,12 @@ def _record_workflow_custom_task(s: _Session, exec_id: str, d: m.RecordWorkflowC
 
 
 def _complete(s: _Session, exec_id: str, d: m.CompleteWorkflowExecution) -> None:
+    parent_id = s.get(exec_id).context.parent_workflow_exec_id  # type: ignore[union-attr]
+    parent = s.running(parent_id) if parent_id and d.parent_continuation is not None else None
+    task_pending = parent is not None and parent.workflow_task is not None
     s.close(exec_id, m.WorkflowExecutionCompleted(result_json=d.result_json), Status.COMPLETED)
+    if parent is not None and not task_pending and (notified := s.running(parent.exec_id)) is not None:
+        _continue_workflow_task(s, notified, d.parent_continuation)  # type: ignore[arg-type]
 
 
 def _fail(s: _Session, exec_id: str, d: m.FailWorkflowExecution) -> None:

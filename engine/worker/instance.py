@@ -238,6 +238,8 @@ class WorkflowInstance:
         self.now_read = False
         #: The last task was a continuation the processor has not been seen to accept yet.
         self.unconfirmed = False
+        #: The parent's run, for a child (from its WORKFLOW_EXECUTION_STARTED).
+        self.parent_run_id: str | None = None
         self.random = random.Random(uuid.UUID(context.workflow_run_id).int
                                     if _is_uuid(context.workflow_run_id) else context.workflow_run_id)
         self.applied_sequence = 0
@@ -336,6 +338,11 @@ class WorkflowInstance:
         """Events in the current run's history that the code has seen (same on replay)."""
         return max(0, self.seen_sequence - self.first_sequence + 1) if self.first_sequence else 0
 
+    @property
+    def waits_on_nothing_recorded(self) -> bool:
+        """Whether every decision the code made has been matched by its event in the history."""
+        return not self._issued
+
     def _issue(self, decision: Any, key: str | None) -> None:
         if self._querying:
             raise RuntimeError("a query handler only reads the workflow's state: it may not start activities, "
@@ -373,6 +380,7 @@ class WorkflowInstance:
         t, p = event.event_type, event.payload
         if t is T.WORKFLOW_EXECUTION_STARTED:
             self.first_sequence = event.sequence
+            self.parent_run_id = p.parent_workflow_run_id  # type: ignore[union-attr]
             self._start = (p.input_json,)  # type: ignore[union-attr]
             try:
                 self.workflow_object = self.definition.cls()

@@ -63,6 +63,11 @@ class TaskRunner:
         self.clock = clock
         self.activities = activities
         self.cache_size = cache_size
+        #: Send a closing child's completion with the decisions of its parent's next task
+        #: when the parent's run is cached here (`_with_parent_continuation`).
+        self.continue_parents = True
+        #: Parent continuations made (sent with a child's completion).
+        self.parent_continuations = 0
         self._cache: OrderedDict[tuple[str, str], WorkflowInstance] = OrderedDict()
         #: Executions already warned about as naming no registered workflow (logged once each).
         self._warned_unknown: OrderedDict[str, None] = OrderedDict()
@@ -125,7 +130,7 @@ class TaskRunner:
                 self._cache.popitem(last=False)
         return self._command(context, m.CompleteWorkflowTask(
             task_id=task_id, workflow_run_id=context.workflow_run_id, history_length=history_length,
-            decisions=decisions))
+            decisions=self._with_parent_continuation(instance, decisions)))
 
     def continue_after_activity(self, context: WorkflowContext, report: m.CompleteWorkflowTask,
                                 completion: m.CompleteActivityTask) -> m.WorkflowTaskContinuation | None:
@@ -160,12 +165,64 @@ class TaskRunner:
             m.ActivityTaskStarted(**ids),
             m.ActivityTaskCompleted(**ids, result_json=completion.result_json),
         ]
+        return self._predicted_task(instance, predicted, attempt=completion.attempt)
+
+    def _continued(self, instance: WorkflowInstance, history_length: int,
+                   decisions: list[Any]) -> m.WorkflowTaskContinuation:
+        """The continuation of `instance`'s run, which now stands past what the log holds."""
+        context = instance.context
+        instance.last_task_id = workflow_task_id(context.workflow_run_id, history_length)
+        instance.unconfirmed = True
+        if not instance.closed:
+            self._cache[(context.workflow_exec_id, context.workflow_run_id)] = instance
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return m.WorkflowTaskContinuation(history_length=history_length,
+                                          decisions=self._with_parent_continuation(instance, decisions))
+
+    def _with_parent_continuation(self, child: WorkflowInstance, decisions: list[Any]) -> list[Any]:
+        """`decisions`, with the parent's continuation on a closing CompleteWorkflowExecution.
+
+        When the parent's run is cached here, its last task done and every decision it made
+        recorded, the parent's next task (caused by this child's completion) sees the
+        completion of its last task, then CHILD_WORKFLOW_EXECUTION_COMPLETED: its code runs on
+        that now. Not when it asks for `workflow.now()`, fails the task or does not match.
+        The processor takes the decisions only if that is the parent's history."""
+        closing = decisions[-1] if decisions else None
+        context = child.context
+        if (not self.continue_parents or not isinstance(closing, m.CompleteWorkflowExecution)
+                or context.parent_workflow_exec_id is None or child.parent_run_id is None):
+            return decisions
+        key = (context.parent_workflow_exec_id, child.parent_run_id)
+        parent = self._cache.get(key)
+        if (parent is None or parent.last_task_id is None or parent.closed
+                or not parent.waits_on_nothing_recorded):
+            return decisions
+        del self._cache[key]
+        payloads = [
+            m.WorkflowTaskCompleted(task_id=parent.last_task_id, history_length=parent.applied_sequence),
+            m.ChildWorkflowExecutionCompleted(child_workflow_exec_id=context.workflow_exec_id,
+                                              child_workflow_name=context.workflow_name,
+                                              result_json=closing.result_json),
+        ]
+        continuation = self._predicted_task(parent, payloads, attempt=None)
+        if continuation is None:
+            return decisions
+        self.parent_continuations += 1
+        return [*decisions[:-1], closing.model_copy(update={"parent_continuation": continuation})]
+
+    def _predicted_task(self, instance: WorkflowInstance, payloads: list[Any],
+                        attempt: int | None) -> m.WorkflowTaskContinuation | None:
+        """Feed `instance` the events of `payloads` after its last applied one; the decisions
+        its code makes then, or None (the instance is then dropped: it stands past the log)."""
         now = self.clock()
+        base = instance.applied_sequence
         events = [Event.model_construct(
-            event_id=f"predicted:{n}", event_type=EVENT_TYPES[type(payload)], timestamp=now,
-            sequence=report.history_length + n, workflow_context=context,
-            attempt=None if n <= 2 else completion.attempt, payload=payload)
-            for n, payload in enumerate(predicted, start=1)]
+            event_id=f"predicted:{n}", event_type=EVENT_TYPES[type(payload)], timestamp=now, sequence=base + n,
+            workflow_context=instance.context,
+            attempt=attempt if isinstance(payload, (m.ActivityTaskStarted, m.ActivityTaskCompleted)) else None,
+            payload=payload)
+            for n, payload in enumerate(payloads, start=1)]
         instance.now_read = False
         try:
             decisions = instance.activate(events)
@@ -173,11 +230,7 @@ class TaskRunner:
             return None
         if instance.task_failure is not None or instance.now_read:
             return None
-        history_length = events[-1].sequence
-        instance.last_task_id, instance.unconfirmed = workflow_task_id(context.workflow_run_id, history_length), True
-        if not instance.closed:
-            self._cache[key] = instance
-        return m.WorkflowTaskContinuation(history_length=history_length, decisions=decisions)
+        return self._continued(instance, events[-1].sequence, decisions)
 
     # ------------------------------------------------------------ query tasks
 

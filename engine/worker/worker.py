@@ -243,8 +243,10 @@ class Worker:
         self.stats = WorkerStats()
         #: Run the first attempt of activities it schedules on its own queues at once.
         self.eager_activities = eager_activities
-        #: Send an eager attempt's completion with the decisions of the workflow task it causes.
+        #: Send an eager attempt's completion with the decisions of the workflow task it causes,
+        #: and a closing child's with its parent's (when this worker has the parent's run).
         self.eager_continuations = eager_continuations
+        self.runner.continue_parents = eager_continuations
         #: Attempts taken eagerly here, oldest first: resolved once run (their task copies
         #: are dropped, and done with the run).
         self._eager: OrderedDict[str, asyncio.Future[None]] = OrderedDict()

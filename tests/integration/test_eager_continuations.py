@@ -80,6 +80,32 @@ class Interrupted:
         return f"{result} heard {self.heard}"
 
 
+@workflows.workflow.define(name="continued_interrupted_parent")
+class InterruptedParent:
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+
+    @workflows.workflow.signal
+    def note(self, text: str) -> None:
+        self.heard.append(text)
+
+    @workflows.workflow.entrypoint
+    async def run(self, value: str) -> str:
+        result = await workflows.execute_workflow(ContinuedChild, params=value)
+        return f"{result} heard {self.heard}"
+
+
+async def parent_waits_on_nothing_recorded(handle: object) -> None:
+    """Until the parent's task after its child's start is done."""
+    while True:
+        history = await handle.history()  # type: ignore[attr-defined]
+        started = [e.sequence for e in history if e.event_type is EventType.CHILD_WORKFLOW_EXECUTION_STARTED]
+        if started and any(e.event_type is EventType.WORKFLOW_TASK_COMPLETED and e.sequence > started[0]
+                           for e in history):
+            return
+        await asyncio.sleep(0.05)
+
+
 class Deployment:
     def __init__(self, settings: KafkaSettings, continuations: bool) -> None:
         workflow_defs, activity_defs = collect([sys.modules[__name__]])
@@ -102,16 +128,23 @@ class Deployment:
         await self.processor.stop()
 
 
+CAUSES = (EventType.ACTIVITY_TASK_COMPLETED, EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED)
+
+
 def continued_tasks(history: list) -> list[int]:
-    """The sequences of the ACTIVITY_TASK_COMPLETED events recorded with the completion of
-    the workflow task they caused: by the same command (event ids are `<command id>:<n>`)."""
+    """The sequences of the completions (an activity's, a child's) recorded with the
+    completion of the workflow task they caused: by the same command (event ids are
+    `<command id>:<n>`)."""
     def command_of(event: object) -> str:
         return event.event_id.rsplit(":", 1)[0]  # type: ignore[attr-defined]
 
     return [before.sequence for before, after in zip(history, history[1:])
-            if before.event_type is EventType.ACTIVITY_TASK_COMPLETED
-            and after.event_type is EventType.WORKFLOW_TASK_COMPLETED
+            if before.event_type in CAUSES and after.event_type is EventType.WORKFLOW_TASK_COMPLETED
             and after.payload.history_length == before.sequence and command_of(after) == command_of(before)]
+
+
+def tasks_completed(history: list) -> int:
+    return sum(1 for event in history if event.event_type is EventType.WORKFLOW_TASK_COMPLETED)
 
 
 @pytest.mark.parametrize("continuations", [True, False])
@@ -127,14 +160,7 @@ async def test_a_continued_tree_needs_one_workflow_task_fewer_and_replays_the_sa
         two = await deployment.client.start_workflow(TwoSteps, values[0])
         assert await two.result(timeout=60) == f"done:{values[0]}-a|done:{values[0]}-b"
         stats = deployment.worker.stats
-        # A tree: the parent's tasks (start the child; its start, maybe; its result) and the
-        # child's (schedule the activity; its result, unless continued). Two steps: one task,
-        # or three.
-        child_tasks = 1 if continuations else 2
-        assert stats.continuations == (len(values) + 2 if continuations else 0)
         parents = [await handle.history() for handle in handles]
-        parent_tasks = sum(1 for history in parents for e in history if e.event_type is EventType.WORKFLOW_TASK_COMPLETED)
-        assert stats.workflow_tasks == parent_tasks + child_tasks * len(values) + (1 if continuations else 3)
         child_histories = []
         for handle in handles:
             events = await handle.history()
@@ -142,15 +168,42 @@ async def test_a_continued_tree_needs_one_workflow_task_fewer_and_replays_the_sa
             child_histories.append(await deployment.client.history(started.payload.child_workflow_exec_id,
                                                                    root_execution_id=handle.execution_id))
         two_history = await two.history()
+        histories = [*parents, *child_histories, two_history]
+        continued = sum(len(continued_tasks(history)) for history in histories)
+        # Every task completed is one the worker was sent, or a continuation the processor took.
+        assert stats.workflow_tasks == sum(map(tasks_completed, histories)) - continued
+        assert stats.continuations + deployment.worker.runner.parent_continuations == (
+            continued if continuations else 0)
     assert [CALLS[value] for value in values] == [1] * len(values), "an attempt ran twice"
-    for history in child_histories:
-        assert len(continued_tasks(history)) == (1 if continuations else 0)
+    for history in child_histories:  # its only task scheduled the activity; the rest was continued
+        assert (tasks_completed(history), len(continued_tasks(history))) == ((2, 1) if continuations else (2, 0))
         assert history[-1].event_type is EventType.WORKFLOW_EXECUTION_COMPLETED
     assert len(continued_tasks(two_history)) == (2 if continuations else 0)
     # A worker without the cache (a fresh replay of the log) makes the same decisions.
     replayer = Replayer(modules=[sys.modules[__name__]])
-    for history in [*child_histories, *parents, two_history]:
+    for history in histories:
         assert all(result.ok for result in replayer.replay(history, raise_on_failure=False))
+
+
+async def test_a_parent_continues_with_its_childs_completion(settings: KafkaSettings) -> None:
+    """The worker that completes a child, with the parent's run cached and its last task
+    done, sends the parent's next decisions with the child's completion: the parent's
+    result comes without another workflow task."""
+    value = f"v{uuid.uuid4().hex[:8]}"
+    RELEASE[value] = asyncio.Event()
+    async with Deployment(settings, continuations=True) as deployment:
+        handle = await deployment.client.start_workflow(ContinuedParent, value)
+        await parent_waits_on_nothing_recorded(handle)
+        RELEASE[value].set()
+        assert await handle.result(timeout=60) == f"done:{value}"
+        history = await handle.history()
+    completed = next(e for e in history if e.event_type is EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED)
+    assert continued_tasks(history) == [completed.sequence]
+    assert [e.event_type for e in history[-3:]] == [
+        EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED, EventType.WORKFLOW_TASK_COMPLETED,
+        EventType.WORKFLOW_EXECUTION_COMPLETED]
+    assert all(result.ok for result in Replayer(modules=[sys.modules[__name__]]).replay(
+        history, raise_on_failure=False))
 
 
 async def test_a_signal_heard_while_an_eager_attempt_runs_comes_before_its_continuation(
@@ -215,3 +268,27 @@ async def test_no_continuation_is_made_when_the_code_reads_the_time(settings: Ka
         history = await handle.history()
     assert result == f"done:{value}@{history[-1].timestamp.year}"
     assert continued_tasks(history) == []
+
+
+async def test_a_parent_continuation_is_refused_when_the_parent_heard_more(settings: KafkaSettings) -> None:
+    """A signal to the parent, recorded before the child's completion and never seen by the
+    worker: the parent's decisions, made without it, are not taken."""
+    value = f"v{uuid.uuid4().hex[:8]}"
+    RELEASE[value] = asyncio.Event()
+    async with Deployment(settings, continuations=True) as deployment:
+        handle = await deployment.client.start_workflow(InterruptedParent, value)
+        await parent_waits_on_nothing_recorded(handle)
+        await deployment.processor.stop()
+        signal = asyncio.ensure_future(handle.signal(InterruptedParent.note, "hello"))
+        await asyncio.sleep(1.0)
+        RELEASE[value].set()
+        while deployment.worker.runner.parent_continuations == 0:
+            await asyncio.sleep(0.05)
+        deployment.processor = Processor(settings)
+        await deployment.processor.start()
+        await signal
+        assert await handle.result(timeout=60) == f"done:{value} heard ['hello']"
+        history = await handle.history()
+    assert continued_tasks(history) == []
+    assert all(result.ok for result in Replayer(modules=[sys.modules[__name__]]).replay(
+        history, raise_on_failure=False))
