@@ -408,6 +408,7 @@ class StartChildWorkflowExecution(AvroModel):
     parent_close_policy: ParentClosePolicy = Field(description='What happens to the child when the parent closes.')
     execution_timeout_ms: None | int = Field(default=None, description="The child's execution timeout.")
     retry_policy: None | RetryPolicy = Field(default=None, description="The child's retry policy.")
+    first_task: None | WorkflowTaskContinuation = Field(default=None, description="Set by a worker that serves the child's queue and has its workflow (eager child start), for a child id the SDK chose: the decisions of the child's first workflow task, made on its predicted WORKFLOW_EXECUTION_STARTED. Taken only when the child starts with that history (a fresh id); null otherwise.")
 
 
 class StartTimer(AvroModel):
@@ -463,11 +464,12 @@ class UpdateWorkflowExecution(AvroModel):
 
 
 class WorkflowTaskContinuation(AvroModel):
-    """Worker: the decisions of a workflow task that has not been dispatched yet, made by the worker that caused it on the history it predicted: after an eager activity's completion (`CompleteActivityTask.continuation`: the events of the workflow task that scheduled it, then the activity's start and completion), or after a child's completion (`CompleteWorkflowExecution.parent_continuation`: the parent's last task's completion, then the child's). The processor takes them as that task's only when the run's history is then exactly that: no other event was recorded in between and no workflow task was pending; else the task is dispatched as usual."""
+    """Worker: the decisions of a workflow task that has not been dispatched yet, made by the worker that caused it on the history it predicted: after an eager activity's completion (`CompleteActivityTask.continuation`: the events of the workflow task that scheduled it, then the activity's start and completion), after a child's completion (`CompleteWorkflowExecution.parent_continuation`: the parent's last task's completion and its decisions' events, then the child's completion), or a child's first task (`StartChildWorkflowExecution.first_task`: its WORKFLOW_EXECUTION_STARTED). The processor takes them as that task's only when the run's history is then exactly that: the run's last event is the predicted one and the pending task was caused by an event after `seen_length`; else the task is dispatched as usual."""
 
     __avro_name__: ClassVar[str] = "treeflow.commands.WorkflowTaskContinuation"
     __avro_record_unions__: ClassVar[frozenset[str]] = frozenset(['decisions'])
-    history_length: int = Field(description='The last event sequence the decisions saw: the completion that causes the task.')
+    seen_length: int = Field(description="The last event sequence the code had seen before the predicted events (its previous task's history length; 0 for a first task).")
+    history_length: int = Field(description="The last event sequence the decisions saw: the predicted events' last.")
     decisions: list[ScheduleActivityTask | StartChildWorkflowExecution | StartTimer | CancelTimer | RequestCancelActivityTask | RequestCancelChildWorkflowExecution | CompleteWorkflowExecution | FailWorkflowExecution | CancelWorkflowExecution | ContinueAsNewWorkflowExecution | CompleteWorkflowUpdate | RecordMarker | RecordWorkflowCustomTask | SignalExternalWorkflowExecution] = Field(description='What the workflow code asked for, in order.')
 
 

@@ -41,7 +41,7 @@ from treeflow.schemas import (
 )
 from treeflow.schemas import models as m
 
-from .evolve import evolve
+from .evolve import caused_at, evolve
 from .schedules import (
     InvalidScheduleSpec,
     ScheduleState,
@@ -491,25 +491,26 @@ def _complete_activity(s: _Session, p: m.CompleteActivityTask) -> None:
     if found is None:
         return  # late or superseded: not an event
     state, activity = found
-    task_pending = state.workflow_task is not None
     s.ensure_started(state, activity)
     completed = s.emit(state.context, m.ActivityTaskCompleted(
         activity_id=activity.activity_id, activity_name=activity.activity_name, result_json=p.result_json),
         activity.attempt)
-    if p.continuation is not None and not task_pending:
+    if p.continuation is not None:
         _continue_workflow_task(s, completed, p.continuation)
 
 
 def _continue_workflow_task(s: _Session, state: ExecutionState, continuation: m.WorkflowTaskContinuation) -> None:
-    """The decisions a worker made for the workflow task that a completion (an activity's
-    in `state`'s run, or a child's of it) causes, on the history it predicted: taken only
-    when that is the run's history. No task was pending before the completion (nothing
-    else the code would see had been recorded since its last task), and the run's last
-    event is the one the worker predicted it to be; so the code saw exactly these events,
-    as a replay of the log will. Not once the run's deadline is reached: its tick times it
-    out, as it would before a dispatched task came back."""
+    """The decisions a worker made for `state`'s pending workflow task, on the history it
+    predicted (README "Eager continuations"): taken only when that is the task's history.
+    The run's last event is the one the worker predicted, and the task was caused by an
+    event after those the code had seen: so every event since is one the worker
+    predicted (any other would have moved the last one on; its own last task, unrecorded,
+    would still be pending), and the code saw exactly these events, as a replay of the log
+    will. Not once the run's deadline is reached: its tick times it out, as it would
+    before a dispatched task came back."""
     task = state.workflow_task
-    if (task is None or state.last_sequence != continuation.history_length
+    if (task is None or caused_at(task.task_id) <= continuation.seen_length
+            or state.last_sequence != continuation.history_length
             or (state.deadline is not None and state.deadline <= s.now)):
         return  # the task is dispatched as usual
     _complete_task(s, state.exec_id, m.CompleteWorkflowTask(
@@ -660,6 +661,8 @@ def _start_child(s: _Session, exec_id: str, d: m.StartChildWorkflowExecution) ->
         parent_close_policy=d.parent_close_policy, parent_workflow_run_id=parent.context.workflow_run_id))
     s.emit(s.get(exec_id).context, m.ChildWorkflowExecutionStarted(  # type: ignore[union-attr]
         **ids, child_workflow_run_id=child_context.workflow_run_id))
+    if d.first_task is not None:  # eager child start
+        _continue_workflow_task(s, s.get(d.child_workflow_exec_id), d.first_task)  # type: ignore[arg-type]
 
 
 def _request_cancel_child(s: _Session, exec_id: str, d: m.RequestCancelChildWorkflowExecution) -> None:
@@ -719,11 +722,9 @@ def _record_workflow_custom_task(s: _Session, exec_id: str, d: m.RecordWorkflowC
 
 def _complete(s: _Session, exec_id: str, d: m.CompleteWorkflowExecution) -> None:
     parent_id = s.get(exec_id).context.parent_workflow_exec_id  # type: ignore[union-attr]
-    parent = s.running(parent_id) if parent_id and d.parent_continuation is not None else None
-    task_pending = parent is not None and parent.workflow_task is not None
     s.close(exec_id, m.WorkflowExecutionCompleted(result_json=d.result_json), Status.COMPLETED)
-    if parent is not None and not task_pending and (notified := s.running(parent.exec_id)) is not None:
-        _continue_workflow_task(s, notified, d.parent_continuation)  # type: ignore[arg-type]
+    if d.parent_continuation is not None and parent_id and (parent := s.running(parent_id)) is not None:
+        _continue_workflow_task(s, parent, d.parent_continuation)
 
 
 def _fail(s: _Session, exec_id: str, d: m.FailWorkflowExecution) -> None:

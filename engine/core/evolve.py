@@ -124,6 +124,11 @@ def workflow_task_id(run_id: str, sequence: int) -> str:
     return f"{run_id}:{sequence}"
 
 
+def caused_at(task_id: str) -> int:
+    """The sequence of the event that caused the workflow task `task_id` (`workflow_task_id`)."""
+    return int(task_id.rsplit(":", 1)[1])
+
+
 def _task_id(event: Event) -> str:
     return workflow_task_id(event.workflow_context.workflow_run_id, event.sequence)
 

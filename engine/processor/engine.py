@@ -239,6 +239,9 @@ class PartitionEngine:
             reported = reported.continuation
         if isinstance(reported, (m.CompleteWorkflowTask, m.WorkflowTaskContinuation)):
             self._taken_eagerly(command.workflow_exec_id, reported.decisions, outcome.events)
+            for child in reported.decisions:  # eager child starts: their first tasks' activities
+                if isinstance(child, m.StartChildWorkflowExecution) and child.first_task is not None:
+                    self._taken_eagerly(child.child_workflow_exec_id, child.first_task.decisions, outcome.events)
         if not self.recovering:
             for exec_id in touched:
                 effects.dispatches.extend(self._ready_work(exec_id, now))

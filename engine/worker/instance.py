@@ -240,6 +240,9 @@ class WorkflowInstance:
         self.unconfirmed = False
         #: The parent's run, for a child (from its WORKFLOW_EXECUTION_STARTED).
         self.parent_run_id: str | None = None
+        #: Ids of children the SDK named (no `execution_id` given): unique, so a start of one
+        #: begins a fresh history.
+        self.generated_child_ids: set[str] = set()
         self.random = random.Random(uuid.UUID(context.workflow_run_id).int
                                     if _is_uuid(context.workflow_run_id) else context.workflow_run_id)
         self.applied_sequence = 0
@@ -339,9 +342,9 @@ class WorkflowInstance:
         return max(0, self.seen_sequence - self.first_sequence + 1) if self.first_sequence else 0
 
     @property
-    def waits_on_nothing_recorded(self) -> bool:
-        """Whether every decision the code made has been matched by its event in the history."""
-        return not self._issued
+    def unrecorded_decisions(self) -> list[Any]:
+        """The decisions the code made that no event of the history has matched yet, in order."""
+        return [issued.decision for issued in self._issued]
 
     def _issue(self, decision: Any, key: str | None) -> None:
         if self._querying:
@@ -732,6 +735,8 @@ class WorkflowInstance:
                           parent_close_policy: ParentClosePolicy, retry_policy: RetryPolicy | None) -> ChildHandle:
         name = workflow if isinstance(workflow, str) else workflow.name
         child_id = execution_id or f"{self.context.workflow_exec_id}.{self.uuid4().hex[:12]}"
+        if execution_id is None:
+            self.generated_child_ids.add(child_id)
         timeout = execution_timeout or (None if isinstance(workflow, str) else workflow.execution_timeout)
         queue = task_queue or (None if isinstance(workflow, str) else workflow.task_queue) or self.context.task_queue
         self._issue(m.StartChildWorkflowExecution(

@@ -17,7 +17,8 @@ from treeflow.schemas import EVENT_TYPES, Command, Event, EventType, Failure, Wo
 from treeflow.schemas import models as m
 
 from ..activities import ActivityContext, ActivityInfo, _context
-from ..core.evolve import workflow_task_id
+from ..core.decide import run_id_for
+from ..core.evolve import TRIGGERS, workflow_task_id
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
 from ..observability import metrics, tracing
@@ -167,27 +168,58 @@ class TaskRunner:
         ]
         return self._predicted_task(instance, predicted, attempt=completion.attempt)
 
-    def _continued(self, instance: WorkflowInstance, history_length: int,
+    def last_task_id(self, context: WorkflowContext) -> str | None:
+        """The id of the last task the cached run made decisions for (a continuation's included)."""
+        instance = self._cache.get((context.workflow_exec_id, context.workflow_run_id))
+        return instance.last_task_id if instance is not None else None
+
+    def start_child_eagerly(self, parent: WorkflowContext, command_id: str, start: m.StartChildWorkflowExecution
+                            ) -> tuple[WorkflowContext, m.WorkflowTaskContinuation] | None:
+        """The child's context and the decisions of its first workflow task, for the child that
+        `start` (a decision of the parent's task reported by command `command_id`) starts,
+        made now on its predicted WORKFLOW_EXECUTION_STARTED; None when the child's workflow is not here, or its id was
+        given by the code (a fresh history is then not certain), or as for any prediction."""
+        definition = self.workflows.get(start.child_workflow_name)
+        cached = self._cache.get((parent.workflow_exec_id, parent.workflow_run_id))
+        if definition is None or cached is None or start.child_workflow_exec_id not in cached.generated_child_ids:
+            return None
+        context = WorkflowContext(
+            workflow_exec_id=start.child_workflow_exec_id,
+            workflow_run_id=run_id_for(command_id, start.child_workflow_exec_id),
+            workflow_name=start.child_workflow_name, parent_workflow_exec_id=parent.workflow_exec_id,
+            root_workflow_exec_id=parent.root_workflow_exec_id, task_queue=start.task_queue)
+        started = m.WorkflowExecutionStarted(
+            input_json=start.input_json, execution_timeout_ms=start.execution_timeout_ms,
+            retry_policy=start.retry_policy, parent_close_policy=start.parent_close_policy,
+            parent_workflow_run_id=parent.workflow_run_id)
+        self.replays += 1
+        first = self._predicted_task(WorkflowInstance(definition, context), [started], attempt=None)
+        return None if first is None else (context, first)
+
+    def _continued(self, instance: WorkflowInstance, seen_length: int, cause: int, history_length: int,
                    decisions: list[Any]) -> m.WorkflowTaskContinuation:
-        """The continuation of `instance`'s run, which now stands past what the log holds."""
+        """The continuation of `instance`'s run, which now stands past what the log holds: its
+        task is the one the predicted event at `cause` asks for."""
         context = instance.context
-        instance.last_task_id = workflow_task_id(context.workflow_run_id, history_length)
+        instance.last_task_id = workflow_task_id(context.workflow_run_id, cause)
         instance.unconfirmed = True
         if not instance.closed:
             self._cache[(context.workflow_exec_id, context.workflow_run_id)] = instance
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return m.WorkflowTaskContinuation(history_length=history_length,
+        return m.WorkflowTaskContinuation(seen_length=seen_length, history_length=history_length,
                                           decisions=self._with_parent_continuation(instance, decisions))
 
     def _with_parent_continuation(self, child: WorkflowInstance, decisions: list[Any]) -> list[Any]:
         """`decisions`, with the parent's continuation on a closing CompleteWorkflowExecution.
 
-        When the parent's run is cached here, its last task done and every decision it made
-        recorded, the parent's next task (caused by this child's completion) sees the
-        completion of its last task, then CHILD_WORKFLOW_EXECUTION_COMPLETED: its code runs on
-        that now. Not when it asks for `workflow.now()`, fails the task or does not match.
-        The processor takes the decisions only if that is the parent's history."""
+        When the parent's run is cached here, the parent's next task (caused by this child's
+        start or completion) sees the completion of its last task; then, if that task's one
+        unrecorded decision started this child, its initiation and start; then
+        CHILD_WORKFLOW_EXECUTION_COMPLETED: its code runs on that now. Not when the last task
+        left other decisions unrecorded, nor when the code asks for `workflow.now()`, fails
+        the task or does not match. The processor takes the decisions only if that is the
+        parent's history."""
         closing = decisions[-1] if decisions else None
         context = child.context
         if (not self.continue_parents or not isinstance(closing, m.CompleteWorkflowExecution)
@@ -195,16 +227,28 @@ class TaskRunner:
             return decisions
         key = (context.parent_workflow_exec_id, child.parent_run_id)
         parent = self._cache.get(key)
-        if (parent is None or parent.last_task_id is None or parent.closed
-                or not parent.waits_on_nothing_recorded):
+        if parent is None or parent.last_task_id is None or parent.closed:
             return decisions
+        payloads: list[Any] = [
+            m.WorkflowTaskCompleted(task_id=parent.last_task_id, history_length=parent.applied_sequence)]
+        unrecorded = parent.unrecorded_decisions
+        if unrecorded:
+            start = unrecorded[0]
+            if (len(unrecorded) > 1 or not isinstance(start, m.StartChildWorkflowExecution)
+                    or start.child_workflow_exec_id != context.workflow_exec_id):
+                return decisions
+            ids = {"child_workflow_exec_id": start.child_workflow_exec_id,
+                   "child_workflow_name": start.child_workflow_name}
+            payloads += [
+                m.StartChildWorkflowExecutionInitiated(
+                    **ids, task_queue=start.task_queue, input_json=start.input_json,
+                    parent_close_policy=start.parent_close_policy, execution_timeout_ms=start.execution_timeout_ms,
+                    retry_policy=start.retry_policy),
+                m.ChildWorkflowExecutionStarted(**ids, child_workflow_run_id=context.workflow_run_id)]
         del self._cache[key]
-        payloads = [
-            m.WorkflowTaskCompleted(task_id=parent.last_task_id, history_length=parent.applied_sequence),
-            m.ChildWorkflowExecutionCompleted(child_workflow_exec_id=context.workflow_exec_id,
-                                              child_workflow_name=context.workflow_name,
-                                              result_json=closing.result_json),
-        ]
+        payloads.append(m.ChildWorkflowExecutionCompleted(child_workflow_exec_id=context.workflow_exec_id,
+                                                          child_workflow_name=context.workflow_name,
+                                                          result_json=closing.result_json))
         continuation = self._predicted_task(parent, payloads, attempt=None)
         if continuation is None:
             return decisions
@@ -230,7 +274,9 @@ class TaskRunner:
             return None
         if instance.task_failure is not None or instance.now_read:
             return None
-        return self._continued(instance, events[-1].sequence, decisions)
+        cause = next(e.sequence for e in events if e.event_type in TRIGGERS
+                     or e.event_type is EventType.WORKFLOW_EXECUTION_STARTED)
+        return self._continued(instance, base, cause, events[-1].sequence, decisions)
 
     # ------------------------------------------------------------ query tasks
 

@@ -46,7 +46,6 @@ from treeflow.kafka import (
 from treeflow.schemas import COMMANDS, REPLIES, TASKS, Command, DecodeError, RecordPosition, Reply
 from treeflow.schemas import models as m
 
-from ..core.evolve import workflow_task_id
 from ..definitions import ActivityDefinition, WorkflowDefinition
 from ..ids import new_id
 from ..observability import metrics, tracing
@@ -83,6 +82,8 @@ class WorkerStats:
     eager_copies: int = 0
     #: Eager completions sent with the decisions of the workflow task they cause.
     continuations: int = 0
+    #: Children started with their first task's decisions (eager child start).
+    eager_children: int = 0
 
 
 #: A claim not answered within this long is sent again (then doubling, up to CLAIM_RETRY_MAX).
@@ -385,12 +386,17 @@ class Worker:
         if isinstance(task.payload, m.WorkflowTask):
             self.stats.workflow_tasks += 1
             metrics.worker_task_counter((queue, "workflow")).inc()
+            is_fresh = fresh.fresh(tp, record.offset)
             report, eager = await self._take_eagerly(self.runner.run_workflow_task(
-                task.workflow_context, task.task_id, task.payload.history), fresh.fresh(tp, record.offset))
+                task.workflow_context, task.task_id, task.payload.history), is_fresh)
+            report, children = await self._start_children_eagerly(task.workflow_context, report, is_fresh)
             await self._send(report)
             offsets.finish(tp, record.offset)
             # After the report: the activity results follow it in the commands partition.
-            self._run_eagerly(task.workflow_context, report.payload, eager, tracing.traceparent_of(record.headers))
+            traceparent = tracing.traceparent_of(record.headers)
+            self._run_eagerly(task.workflow_context, report.payload, eager, traceparent)
+            for child_context, child_task, child_eager in children:
+                self._run_eagerly(child_context, child_task, child_eager, traceparent)
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -428,6 +434,42 @@ class Worker:
         if not eager:
             return report, []
         return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), eager
+
+    async def _start_children_eagerly(
+            self, context: m.WorkflowContext, report: Command, fresh: bool
+    ) -> tuple[Command, list[tuple[m.WorkflowContext, m.CompleteWorkflowTask, list[m.ActivityTask]]]]:
+        """Eager child start: the first workflow task of each child the report starts on a
+        queue this worker serves, with its workflow here and an id the SDK chose, is run
+        now on its predicted WORKFLOW_EXECUTION_STARTED (`TaskRunner.start_child_eagerly`);
+        its decisions go with the start (`StartChildWorkflowExecution.first_task`) and take
+        activities eagerly. Returns the report and, per child with eager attempts, what
+        `_run_eagerly` needs. Not for a task that may have been run before (not `fresh`),
+        nor one that closes the run."""
+        payload = report.payload
+        if (not (self.eager_continuations and fresh) or not isinstance(payload, m.CompleteWorkflowTask)
+                or any(isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions)):
+            return report, []
+        decisions, children = [], []
+        for decision in payload.decisions:
+            started = None
+            if isinstance(decision, m.StartChildWorkflowExecution) and decision.task_queue in self.task_queues:
+                started = self.runner.start_child_eagerly(context, report.command_id, decision)
+            if started is not None:
+                child, first = started
+                marked, eager = await self._eager_decisions(child.workflow_exec_id, child.workflow_run_id,
+                                                            first.decisions, report.timestamp)
+                first = first.model_copy(update={"decisions": marked})
+                decision = decision.model_copy(update={"first_task": first})
+                self.stats.eager_children += 1
+                task_id = self.runner.last_task_id(child)
+                if eager and task_id is not None:
+                    children.append((child, m.CompleteWorkflowTask(
+                        task_id=task_id, workflow_run_id=child.workflow_run_id,
+                        history_length=first.history_length, decisions=marked), eager))
+            decisions.append(decision)
+        if not payload.decisions or decisions == list(payload.decisions):
+            return report, children
+        return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), children
 
     async def _eager_decisions(self, exec_id: str, run_id: str, decisions: list[Any],
                                scheduled_at: datetime) -> tuple[list[Any], list[m.ActivityTask]]:
@@ -530,10 +572,10 @@ class Worker:
                 continuation = continuation.model_copy(update={"decisions": decisions})
                 command = command.model_copy(update={
                     "payload": command.payload.model_copy(update={"continuation": continuation})})
-                report = m.CompleteWorkflowTask(
-                    task_id=workflow_task_id(context.workflow_run_id, continuation.history_length),
-                    workflow_run_id=context.workflow_run_id, history_length=continuation.history_length,
-                    decisions=decisions)
+                task_id = self.runner.last_task_id(context)
+                if eager and task_id is not None:  # the continued task, as the next one's base
+                    report = m.CompleteWorkflowTask(task_id=task_id, workflow_run_id=context.workflow_run_id,
+                                                    history_length=continuation.history_length, decisions=decisions)
         await self._send(command)
         self._run_eagerly(context, report, eager, traceparent)
 

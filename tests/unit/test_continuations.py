@@ -53,7 +53,7 @@ class Run:
 
 def predicted(seen: int) -> m.WorkflowTaskContinuation:
     # The task's completion, the activity's scheduling, start and completion.
-    return m.WorkflowTaskContinuation(history_length=seen + 4, decisions=[DONE])
+    return m.WorkflowTaskContinuation(seen_length=seen, history_length=seen + 4, decisions=[DONE])
 
 
 def test_a_continuation_on_the_predicted_history_is_the_task_the_completion_causes() -> None:
@@ -83,22 +83,22 @@ def test_a_continuation_is_dropped_when_the_run_heard_more() -> None:
 def test_a_continuation_is_dropped_when_its_history_length_is_not_the_runs() -> None:
     run = Run()
     seen = run.schedule_step()
-    effects = run.complete_step(m.WorkflowTaskContinuation(history_length=seen + 3, decisions=[DONE]))
+    effects = run.complete_step(m.WorkflowTaskContinuation(seen_length=seen, history_length=seen + 3,
+                                                           decisions=[DONE]))
     assert EventType.WORKFLOW_TASK_COMPLETED not in [e.event_type for e in effects.events]
     assert run.state.open and [d.item.kind for d in effects.dispatches] == ["workflow"]
 
 
-def test_a_continuation_is_dropped_when_a_task_was_pending_before_the_completion() -> None:
-    """A task pending before the completion saw less than the worker assumed, whatever the
-    length: its history holds events the worker's prediction does not."""
+def test_a_signal_before_the_task_completion_shifts_the_prediction() -> None:
+    """A signal recorded after what the worker's task saw and before its completion: the
+    worker's prediction (from what it saw) ends one event short, and is dropped."""
     run = Run()
-    run.send(m.SignalWorkflowExecution(signal_name="note"))  # the first task now has two events to see
     seen = run.state.last_sequence
+    run.send(m.SignalWorkflowExecution(signal_name="note"))
     run.send(m.CompleteWorkflowTask(task_id=run.state.workflow_task.task_id,
                                     workflow_run_id=run.state.context.workflow_run_id,
-                                    history_length=seen - 1, decisions=[STEP]))  # saw only the start
-    assert run.state.workflow_task is not None  # the signal asks for the next task at once
-    effects = run.complete_step(m.WorkflowTaskContinuation(history_length=run.state.last_sequence + 2,
-                                                           decisions=[DONE]))
+                                    history_length=seen, decisions=[STEP]))  # saw only the start
+    effects = run.complete_step(predicted(seen))
     assert EventType.WORKFLOW_TASK_COMPLETED not in [e.event_type for e in effects.events]
-    assert run.state.open
+    assert run.state.open and run.state.workflow_task is not None
+    assert fold(run.log) == run.engine.states
