@@ -91,6 +91,12 @@ class PartitionImage:
     schedules: list[ScheduleState] = field(default_factory=list)
 
 
+#: How long after its scheduling the task of an attempt a worker runs eagerly goes out (as
+#: possibly not the only copy): by then the attempt has usually completed and no copy is
+#: needed; if the eager worker died, another claims the attempt through it.
+EAGER_COPY_DELAY = timedelta(seconds=2)
+
+
 class PartitionEngine:
     """Executions of one partition, their histories, and their pending work."""
 
@@ -115,6 +121,8 @@ class PartitionEngine:
         #: Work pending when the partition was recovered: an earlier processor may have
         #: dispatched it already, so its tasks are not `first_dispatch`.
         self._inherited: dict[str, set[str]] = {}
+        #: First attempts a worker runs eagerly: their copy goes out after EAGER_COPY_DELAY.
+        self._taken: dict[str, set[str]] = {}
         #: A heap of (closed_at, exec id), for `evict_closed`.
         self._closings: list[tuple[datetime, str]] = []
         #: Replies partitions of queries and updates whose reply comes with a later command.
@@ -268,6 +276,7 @@ class PartitionEngine:
                 if (activity := state.activities.get(activity_id)) is not None and activity.attempt == 1}
         if keys:
             self._inherited.setdefault(exec_id, set()).update(keys)
+            self._taken.setdefault(exec_id, set()).update(keys)
 
     def tick(self, now: datetime, command_id: str) -> Effects:
         """Decide what is due at `now`, and dispatch work whose backoff has passed
@@ -451,6 +460,7 @@ class PartitionEngine:
             self.histories.pop(exec_id, None)
             self._dispatched.pop(exec_id, None)
             self._inherited.pop(exec_id, None)
+            self._taken.pop(exec_id, None)
             if state.closed_at is not None:
                 heapq.heappush(self._closings, (state.closed_at, exec_id))
 
@@ -461,18 +471,22 @@ class PartitionEngine:
         items = pending_work(state)
         done = self._dispatched.get(exec_id, set())
         keep = {item.key for item in items} & done
-        dispatches = []
+        taken = self._taken.get(exec_id, ())
+        dispatches, later = [], []
         for item in items:
             if item.key in done:
                 continue
-            if item.ready_at <= now:
+            ready_at = item.ready_at + EAGER_COPY_DELAY if item.key in taken else item.ready_at
+            if ready_at <= now:
                 dispatches.append(self._dispatch(state, item, now))
                 keep.add(item.key)
+            else:
+                later.append(ready_at)
         if keep:
             self._dispatched[exec_id] = keep
         else:
             self._dispatched.pop(exec_id, None)
-        self._schedule(state, [item.ready_at for item in items if item.key not in keep])
+        self._schedule(state, later)
         return dispatches
 
     def _schedule(self, state: ExecutionState, extra: list[datetime] | None = None) -> None:

@@ -715,7 +715,9 @@ async def test_a_task_redelivered_after_its_completion_does_not_run(
     refused (the completion is recorded) and does not run it."""
     processor = await remote_processor(settings)
     try:
-        first = await in_process_worker(settings)
+        # Not eager: the attempt's task goes out at once (an eager attempt's copy would
+        # not, once the attempt completed within EAGER_COPY_DELAY).
+        first = await in_process_worker(settings, eager_activities=False)
 
         async def no_commit(*_: Any) -> None:
             return None

@@ -1,7 +1,8 @@
 """Eager activity execution (issue 11): the worker completing a workflow task that
 schedules activities on a queue it serves runs their first attempt at once; the
-processor still sends the attempt's task, as possibly not the only copy, which that
-worker drops (another would claim it): each attempt runs once."""
+processor sends the attempt's task, as possibly not the only copy, only once
+EAGER_COPY_DELAY has passed without its completion; that worker drops it (another
+would claim it): each attempt runs once."""
 
 from __future__ import annotations
 
@@ -92,17 +93,27 @@ async def run_trees(settings: KafkaSettings, eager: bool, count: int) -> tuple[l
         await processor.stop()
 
 
-@pytest.mark.parametrize("eager", [True, False])
-async def test_each_attempt_runs_once_and_an_eager_ones_task_copy_is_dropped(settings: KafkaSettings,
-                                                                             eager: bool) -> None:
+@pytest.mark.parametrize("eager, copy_delay", [(True, 2.0), (True, 0.0), (False, 2.0)])
+async def test_each_attempt_runs_once_and_an_eager_ones_task_copy_is_dropped(
+        settings: KafkaSettings, eager: bool, copy_delay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from treeflow.processor import engine
+
+    monkeypatch.setattr(engine, "EAGER_COPY_DELAY", timedelta(seconds=copy_delay))
     values, worker = await run_trees(settings, eager, 8)
     assert [CALLS[value] for value in values] == [1] * len(values), "an attempt ran twice"
     tasks = await activity_tasks(settings)
-    assert len(tasks) == len(values)
-    if eager:
+    if eager and copy_delay:
+        # Each attempt completed before its copy was due (EAGER_COPY_DELAY): none went out.
+        assert worker.stats.eager_activities == len(values)
+        assert len(tasks) == worker.stats.eager_copies == 0
+    elif eager:
+        assert len(tasks) == len(values)
         assert worker.stats.eager_activities == worker.stats.eager_copies == len(values)
         assert [task.first_dispatch for task in tasks] == [False] * len(values)
     else:
+        assert len(tasks) == len(values)
         assert worker.stats.eager_activities == worker.stats.eager_copies == 0
         assert [task.first_dispatch for task in tasks] == [True] * len(values)
     assert worker.stats.claimed_tasks == 0
