@@ -386,9 +386,11 @@ async def execute_workflow(
     instance = current_instance()
     if instance is not None:
         policy = resolve_parent_close_policy(parent_close_policy, wait)
+        # Awaiting only the result, the code needs no task of its own for the child's start.
         handle = await instance.start_child(_definition(workflow), params, execution_id=execution_id,
                                             execution_timeout=execution_timeout, task_queue=task_queue,
-                                            parent_close_policy=policy, retry_policy=retry_policy)
+                                            parent_close_policy=policy, retry_policy=retry_policy,
+                                            wake_on_start=not wait)
         return await handle if wait else handle
     if parent_close_policy not in (None, ParentClosePolicy.UNSPECIFIED):
         raise ValueError("parent_close_policy applies to child workflows; this call is outside a workflow")

@@ -408,6 +408,7 @@ class StartChildWorkflowExecution(AvroModel):
     parent_close_policy: ParentClosePolicy = Field(description='What happens to the child when the parent closes.')
     execution_timeout_ms: None | int = Field(default=None, description="The child's execution timeout.")
     retry_policy: None | RetryPolicy = Field(default=None, description="The child's retry policy.")
+    wake_on_start: bool = Field(default=True, description="Whether the child's CHILD_WORKFLOW_EXECUTION_STARTED asks the parent for a workflow task. False when the code only awaits the child's result (`execute_workflow` with `wait=True`): its next task then sees the start with whatever comes next.")
     first_task: None | WorkflowTaskContinuation = Field(default=None, description="Set by a worker that serves the child's queue and has its workflow (eager child start), for a child id the SDK chose: the decisions of the child's first workflow task, made on its predicted WORKFLOW_EXECUTION_STARTED. Taken only when the child starts with that history (a fresh id); null otherwise.")
 
 
@@ -879,6 +880,7 @@ class StartChildWorkflowExecutionInitiated(AvroModel):
     parent_close_policy: ParentClosePolicy = Field(description='What happens to the child when this parent closes.')
     execution_timeout_ms: None | int = Field(default=None, description="The child's execution timeout, if any.")
     retry_policy: None | RetryPolicy = Field(default=None, description="The child's retry policy, if any.")
+    wake_on_start: bool = Field(default=True, description="Whether the child's CHILD_WORKFLOW_EXECUTION_STARTED asks the parent for a workflow task (false: the parent's code only awaits the child's result, and sees the start with its next task).")
 
 
 class TimerCanceled(AvroModel):

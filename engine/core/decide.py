@@ -642,7 +642,7 @@ def _start_child(s: _Session, exec_id: str, d: m.StartChildWorkflowExecution) ->
     s.emit(parent.context, m.StartChildWorkflowExecutionInitiated(
         child_workflow_exec_id=d.child_workflow_exec_id, child_workflow_name=d.child_workflow_name,
         task_queue=d.task_queue, input_json=d.input_json, parent_close_policy=d.parent_close_policy,
-        execution_timeout_ms=d.execution_timeout_ms, retry_policy=d.retry_policy))
+        execution_timeout_ms=d.execution_timeout_ms, retry_policy=d.retry_policy, wake_on_start=d.wake_on_start))
     ids = {"child_workflow_exec_id": d.child_workflow_exec_id, "child_workflow_name": d.child_workflow_name}
     if s.running(d.child_workflow_exec_id) is not None:
         s.emit(parent.context, m.StartChildWorkflowExecutionFailed(**ids, cause="WORKFLOW_ALREADY_RUNNING"))

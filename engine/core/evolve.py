@@ -66,9 +66,17 @@ def evolve(state: ExecutionState | None, event: Event) -> ExecutionState:
     handler = _HANDLERS.get(event.event_type)
     if handler is not None:
         state = handler(state, event, event.payload)
-    if event.event_type in TRIGGERS or _final_timeout(event):
+    if (event.event_type in TRIGGERS and not _start_unheeded(state, event)) or _final_timeout(event):
         state = _trigger(state, event)
     return state
+
+
+def _start_unheeded(state: ExecutionState, event: Event) -> bool:
+    """A child's start that its parent's code does not wait for (it awaits the result only)."""
+    if event.event_type is not T.CHILD_WORKFLOW_EXECUTION_STARTED:
+        return False
+    ref = state.children.get(event.payload.child_workflow_exec_id)  # type: ignore[union-attr]
+    return ref is not None and not ref.wake_on_start
 
 
 def _final_timeout(event: Event) -> bool:
@@ -237,7 +245,7 @@ def _timer_closed(state: ExecutionState, event: Event, payload: Any) -> Executio
 
 def _child_initiated(state: ExecutionState, event: Event,
                      payload: m.StartChildWorkflowExecutionInitiated) -> ExecutionState:
-    ref = ChildRef(payload.child_workflow_name, payload.parent_close_policy)
+    ref = ChildRef(payload.child_workflow_name, payload.parent_close_policy, wake_on_start=payload.wake_on_start)
     return updated(state, children=_with(state.children, payload.child_workflow_exec_id, ref))
 
 

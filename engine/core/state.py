@@ -98,6 +98,8 @@ class ChildRef:
     workflow_name: str
     policy: ParentClosePolicy
     started: bool = False
+    #: Whether its CHILD_WORKFLOW_EXECUTION_STARTED asks for a workflow task.
+    wake_on_start: bool = True
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,8 @@ class PartitionEngine:
                 if (activity := state.activities.get(activity_id)) is not None and activity.attempt == 1}
         if keys:
             self._inherited.setdefault(exec_id, set()).update(keys)
-            self._taken.setdefault(exec_id, set()).update(keys)
+            if not self.recovering:  # else decided late: the eager worker may be gone, the copy goes on resume
+                self._taken.setdefault(exec_id, set()).update(keys)
 
     def tick(self, now: datetime, command_id: str) -> Effects:
         """Decide what is due at `now`, and dispatch work whose backoff has passed

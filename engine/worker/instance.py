@@ -732,7 +732,8 @@ class WorkflowInstance:
 
     async def start_child(self, workflow: WorkflowDefinition | str, params: Any, *, execution_id: str | None,
                           execution_timeout: timedelta | None, task_queue: str | None,
-                          parent_close_policy: ParentClosePolicy, retry_policy: RetryPolicy | None) -> ChildHandle:
+                          parent_close_policy: ParentClosePolicy, retry_policy: RetryPolicy | None,
+                          wake_on_start: bool = True) -> ChildHandle:
         name = workflow if isinstance(workflow, str) else workflow.name
         child_id = execution_id or f"{self.context.workflow_exec_id}.{self.uuid4().hex[:12]}"
         if execution_id is None:
@@ -742,8 +743,8 @@ class WorkflowInstance:
         self._issue(m.StartChildWorkflowExecution(
             child_workflow_exec_id=child_id, child_workflow_name=name, task_queue=queue,
             input_json=None if params is None else to_json(params), parent_close_policy=parent_close_policy,
-            execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None),
-            child_id)
+            execution_timeout_ms=millis(timeout), retry_policy=retry_policy.to_record() if retry_policy else None,
+            wake_on_start=wake_on_start), child_id)
         child = _Child(name, Any if isinstance(workflow, str) else workflow.return_type,
                        self.loop.create_future(), self.loop.create_future())
         self._children[child_id] = child

@@ -243,7 +243,7 @@ class TaskRunner:
                 m.StartChildWorkflowExecutionInitiated(
                     **ids, task_queue=start.task_queue, input_json=start.input_json,
                     parent_close_policy=start.parent_close_policy, execution_timeout_ms=start.execution_timeout_ms,
-                    retry_policy=start.retry_policy),
+                    retry_policy=start.retry_policy, wake_on_start=start.wake_on_start),
                 m.ChildWorkflowExecutionStarted(**ids, child_workflow_run_id=context.workflow_run_id)]
         del self._cache[key]
         payloads.append(m.ChildWorkflowExecutionCompleted(child_workflow_exec_id=context.workflow_exec_id,

@@ -295,19 +295,26 @@ def scheduled_eagerly(engine: PartitionEngine, task_id: str, seconds: float) -> 
 
 def test_an_eager_first_attempt_is_dispatched_as_maybe_not_the_only_copy() -> None:
     """Eager activity execution: the worker that reported the scheduling runs attempt 1
-    itself; its task still goes out, marked as possibly not the only copy, so that any
-    other worker claims before running it (invariant 5), and a killed eager worker is
-    replaced through it. A retry is an ordinary first dispatch."""
+    itself; its task goes out once EAGER_COPY_DELAY has passed with the attempt open,
+    marked as possibly not the only copy, so that any other worker claims before running
+    it (invariant 5), and a killed eager worker is replaced through it. A retry is an
+    ordinary first dispatch."""
+    from treeflow.processor.engine import EAGER_COPY_DELAY
+
     engine = PartitionEngine(0)
     effects = scheduled_eagerly(engine, started(engine), 1)
     assert types(effects.events) == ["WORKFLOW_TASK_COMPLETED", "ACTIVITY_TASK_SCHEDULED"]
-    [task] = [d.task.payload for d in effects.dispatches if d.item.kind == "activity"]
+    assert [d for d in effects.dispatches if d.item.kind == "activity"] == []
+    assert engine.tick(at(1 + EAGER_COPY_DELAY.total_seconds() - 0.1), "t0").dispatches == []
+    copy_at = 1 + EAGER_COPY_DELAY.total_seconds()
+    [task] = [d.task.payload for d in engine.tick(at(copy_at), "t1").dispatches if d.item.kind == "activity"]
     assert (task.attempt, task.first_dispatch) == (1, False)
     run = engine.states[ROOT].context.workflow_run_id
     failed = engine.handle(command(m.FailActivityTask(activity_id="a", workflow_run_id=run, attempt=1,
-                                                      failure=m.Failure(type="E", message="boom")), 2), at(2))
+                                                      failure=m.Failure(type="E", message="boom")), copy_at),
+                           at(copy_at))
     assert "ACTIVITY_TASK_FAILED" not in types(failed.events)  # retried (default policy)
-    [retry] = [d.task.payload for d in engine.tick(at(4), "t").dispatches if d.item.kind == "activity"]
+    [retry] = [d.task.payload for d in engine.tick(at(copy_at + 2), "t").dispatches if d.item.kind == "activity"]
     assert (retry.attempt, retry.first_dispatch) == (2, True)
 
 
