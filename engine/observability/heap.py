@@ -38,7 +38,7 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _mallinfo() -> dict[str, float] | None:
+def malloc_figures() -> dict[str, float] | None:
     """glibc's malloc figures in MB: in use, held free, and mmapped (None off glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -65,7 +65,7 @@ def sample(baseline: tracemalloc.Snapshot | None) -> tuple[dict[str, Any], trace
     snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
     figures: dict[str, Any] = {"rss_mb": rss_mb(), "traced_mb": tracemalloc.get_traced_memory()[0] / 1e6,
                                "gc_objects": len(gc.get_objects()), "blocks": sys.getallocatedblocks(),
-                               **(_mallinfo() or {})}
+                               **(malloc_figures() or {})}
     if baseline is not None:
         figures["growth"] = [f"{stat.size_diff / 1e3:+.1f} kB {stat.count_diff:+d} "
                              f"{stat.traceback[0].filename}:{stat.traceback[0].lineno}"
