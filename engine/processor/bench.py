@@ -458,6 +458,8 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
     run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
     clients = await distinct_clients(settings, client_count)
     done = 0
+    #: Executions that raised (a command timeout during a stall, say), by error type.
+    failed: dict[str, int] = {}
     samples: list[dict[str, Any]] = []
     try:
         await run.recovered()
@@ -466,7 +468,11 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
 
         async def one(client: Client) -> None:
             nonlocal done
-            await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+            try:
+                await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the load goes on
+                failed[type(exc).__name__] = failed.get(type(exc).__name__, 0) + 1
+                return
             done += 1
 
         next_sample, last_done = began + 10, 0
@@ -482,7 +488,7 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
                 samples.append(sample)
                 print(f"  t={sample['t']:5.0f} s  RSS {sample['rss']:6.1f} MB  {heap_text(sample)}  completed "
                       f"{done:7,} ({(done - last_done) / 10:.0f}/s)  in memory {sample.get('executions', '?')}  "
-                      f"evicted {sample.get('evicted', '?')}", flush=True)
+                      f"evicted {sample.get('evicted', '?')}{f'  failed {failed}' if failed else ''}", flush=True)
                 next_sample, last_done = next_sample + 10, done
             await asyncio.sleep(0.005)
         await asyncio.wait_for(asyncio.gather(*in_flight), 120)
@@ -490,7 +496,8 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
         for client in clients:
             await client.close()
         run.stop()
-    print(f"soak: {done:,} executions in {seconds:.0f} s ({done / seconds:.0f}/s)")
+    print(f"soak: {done:,} executions in {seconds:.0f} s ({done / seconds:.0f}/s)"
+          f"{f'; failed: {failed}' if failed else ''}")
     for key, name in (("rss", "RSS"), ("malloc_used_mb", "malloc in use"), ("traced_mb", "Python heap (traced)")):
         if verdict := plateau(samples, key, name):
             print(verdict)
