@@ -365,7 +365,7 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
 def heap_soak(executions: int, rate: float, retention: float) -> None:
     """The processor's `PartitionEngine` alone, fed flat executions at `rate` per second
     of simulated time (no broker, no wall clock): its traced heap every tenth of the
-    run. Flat once the retention and the longest timeout have passed: what a long run
+    run. Flat once the retention has passed: what a long run
     costs in memory does not grow with the executions it has seen."""
     import gc
     import tracemalloc
@@ -435,10 +435,11 @@ async def distinct_clients(settings: Any, count: int) -> list[Any]:
 
 async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, rate: float, log_dir: Path,
                client_count: int = 4) -> None:
-    """A steady load against one processor from `client_count` clients: RSS and throughput
-    every 10 s, and the RSS slope."""
+    """A steady load against one processor from `client_count` clients: RSS, heap figures
+    and throughput every 10 s, then each figure's first-half and last-half slopes."""
     from treeflow.bench import BenchFlat, BenchFlatInput
     from treeflow.client import Client
+    from treeflow.deadlines import processor_group
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -455,7 +456,8 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
     await ensure_topics(settings)
     env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
-    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    # The group clients look at when a command goes unanswered (their timeout explains itself).
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", processor_group(settings))
     clients = await distinct_clients(settings, client_count)
     done = 0
     #: Executions that raised (a command timeout during a stall, say), by error type.
@@ -554,6 +556,7 @@ async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int,
     """Bytes each client fetches per awaited result, with one client and with several."""
     from treeflow.bench import BenchFlat, BenchFlatInput
     from treeflow.client import Client
+    from treeflow.deadlines import processor_group
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -563,7 +566,7 @@ async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int,
     await ensure_topics(settings)
     env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
-    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", processor_group(settings))
     try:
         await run.recovered()
         for count in (1, 4):
