@@ -49,7 +49,7 @@ from treeflow.schemas.models import Tick
 
 from ..deadlines import processor_group
 from ..ids import new_id
-from ..observability import metrics, tracing
+from ..observability import heap, metrics, tracing
 from ..worker.runner import TaskRunner
 from .clock import SYSTEM_CLOCK, Clock
 from .engine import Dispatch, Effects, PartitionEngine
@@ -224,6 +224,8 @@ class Processor:
                         "from the whole events log and no snapshots are taken", self.settings.topics.snapshots)
         for coroutine in (self._clock(), self._local_loop(), self._watch_topics(), self._housekeeping()):
             self._spawn(coroutine)
+        if (probe_every := heap.interval_from_env()) > 0:
+            self._spawn(heap.run(probe_every))
         for gauge, source in self._metric_sources():
             gauge.add(source)
         await self._app.start()

@@ -23,7 +23,9 @@ started then completed, the processor's RSS after that, the executions it holds,
 the throughput of `--throughput-runs` flat executions after it (50 in flight).
 Goal: recovery and RSS flat in the number of closed executions (< 0.15 s and < 3 MB
 more per 10,000 closed). Also `--soak SECONDS`: a steady load at `--rate` executions/s
-against one processor, printing its RSS and throughput every 10 s, and the RSS slope;
+against one processor, printing its RSS, heap (malloc in use, Python's blocks; the
+traced heap with TREEFLOW_HEAP_PROBE) and throughput every 10 s, and for each figure
+its slope over the first half of the run against the last half (a plateau check);
 `--client-fetch RUNS`: the bytes a client fetches per awaited result, with one
 client and with four running at once (RUNS executions each); and `--heap-soak N`: the
 engine alone fed N flat executions in simulated time, its heap printed as it goes.
@@ -214,7 +216,8 @@ def serve(app_id: str) -> None:
                 await asyncio.wait_for(stop.wait(), 1)
             except asyncio.TimeoutError:
                 pass
-            print("STATS " + json.dumps({"snapshots": processor.stats.snapshots_written,
+            print("STATS " + json.dumps({**allocator_figures(), "tasks": len(asyncio.all_tasks()),
+                                         "snapshots": processor.stats.snapshots_written,
                                          "unsnapshotted": sum(log.snapshotted != log.appended
                                                               for log in processor._logs.values()),
                                          "evicted": processor.stats.evicted,
@@ -223,6 +226,14 @@ def serve(app_id: str) -> None:
         await processor.stop()
 
     asyncio.run(run())
+
+
+def allocator_figures() -> dict[str, float]:
+    """Cheap figures of this process's heap: the blocks Python's allocator holds and,
+    on glibc, the bytes malloc has in use (the heap without RSS's free and mapped pages)."""
+    from treeflow.observability.heap import malloc_figures
+
+    return {"py_blocks": sys.getallocatedblocks(), **(malloc_figures() or {})}
 
 
 class ProcessorRun:
@@ -354,7 +365,7 @@ async def scenario(bootstrap: str, profile: Any, partitions: int, closed: int, o
 def heap_soak(executions: int, rate: float, retention: float) -> None:
     """The processor's `PartitionEngine` alone, fed flat executions at `rate` per second
     of simulated time (no broker, no wall clock): its traced heap every tenth of the
-    run. Flat once the retention and the longest timeout have passed: what a long run
+    run. Flat once the retention has passed: what a long run
     costs in memory does not grow with the executions it has seen."""
     import gc
     import tracemalloc
@@ -424,10 +435,11 @@ async def distinct_clients(settings: Any, count: int) -> list[Any]:
 
 async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, rate: float, log_dir: Path,
                client_count: int = 4) -> None:
-    """A steady load against one processor from `client_count` clients: RSS and throughput
-    every 10 s, and the RSS slope."""
+    """A steady load against one processor from `client_count` clients: RSS, heap figures
+    and throughput every 10 s, then each figure's first-half and last-half slopes."""
     from treeflow.bench import BenchFlat, BenchFlatInput
     from treeflow.client import Client
+    from treeflow.deadlines import processor_group
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -444,10 +456,13 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
     await ensure_topics(settings)
     env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
-    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    # The group clients look at when a command goes unanswered (their timeout explains itself).
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", processor_group(settings))
     clients = await distinct_clients(settings, client_count)
     done = 0
-    samples: list[tuple[float, float]] = []
+    #: Executions that raised (a command timeout during a stall, say), by error type.
+    failed: dict[str, int] = {}
+    samples: list[dict[str, Any]] = []
     try:
         await run.recovered()
         began = time.perf_counter()
@@ -455,7 +470,11 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
 
         async def one(client: Client) -> None:
             nonlocal done
-            await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+            try:
+                await client.execute_workflow(BenchFlat, BenchFlatInput(value="x"))
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the load goes on
+                failed[type(exc).__name__] = failed.get(type(exc).__name__, 0) + 1
+                return
             done += 1
 
         next_sample, last_done = began + 10, 0
@@ -467,12 +486,11 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
                 task.add_done_callback(in_flight.discard)
                 sent += 1
             if now >= next_sample:
-                rss = rss_mb(run.child.pid)  # type: ignore[arg-type]
-                samples.append((now - began, rss))
-                stats = run.lines("STATS ")[-1:]
-                print(f"  t={now - began:5.0f} s  RSS {rss:6.1f} MB  completed {done:7,} "
-                      f"({(done - last_done) / 10:.0f}/s)  in memory {stats[0]['executions'] if stats else '?'}  "
-                      f"evicted {stats[0]['evicted'] if stats else '?'}", flush=True)
+                sample = soak_sample(run, now - began)
+                samples.append(sample)
+                print(f"  t={sample['t']:5.0f} s  RSS {sample['rss']:6.1f} MB  {heap_text(sample)}  completed "
+                      f"{done:7,} ({(done - last_done) / 10:.0f}/s)  in memory {sample.get('executions', '?')}  "
+                      f"evicted {sample.get('evicted', '?')}{f'  failed {failed}' if failed else ''}", flush=True)
                 next_sample, last_done = next_sample + 10, done
             await asyncio.sleep(0.005)
         await asyncio.wait_for(asyncio.gather(*in_flight), 120)
@@ -480,19 +498,65 @@ async def soak(bootstrap: str, profile: Any, partitions: int, seconds: float, ra
         for client in clients:
             await client.close()
         run.stop()
-    if len(samples) >= 3:
-        half = samples[len(samples) // 3:]  # after the warm-up third
-        xs, ys = [t for t, _ in half], [r for _, r in half]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
-        print(f"soak: {done:,} executions in {seconds:.0f} s ({done / seconds:.0f}/s); RSS slope after the first "
-              f"third {slope * 60:+.2f} MB/min (from {ys[0]:.1f} to {ys[-1]:.1f} MB)")
+    print(f"soak: {done:,} executions in {seconds:.0f} s ({done / seconds:.0f}/s)"
+          f"{f'; failed: {failed}' if failed else ''}")
+    for key, name in (("rss", "RSS"), ("malloc_used_mb", "malloc in use"), ("traced_mb", "Python heap (traced)")):
+        if verdict := plateau(samples, key, name):
+            print(verdict)
+
+
+def soak_sample(run: ProcessorRun, t: float) -> dict[str, Any]:
+    """The processor's RSS, its latest STATS line and, with TREEFLOW_HEAP_PROBE, its latest HEAP line."""
+    stats = run.lines("STATS ")[-1:]
+    probe = [json.loads(line[5:]) for line in run.log.read_text(errors="replace").splitlines()
+             if line.startswith("HEAP ")][-1:]
+    sample = {"t": t, "rss": rss_mb(run.child.pid), **(stats[0] if stats else {})}  # type: ignore[arg-type]
+    if probe:
+        sample["traced_mb"] = probe[0]["traced_mb"]
+    return sample
+
+
+def heap_text(sample: dict[str, Any]) -> str:
+    parts = []
+    if "malloc_used_mb" in sample:
+        parts.append(f"malloc in use {sample['malloc_used_mb']:5.1f} MB")
+    if "py_blocks" in sample:
+        parts.append(f"Python blocks {sample['py_blocks'] / 1000:5.0f} k  tasks {sample.get('tasks', '?'):>4}")
+    if "traced_mb" in sample:
+        parts.append(f"traced {sample['traced_mb']:5.1f} MB")
+    return "  ".join(parts)
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of (seconds, MB) points, in MB per minute."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-9)
+
+
+def plateau(samples: list[dict[str, Any]], key: str, name: str) -> str | None:
+    """Whether `key` levels off: its slope over the first half of the run against the last half."""
+    points = [(s["t"], s[key]) for s in samples if key in s]
+    if len(points) < 6:
+        return None
+    first, last = points[:len(points) // 2], points[len(points) // 2:]
+    early, late = slope_per_minute(first), slope_per_minute(last)
+    if late <= 0.1:
+        verdict = "flat over the last half"
+    elif late < early / 3:
+        verdict = "levelling off, not flat yet (run longer)"
+    else:
+        verdict = "still rising: not shown bounded"
+    return (f"soak: {name}: first half {early:+.2f} MB/min ({first[0][1]:.1f} -> {first[-1][1]:.1f} MB), last half "
+            f"{late:+.2f} MB/min ({last[0][1]:.1f} -> {last[-1][1]:.1f} MB, range {min(y for _, y in last):.1f}-"
+            f"{max(y for _, y in last):.1f}): {verdict}")
 
 
 async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int, log_dir: Path) -> None:
     """Bytes each client fetches per awaited result, with one client and with several."""
     from treeflow.bench import BenchFlat, BenchFlatInput
     from treeflow.client import Client
+    from treeflow.deadlines import processor_group
     from treeflow.kafka import KafkaSettings, ensure_topics
     from treeflow.kafka.profile import PROFILE_ENV
     from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
@@ -502,7 +566,7 @@ async def client_fetch(bootstrap: str, profile: Any, partitions: int, runs: int,
     await ensure_topics(settings)
     env = {**os.environ, BOOTSTRAP_ENV: bootstrap, PREFIX_ENV: prefix, PARTITIONS_ENV: str(partitions),
            PROFILE_ENV: profile.name, "PYTHONUNBUFFERED": "1"}
-    run = ProcessorRun(env, log_dir / f"{prefix}.log", prefix)
+    run = ProcessorRun(env, log_dir / f"{prefix}.log", processor_group(settings))
     try:
         await run.recovered()
         for count in (1, 4):

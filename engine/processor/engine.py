@@ -54,6 +54,8 @@ class Dispatch:
     history: list[Event] | None = None
 
 
+#: Wakeups kept before stale ones are swept out (`_sweep_wakeups`).
+WAKEUPS_SWEEP_FLOOR = 1024
 #: Unanswered queries whose askers' replies partitions are remembered (oldest dropped first).
 LATER_ROUTES = 10_000
 #: Event types after which a client waiting on the execution has its answer.
@@ -127,6 +129,8 @@ class PartitionEngine:
         self._closings: list[tuple[datetime, str]] = []
         #: Replies partitions of queries and updates whose reply comes with a later command.
         self._later_routes: dict[str, int] = {}
+        #: The heap's size after its last sweep (`_sweep_wakeups`).
+        self._swept_size = 0
 
     # ------------------------------------------------------------ recovery
 
@@ -223,7 +227,21 @@ class PartitionEngine:
             if state is not None and not state.open and state.closed_at == closed_at:
                 del self.states[exec_id]
                 evicted += 1
+        self._sweep_wakeups()
         return evicted
+
+    def _sweep_wakeups(self) -> None:
+        """Drop the wakeups of executions no longer open once the heap doubled since the
+        last sweep. A closed execution's deadlines (an activity's 5-minute start-to-close)
+        stay in the heap until they pass otherwise, so it would hold the rate times the
+        longest timeout; an open execution's current wakeup is always kept."""
+        if len(self._due) <= max(WAKEUPS_SWEEP_FLOOR, 2 * self._swept_size):
+            return
+        states, schedules = self.states, self.schedules
+        self._due = [(at, key) for at, key in self._due
+                     if key in schedules or ((state := states.get(key)) is not None and state.open)]
+        heapq.heapify(self._due)
+        self._swept_size = len(self._due)
 
     # ------------------------------------------------------------ commands
 

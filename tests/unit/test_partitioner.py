@@ -40,3 +40,14 @@ def test_rejects_an_empty_topic_and_an_unkeyed_record() -> None:
         partition_for("k", 0)
     with pytest.raises(ValueError, match="keyed"):
         key_partitioner(None, [0], [0])
+
+
+def test_remembers_only_recent_keys() -> None:
+    # A processor that runs for months sees every execution id once: the cache must not
+    # keep them all (each entry keeps its id alive).
+    partition_for.cache_clear()
+    for i in range(20_000):
+        partition_for(f"execution-{i:08d}-0123456789abcdef", 12)
+    assert partition_for.cache_info().currsize <= 4096
+    assert partition_for("execution-00019999-0123456789abcdef", 12) == partition_for(
+        b"execution-00019999-0123456789abcdef", 12)

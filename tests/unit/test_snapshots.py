@@ -145,3 +145,19 @@ def test_an_empty_image_and_a_tiny_chunk_limit_round_trip() -> None:
     assert back == image
     assert len(encode_chunks(0, "s", image, 1)) == 20  # one execution per chunk at most
     assert ROOT  # the tree machine's ids are not used here
+
+
+def test_finished_executions_leave_no_wakeups_behind() -> None:
+    # Each start schedules a workflow-task deadline 10 s ahead; the execution closes long
+    # before it. A processor that runs for months must not hold every such deadline.
+    engine = PartitionEngine(0, RETENTION)
+    for i in range(5000):
+        engine.handle(start(f"w{i}", 1, i), at(i))
+        engine.handle(complete(engine, f"w{i}", i), at(i))
+        if i % 100 == 0:
+            engine.evict_closed(at(i))
+    engine.handle(start("open", 1, 5000), at(5000))
+    engine.evict_closed(at(5000))
+    assert len(engine._due) <= 2048
+    engine.prune_wakeups()
+    assert engine.next_wakeup() == at(15_000)  # the open one's workflow-task deadline is kept
