@@ -76,7 +76,9 @@ async def test_processor_and_worker_metrics_count_real_work(settings: KafkaSetti
     cli = [sys.executable, "-c", "from treeflow.cli import main; main()"]
     processor = await asyncio.create_subprocess_exec(*cli, "processor", "--metrics-port", str(processor_port),
                                                      env=env, stderr=asyncio.subprocess.DEVNULL)
-    worker = await asyncio.create_subprocess_exec(*cli, "worker", "--module", str(TREE_APP),
+    # Every task through the topic (no eager attempts or continuations): the counts are exact.
+    worker = await asyncio.create_subprocess_exec(*cli, "worker", "--module", str(TREE_APP), "--no-eager-activities",
+                                                  "--no-eager-continuations",
                                                   env={**env, "TREEFLOW_METRICS_PORT": str(worker_port)},
                                                   stderr=asyncio.subprocess.DEVNULL)
     processor_url, worker_url = f"http://127.0.0.1:{processor_port}", f"http://127.0.0.1:{worker_port}"
