@@ -28,7 +28,7 @@ from .instance import RESOLVING, WorkflowInstance
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[Command], Awaitable[None]]
+Send = Callable[[Command], Awaitable[Any]]
 #: Sends a claim (a ReportActivityTaskStarted with a claim id) and returns whether the
 #: processor granted it.
 Claim = Callable[[Command], Awaitable[bool]]

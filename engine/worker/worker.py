@@ -512,7 +512,7 @@ class Worker:
 
     def _spawn_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
                         traceparent: bytes | None, done: Callable[[], None] | None = None,
-                        send: Callable[[Command], Awaitable[None]] | None = None) -> None:
+                        send: Callable[[Command], Awaitable[Any]] | None = None) -> None:
         """Run one attempt (its slot already held) in the background, its reports through
         `send` (default: `_send`); `done()` once its outcome was handed to the producer
         (not when it was cancelled or dropped)."""
@@ -522,7 +522,7 @@ class Worker:
 
     async def _run_activity(self, context: m.WorkflowContext, task: m.ActivityTask, claim: bool,
                             traceparent: bytes | None, done: Callable[[], None] | None,
-                            send: Callable[[Command], Awaitable[None]]) -> None:
+                            send: Callable[[Command], Awaitable[Any]]) -> None:
         try:
             self.stats.activity_tasks += 1
             if claim:
@@ -576,13 +576,16 @@ class Worker:
                 if eager and task_id is not None:  # the continued task, as the next one's base
                     report = m.CompleteWorkflowTask(task_id=task_id, workflow_run_id=context.workflow_run_id,
                                                     history_length=continuation.history_length, decisions=decisions)
-        await self._send(command)
+        delivered = await self._send(command)
+        if eager:  # a chained attempt starts once the completion it follows is in the log
+            await delivered
         self._run_eagerly(context, report, eager, traceparent)
 
-    async def _send(self, command: Command) -> None:
+    async def _send(self, command: Command) -> asyncio.Future[Any]:
+        """Queue `command`; the future resolves when the broker has it."""
         assert self._producer is not None
-        await self._producer.send(self.settings.topics.commands, COMMANDS.encode(command),
-                                  key=command.root_workflow_exec_id.encode())
+        return await self._producer.send(self.settings.topics.commands, COMMANDS.encode(command),
+                                         key=command.root_workflow_exec_id.encode())
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: _Offsets) -> None:
         ready = offsets.committable()
