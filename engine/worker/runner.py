@@ -177,8 +177,9 @@ class TaskRunner:
                             ) -> tuple[WorkflowContext, m.WorkflowTaskContinuation] | None:
         """The child's context and the decisions of its first workflow task, for the child that
         `start` (a decision of the parent's task reported by command `command_id`) starts,
-        made now on its predicted WORKFLOW_EXECUTION_STARTED; None when the child's workflow is not here, or its id was
-        given by the code (a fresh history is then not certain), or as for any prediction."""
+        made now on its predicted WORKFLOW_EXECUTION_STARTED; None when the child's workflow
+        is not here, or its id was given by the code (a fresh history is then not certain),
+        or as for any prediction."""
         definition = self.workflows.get(start.child_workflow_name)
         cached = self._cache.get((parent.workflow_exec_id, parent.workflow_run_id))
         if definition is None or cached is None or start.child_workflow_exec_id not in cached.generated_child_ids:

@@ -421,9 +421,9 @@ class Worker:
     async def _take_eagerly(self, report: Command, fresh: bool) -> tuple[Command, list[m.ActivityTask]]:
         """Eager activity execution: the first attempts of the activities a completed
         workflow task schedules on a queue this worker serves, with a free slot, are
-        run here at once (the report marks them `eager`). The processor still sends their
-        task, as possibly not the only copy: this worker drops it (`eager_copies`), another
-        one claims the attempt first. Not for a workflow task that may have been run before
+        run here at once (the report marks them `eager`). The processor sends their task,
+        as possibly not the only copy, if the attempt is still open after EAGER_COPY_DELAY:
+        this worker drops it (`eager_copies`), another one claims the attempt first. Not for a workflow task that may have been run before
         (not `fresh`: a worker that ran it may have died before committing it, its
         activities possibly done and recorded)."""
         payload = report.payload
@@ -449,7 +449,7 @@ class Worker:
         if (not (self.eager_continuations and fresh) or not isinstance(payload, m.CompleteWorkflowTask)
                 or any(isinstance(d, _CLOSING_DECISIONS) for d in payload.decisions)):
             return report, []
-        decisions, children = [], []
+        decisions, children, changed = [], [], False
         for decision in payload.decisions:
             started = None
             if isinstance(decision, m.StartChildWorkflowExecution) and decision.task_queue in self.task_queues:
@@ -459,7 +459,7 @@ class Worker:
                 marked, eager = await self._eager_decisions(child.workflow_exec_id, child.workflow_run_id,
                                                             first.decisions, report.timestamp)
                 first = first.model_copy(update={"decisions": marked})
-                decision = decision.model_copy(update={"first_task": first})
+                decision, changed = decision.model_copy(update={"first_task": first}), True
                 self.stats.eager_children += 1
                 task_id = self.runner.last_task_id(child)
                 if eager and task_id is not None:
@@ -467,7 +467,7 @@ class Worker:
                         task_id=task_id, workflow_run_id=child.workflow_run_id,
                         history_length=first.history_length, decisions=marked), eager))
             decisions.append(decision)
-        if not payload.decisions or decisions == list(payload.decisions):
+        if not changed:
             return report, children
         return report.model_copy(update={"payload": payload.model_copy(update={"decisions": decisions})}), children
 
