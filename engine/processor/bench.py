@@ -425,10 +425,11 @@ async def distinct_clients(settings: Any, count: int) -> list[Any]:
     clients: list[Any] = []
     while len(clients) < count:
         client = Client(settings)
+        await client.start()  # picks the replies partition
         taken = {c.reply_partition for c in clients}
         if client.reply_partition in taken and len(taken) < settings.partitions:
+            await client.close()
             continue
-        await client.start()
         clients.append(client)
     return clients
 

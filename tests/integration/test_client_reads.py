@@ -25,11 +25,13 @@ class Echo:
 
 
 async def client_not_on(env: Environment, partition: int) -> Client:
+    """A started client whose replies partition is not `partition` (`start` picks it)."""
     while True:
         client = Client(env.settings)
+        await client.start()
         if client.reply_partition != partition:
-            await client.start()
             return client
+        await client.close()
 
 
 async def test_a_clients_fetched_bytes_do_not_grow_with_other_clients_traffic(broker) -> None:
