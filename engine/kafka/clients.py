@@ -183,13 +183,19 @@ Started = TypeVar("Started", AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminCl
 
 async def start(client: Started, settings: KafkaSettings) -> Started:
     """Start `client` within `settings.connect_timeout`, turning aiokafka's start-up errors into
-    treeflow's. On failure the client is closed (no "Unclosed AIOKafkaProducer")."""
+    treeflow's. On failure, or when the caller is cancelled meanwhile, the client is closed
+    (no "Unclosed AIOKafkaProducer")."""
     try:
-        async with asyncio.timeout(settings.connect_timeout):
-            if isinstance(client, AIOKafkaClient):
-                await client.bootstrap()
-            else:
-                await client.start()
+        starting = asyncio.ensure_future(_start_within(client, settings.connect_timeout))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # aiokafka's bootstrap drops the connection it is asking for metadata when
+            # cancelled, unclosed: let the start finish, then close everything it opened.
+            await asyncio.wait([starting])
+            if not starting.cancelled():
+                starting.exception()  # retrieved: the cancellation is what the caller gets
+            raise
         if isinstance(client, AIOKafkaConsumer):
             grow_fetch_wait(client, settings.profile)
         return client
@@ -199,6 +205,14 @@ async def start(client: Started, settings: KafkaSettings) -> Started:
         if translated is None:
             raise
         raise translated from error
+
+
+async def _start_within(client: Any, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        if isinstance(client, AIOKafkaClient):
+            await client.bootstrap()
+        else:
+            await client.start()
 
 
 async def stop(client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient | AIOKafkaClient) -> None:

@@ -98,6 +98,30 @@ async def test_end_offsets_of_no_partitions_is_empty(settings: KafkaSettings) ->
     assert await end_offsets(dataclasses.replace(settings, profile=KAFKA), []) == {}
 
 
+async def test_a_start_cancelled_at_any_moment_leaves_no_connection_open(settings: KafkaSettings) -> None:
+    """A client closed while its background checks start one (`treeflow schedule pause` of
+    a missing schedule closed within milliseconds) printed "Unclosed AIOKafkaConnection":
+    aiokafka's bootstrap drops its connection unclosed when cancelled mid-request."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    unclosed: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unclosed.append(context["message"]))
+    try:
+        for step in range(30):
+            starting = asyncio.ensure_future(clients.start(clients.bare_client(settings, "cancelled"), settings))
+            await asyncio.sleep(0.0005 * step)
+            starting.cancel()
+            outcome = (await asyncio.gather(starting, return_exceptions=True))[0]
+            if not isinstance(outcome, BaseException):
+                await outcome.close()
+            gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert unclosed == []
+
+
 async def test_missing_topics_are_a_clear_error_and_stay_missing(settings: KafkaSettings) -> None:
     client = Client(settings)
     with pytest.raises(TopicsMissingError, match=r"treeflow topics create") as raised:
