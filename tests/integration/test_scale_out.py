@@ -17,7 +17,7 @@ import pytest
 from treeflow.client import Client
 from treeflow.errors import CommandTimeoutError
 from treeflow.kafka import KafkaSettings
-from treeflow.schemas import EventType
+from treeflow.schemas import CLOSING_STATUS, EventType
 
 from . import durable_app as app
 from .durable_app import ChainInput, ChainWorkflow, ParentInput, ParentWorkflow, traces
@@ -34,6 +34,20 @@ from .test_durability import (  # noqa: F401 (fixtures)
 )
 
 pytestmark = pytest.mark.integration
+
+
+async def unfinished(settings: KafkaSettings) -> str:
+    """Each execution of the log without a closing event, with its last events (what it waits on)."""
+    histories: dict[str, list[str]] = {}
+    closed: set[str] = set()
+    for partition, offset, event in await read_events(settings):
+        exec_id = event.workflow_context.workflow_exec_id
+        histories.setdefault(exec_id, []).append(f"p{partition}@{offset} {event.event_type.value}")
+        if event.event_type in CLOSING_STATUS:
+            closed.add(exec_id)
+    open_ones = {exec_id: history[-4:] for exec_id, history in histories.items() if exec_id not in closed}
+    return "open executions in the log:\n" + "\n".join(f"  {exec_id}: {' | '.join(last)}"
+                                                      for exec_id, last in open_ones.items())
 
 
 async def test_processors_and_workers_killed_and_added_under_load_lose_and_duplicate_nothing(
@@ -77,7 +91,8 @@ async def test_processors_and_workers_killed_and_added_under_load_lose_and_dupli
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         if isinstance(error, TimeoutError):
-            raise AssertionError(f"not every execution finished\n{processes.logs()}")
+            raise AssertionError(f"not every execution finished\n{await unfinished(settings)}\n"
+                                 f"{processes.logs()}")
         raise
     assert [result for _, result in outcomes] == [spec[3] for spec in specs]
     await settle(settings)
