@@ -132,6 +132,12 @@ class Processor:
         #: Per partition: the highest commands offset read (decided or skipped).
         self._read: dict[int, int] = {}
         self._lock = asyncio.Lock()
+        #: Commands taken from the topic and not yet decided (message, value), oldest first.
+        self._taken: list[tuple[Any, bytes]] = []
+        self._arrived = asyncio.Event()
+        #: Cleared while `_taken` is full: the agent waits for room.
+        self._room = asyncio.Event()
+        self._room.set()
         self._local: asyncio.Queue[Command] = asyncio.Queue()
         #: Batches of commands being decided now (for `idle`).
         self._busy = 0
@@ -139,6 +145,10 @@ class Processor:
         self._local_runs: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._producer: AIOKafkaProducer | None = None
+        #: Sends what leaves once its events are acknowledged (replies, tasks). A producer
+        #: of its own: aiokafka keeps one produce request in flight per broker, so on the
+        #: events' producer a reply would wait behind the next decision's append.
+        self._sender: AIOKafkaProducer | None = None
         self._last_publish: asyncio.Task[None] | None = None
         self._last_queued: asyncio.Future[None] | None = None
         self.failed: BaseException | None = None
@@ -187,21 +197,19 @@ class Processor:
         topic = app.topic(self.settings.topics.commands, key_serializer="raw", value_serializer="raw")
 
         async def consume(stream: Any) -> None:
-            async for batch in stream.take_events(BATCH_SIZE, within=0.001):
+            # The agent only takes commands; `_decide_taken` decides whatever has arrived
+            # each time it is free, so a batch forms while the previous one is decided,
+            # with no timer to wait for (faust's `take_events` polls every `within`).
+            async for event in stream.events():
                 # A command's offset may be committed only once its events are in the
-                # log: hold one reference to each message (take_events drops its own
+                # log: hold one reference to each message (the stream drops its own
                 # after this body) and release it when the events are acknowledged.
-                messages = [event.message for event in batch]
-                for message in messages:
-                    message.incref()
-                if self._traces is not None:
-                    self._remember_traces(messages)
-                self._busy += 1
-                try:
-                    await self._handle([(m.partition, m.offset, e.value) for m, e in zip(messages, batch)],
-                                       functools.partial(self._release, messages, app.consumer))
-                finally:
-                    self._busy -= 1
+                event.message.incref()
+                self._taken.append((event.message, event.value))
+                self._arrived.set()
+                if len(self._taken) >= BATCH_SIZE:
+                    self._room.clear()
+                    await self._room.wait()
 
         app.agent(topic, name="treeflow-commands")(consume)
         app.on_partitions_assigned.connect(self._on_assigned)
@@ -217,12 +225,15 @@ class Processor:
             self._encode_event = functools.partial(EVENTS.encode_confluent, schema_id=schema_id)
         self._producer = await clients.start(clients.producer(self.settings, "processor",
                                                               max_request_size=16 * 1024 * 1024), self.settings)
+        self._sender = await clients.start(clients.producer(self.settings, "processor-sender",
+                                                            max_request_size=16 * 1024 * 1024), self.settings)
         if self.snapshot_options.interval > 0 and await SnapshotStore.exists(self.settings):
             self._snapshots = SnapshotStore(self.settings, self._producer, self.snapshot_options)
         elif self.snapshot_options.interval > 0:
             log.warning("topic %s is missing (create it with `treeflow topics create`): partitions are recovered "
                         "from the whole events log and no snapshots are taken", self.settings.topics.snapshots)
-        for coroutine in (self._clock(), self._local_loop(), self._watch_topics(), self._housekeeping()):
+        for coroutine in (self._clock(), self._local_loop(), self._decide_taken(), self._watch_topics(),
+                          self._housekeeping()):
             self._spawn(coroutine)
         if (probe_every := heap.interval_from_env()) > 0:
             self._spawn(heap.run(probe_every))
@@ -237,8 +248,9 @@ class Processor:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self._producer is not None:
-            await self._producer.stop()
+        for producer in (self._sender, self._producer):
+            if producer is not None:
+                await producer.stop()
         for gauge, source in self._metric_sources():
             gauge.remove(source)
         self._datadir.cleanup()
@@ -254,6 +266,12 @@ class Processor:
             self.halted.set()
             self._app.treeflow_halted = True  # commits to vanished topics would retry forever
             self._stop_app()
+
+    def _halt(self, failure: BaseException) -> None:
+        """Stop by itself: its state may no longer be the fold of the log (`liveness` says why)."""
+        self.failed = failure
+        self.halted.set()
+        self._stop_app()
 
     def _stop_app(self) -> asyncio.Future[None]:
         """Stop the faust app once; every caller waits for the same stop (a second
@@ -291,7 +309,8 @@ class Processor:
         task is on its way out, no activity runs in-process, and every task handed to a
         worker (here or elsewhere) has its report decided. Commands still in the commands
         topic are not seen here: compare `positions()` with the topic's end."""
-        return (self.assignment_seen and self._busy == 0 and not self._lock.locked() and self._local.empty()
+        return (self.assignment_seen and self._busy == 0 and not self._taken and not self._lock.locked()
+                and self._local.empty()
                 and not self._local_runs and (self._last_publish is None or self._last_publish.done())
                 and not self._backlog and all(ready.is_set() for ready in self._ready.values())
                 and not any(engine.outstanding() for engine in list(self.engines.values())))
@@ -303,9 +322,10 @@ class Processor:
     # ------------------------------------------------------------ health and metrics
 
     def liveness(self) -> str | None:
-        """None while the processor works; why not once an append failed (it stops then)."""
+        """None while the processor works; why not once it stopped by itself (a failed append
+        or decision)."""
         if self.failed is not None:
-            return f"the processor stopped: appending to the log failed ({self.failed!r}); restart it"
+            return f"the processor stopped ({self.failed!r}); restart it"
         return None
 
     def readiness(self) -> str | None:
@@ -510,6 +530,30 @@ class Processor:
 
     # ------------------------------------------------------------ commands
 
+    async def _decide_taken(self) -> None:
+        """Decide the commands the agent has taken, up to `BATCH_SIZE` at a time. A failure
+        here stops the processor (its offsets stay uncommitted: a restart decides again)."""
+        while True:
+            await self._arrived.wait()
+            batch, self._taken = self._taken[:BATCH_SIZE], self._taken[BATCH_SIZE:]
+            if not self._taken:
+                self._arrived.clear()
+            self._room.set()
+            messages = [message for message, _ in batch]
+            if self._traces is not None:
+                self._remember_traces(messages)
+            self._busy += 1
+            try:
+                await self._handle([(m.partition, m.offset, value) for m, value in batch],
+                                   functools.partial(self._release, messages, self._app.consumer))
+            except Exception as exc:
+                log.critical("deciding commands failed (%r): stopping the processor; restart it to recover",
+                             exc, exc_info=True)
+                self._halt(exc)
+                return
+            finally:
+                self._busy -= 1
+
     async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
         await self._recovered({p for p, _, _ in records})
@@ -703,7 +747,7 @@ class Processor:
                        on_durable: Callable[[], None] | None, began: float) -> None:
         """Once `appended` are acknowledged, queue `outgoing` after the previous decision's
         (`previous` resolves when those are queued; the producer keeps that order)."""
-        assert self._producer is not None
+        assert self._sender is not None
         try:
             await asyncio.gather(*appended)
             if appended:
@@ -712,7 +756,7 @@ class Processor:
                 on_durable()
             if previous is not None:
                 await previous
-            sent = [await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
+            sent = [await self._sender.send(topic, value, key=key, partition=partition, headers=headers)
                     for topic, value, key, partition, headers in outgoing]
             queued.set_result(None)
             await asyncio.gather(*sent)
@@ -720,9 +764,7 @@ class Processor:
             raise
         except Exception as exc:
             log.critical("appending to the log failed (%r): stopping the processor; restart it to recover", exc)
-            self.failed = exc
-            self.halted.set()
-            self._stop_app()
+            self._halt(exc)
             raise
 
     # ------------------------------------------------------------ snapshots and retention
