@@ -36,8 +36,9 @@ from .test_durability import (  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.integration
 
 
-async def unfinished(settings: KafkaSettings) -> str:
-    """Each execution of the log without a closing event, with its last events (what it waits on)."""
+async def unfinished(settings: KafkaSettings, waiting: set[str]) -> str:
+    """Each execution of the log without a closing event, with its last events (what it waits
+    on), and each execution still awaited with what the log holds of it."""
     histories: dict[str, list[str]] = {}
     closed: set[str] = set()
     for partition, offset, event in await read_events(settings):
@@ -46,8 +47,12 @@ async def unfinished(settings: KafkaSettings) -> str:
         if event.event_type in CLOSING_STATUS:
             closed.add(exec_id)
     open_ones = {exec_id: history[-4:] for exec_id, history in histories.items() if exec_id not in closed}
-    return "open executions in the log:\n" + "\n".join(f"  {exec_id}: {' | '.join(last)}"
-                                                      for exec_id, last in open_ones.items())
+    return ("open executions in the log:\n" + "\n".join(f"  {exec_id}: {' | '.join(last)}"
+                                                       for exec_id, last in open_ones.items())
+            + "\nawaited by the test:\n" + "\n".join(
+                f"  {exec_id}: " + (("closed: " if exec_id in closed else "open: ")
+                                    + " | ".join(histories[exec_id][-3:]) if exec_id in histories else "not in the log")
+                for exec_id in sorted(waiting)))
 
 
 async def test_processors_and_workers_killed_and_added_under_load_lose_and_duplicate_nothing(
@@ -66,9 +71,12 @@ async def test_processors_and_workers_killed_and_added_under_load_lose_and_dupli
             specs.append((ChainWorkflow, ChainInput(workdir=str(workdir), tag=tag, b_seconds=0.3), tag,
                           app.chain_result(tag)))
 
+    waiting: set[str] = set()
+
     async def start(i: int, workflow: type, params: Any, name: str) -> Any:
         await asyncio.sleep(0.25 * i)  # a steady load over 15 s, across the changes
         execution_id = f"{name}-{uuid.uuid4().hex[:6]}"
+        waiting.add(execution_id)
         try:
             handle = await client.start_workflow(workflow, params, execution_id=execution_id, timeout=20)
         except CommandTimeoutError:
@@ -76,7 +84,9 @@ async def test_processors_and_workers_killed_and_added_under_load_lose_and_dupli
             # stays in the commands topic and takes effect, so wait for its result (README,
             # "Deadlines").
             handle = client.get_handle(execution_id, root_execution_id=execution_id, workflow=workflow)
-        return handle, await handle.result()
+        result = await handle.result()
+        waiting.discard(execution_id)
+        return handle, result
 
     running = asyncio.gather(*(start(i, *spec[:3]) for i, spec in enumerate(specs)))
     try:
@@ -91,7 +101,7 @@ async def test_processors_and_workers_killed_and_added_under_load_lose_and_dupli
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         if isinstance(error, TimeoutError):
-            raise AssertionError(f"not every execution finished\n{await unfinished(settings)}\n"
+            raise AssertionError(f"not every execution finished\n{await unfinished(settings, waiting)}\n"
                                  f"{processes.logs()}")
         raise
     assert [result for _, result in outcomes] == [spec[3] for spec in specs]
