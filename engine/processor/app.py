@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 #: How often the clock loop looks for due timers, timeouts and backoffs.
 CLOCK_INTERVAL = 0.01
 BATCH_SIZE = 1000
-#: Event-loop turns without a new record after which the records faust is handing over
-#: from one fetch are taken to be all there (it delivers one every 3 turns).
-FETCH_HANDOVER_TURNS = 6
 #: How often a partition whose backlog is not decided yet checks the group's committed
 #: offset again (a safety net: the backlog normally ends with its last record).
 BACKLOG_RECHECK = 2.0
@@ -557,7 +554,6 @@ class Processor:
         here stops the processor (its offsets stay uncommitted: a restart decides again)."""
         while True:
             await self._arrived.wait()
-            await self._let_the_fetch_arrive()
             batch, self._taken = self._taken[:BATCH_SIZE], self._taken[BATCH_SIZE:]
             if not self._taken:
                 self._arrived.clear()
@@ -576,18 +572,6 @@ class Processor:
                 return
             finally:
                 self._busy -= 1
-
-    async def _let_the_fetch_arrive(self) -> None:
-        """Yield while faust still hands over records of the same fetch: it delivers them one
-        by one, a few event-loop turns apart, and a worker's report with the completion of
-        the attempt it took eagerly (one produce request) is then decided in one pass."""
-        seen, quiet = len(self._taken), 0
-        while quiet < FETCH_HANDOVER_TURNS and seen < BATCH_SIZE:
-            await asyncio.sleep(0)
-            if len(self._taken) > seen:
-                seen, quiet = len(self._taken), 0
-            else:
-                quiet += 1
 
     async def _handle(self, records: list[tuple[int, int, bytes]],
                       on_durable: Callable[[dict[int, PartitionEngine | None]], None]) -> None:
