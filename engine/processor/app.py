@@ -402,7 +402,7 @@ class Processor:
                 self._forget(partition)
             new = sorted(mine - set(self.engines))
             for partition in new:
-                self._replace_readiness(partition, asyncio.Event())
+                self._ready[partition] = asyncio.Event()
             if new:
                 # What is waiting in each commands partition now is its backlog.
                 commands = [TopicPartition(self.settings.topics.commands, p) for p in new]
@@ -503,44 +503,25 @@ class Processor:
                     self._forget(tp.partition)
 
     async def _recovered(self, partitions: set[int]) -> None:
-        """Wait until these partitions' state has been read back from the log, or they are
-        no longer this processor's. A rebalance that takes a partition away (and maybe gives
-        it back) sets the readiness it replaces, so a wait never outlives its partition."""
+        """Wait until these partitions' state has been read back from the log."""
         for partition in partitions:
-            while (ready := self._ready.get(partition)) is not None and not ready.is_set():
+            ready = self._ready.get(partition)
+            if ready is not None:
                 await ready.wait()
 
-    def _release(self, messages: list[Any], consumer: Any, owners: dict[int, PartitionEngine | None]) -> None:
-        """These commands' events are in the log: let faust commit their offsets, and record
-        them as decided (`tf.durable`). Not a command whose partition had another owner (or
-        none) when it was taken up than now: it was dropped, or decided by an engine since
-        replaced, and the partition's owner reads it again from the committed offset (a
-        decided one appends nothing the second time). Acknowledged, it would have been
-        skipped as decided: a start taken before a rebalance that gave its partition back
-        to this processor was lost that way."""
+    def _release(self, messages: list[Any], consumer: Any) -> None:
+        """These commands' events are in the log: let faust commit their offsets."""
         for message in messages:
-            owner = owners.get(message.partition)
-            if owner is None or self.engines.get(message.partition) is not owner:
-                continue
             message.ack(consumer)
             if message.partition in self._durable:
                 self._durable[message.partition] = max(self._durable[message.partition], message.offset)
-
-    def _replace_readiness(self, partition: int, ready: asyncio.Event | None) -> None:
-        """Install `ready` (None: none) as the partition's readiness, waking whoever waits on
-        the one it replaces (`_recovered` then looks again)."""
-        previous = self._ready.pop(partition, None)
-        if ready is not None:
-            self._ready[partition] = ready
-        if previous is not None:
-            previous.set()
 
     def _forget(self, partition: int) -> None:
         engine = self.engines.get(partition)
         if engine is not None and self._traces is not None:
             self._traces.forget(list(engine.states))
         self.engines.pop(partition, None)
-        self._replace_readiness(partition, None)
+        self._ready.pop(partition, None)
         self._durable.pop(partition, None)
         self._next_offsets.pop(partition, None)
         self._backlog.pop(partition, None)
@@ -573,13 +554,9 @@ class Processor:
             finally:
                 self._busy -= 1
 
-    async def _handle(self, records: list[tuple[int, int, bytes]],
-                      on_durable: Callable[[dict[int, PartitionEngine | None]], None]) -> None:
-        """Decide commands read from the topic; `on_durable` gets the engine that owned each
-        partition when they were taken up (`_release` commits only what that owner decided)."""
+    async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
         await self._recovered({p for p, _, _ in records})
-        owners = {partition: self.engines.get(partition) for partition, _, _ in records}
         commands = []
         next_offsets = self._next_offsets
         for partition, offset, value in records:
@@ -599,7 +576,7 @@ class Processor:
                 log.error("skipping an undecodable command: %s", error)
                 continue
             commands.append((partition, command))
-        await self._decide(commands, functools.partial(on_durable, owners))
+        await self._decide(commands, on_durable)
         if self._backlog:
             async with self._lock:
                 await self._resume_caught_up({p for p, _, _ in records})
