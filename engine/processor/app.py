@@ -262,10 +262,8 @@ class Processor:
             await watch_topics(self.settings, [topics.commands, topics.events, topics.replies], "processor")
         except TopicsResetError as exc:
             log.critical("%s", exc)
-            self.failed = exc
-            self.halted.set()
             self._app.treeflow_halted = True  # commits to vanished topics would retry forever
-            self._stop_app()
+            self._halt(exc)
 
     def _halt(self, failure: BaseException) -> None:
         """Stop by itself: its state may no longer be the fold of the log (`liveness` says why)."""

@@ -423,9 +423,9 @@ class Worker:
         workflow task schedules on a queue this worker serves, with a free slot, are
         run here at once (the report marks them `eager`). The processor sends their task,
         as possibly not the only copy, if the attempt is still open after EAGER_COPY_DELAY:
-        this worker drops it (`eager_copies`), another one claims the attempt first. Not for a workflow task that may have been run before
-        (not `fresh`: a worker that ran it may have died before committing it, its
-        activities possibly done and recorded)."""
+        this worker drops it (`eager_copies`), another one claims the attempt first. Not
+        for a workflow task that may have been run before (not `fresh`: a worker that ran
+        it may have died before committing it, its activities possibly done and recorded)."""
         payload = report.payload
         if not fresh or not isinstance(payload, m.CompleteWorkflowTask):
             return report, []
