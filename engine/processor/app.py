@@ -206,12 +206,17 @@ class Processor:
                 # after this body) and release it when the events are acknowledged.
                 event.message.incref()
                 self._taken.append((event.message, event.value))
-                self._arrived.set()
                 if len(self._taken) >= BATCH_SIZE:
+                    self._arrived.set()
                     self._room.clear()
                     await self._room.wait()
+                elif not app.treeflow_handing_over:
+                    # faust hands a fetch's records over one at a time: the rest of this
+                    # one's are decided with it (`_on_handed_over`).
+                    self._arrived.set()
 
         app.agent(topic, name="treeflow-commands")(consume)
+        app.treeflow_handed_over = self._on_handed_over
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
         return app
@@ -527,6 +532,10 @@ class Processor:
         self._logs.pop(partition, None)
 
     # ------------------------------------------------------------ commands
+
+    def _on_handed_over(self) -> None:
+        if self._taken:
+            self._arrived.set()
 
     async def _decide_taken(self) -> None:
         """Decide the commands the agent has taken, up to `BATCH_SIZE` at a time. A failure
