@@ -38,6 +38,11 @@ EVENTS_APPENDED = Counter("treeflow_events_appended", "Events appended to the ev
 DECISION_SECONDS = Histogram(
     "treeflow_decision_seconds", "Time to decide one command (the pure core and the partition's bookkeeping).",
     buckets=LATENCY_BUCKETS)
+COMMAND_BATCH_SIZE = Histogram(
+    "treeflow_command_batch_size",
+    "Commands taken from the commands topic and decided in one pass (the records of a fetch, "
+    "or what arrived while the previous pass was decided).",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 APPEND_SECONDS = Histogram(
     "treeflow_append_seconds",
     "Time from queuing one decision batch's events until the broker acknowledged them all.",

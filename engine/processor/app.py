@@ -75,6 +75,8 @@ class ProcessorStats:
     local_tasks: int = 0
     remote_tasks: int = 0
     recovered_events: int = 0
+    #: Passes that decided commands taken from the commands topic (`treeflow_command_batch_size`).
+    command_batches: int = 0
     #: Commands read again after a lost offset commit, skipped (already decided).
     redelivered: int = 0
     #: Commands that were waiting in a partition's backlog when it was recovered.
@@ -547,6 +549,8 @@ class Processor:
                 self._arrived.clear()
             self._room.set()
             messages = [message for message, _ in batch]
+            self.stats.command_batches += 1
+            metrics.COMMAND_BATCH_SIZE.observe(len(batch))
             if self._traces is not None:
                 self._remember_traces(messages)
             self._busy += 1

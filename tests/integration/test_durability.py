@@ -34,6 +34,7 @@ from treeflow.definitions import collect
 from treeflow.kafka import KafkaSettings, end_offsets, ensure_topics, partition_for
 from treeflow.kafka.profile import PROFILE_ENV
 from treeflow.kafka.settings import BOOTSTRAP_ENV, PARTITIONS_ENV, PREFIX_ENV
+from treeflow.payloads import to_json
 from treeflow.processor.app import Processor
 from treeflow.schemas import CLOSING_STATUS, COMMANDS, TASKS, Command, Event, EventType
 from treeflow.schemas import models as m
@@ -592,6 +593,43 @@ async def test_a_second_processor_group_rereading_every_command_appends_nothing(
         await asyncio.wait_for(second.stop(), 30)
     after = await read_events(settings)
     assert [e.event_id for _, _, e in after] == [e.event_id for _, _, e in before]
+
+
+async def test_a_burst_of_commands_is_decided_a_fetch_at_a_time(
+        settings: KafkaSettings, client: Client, processor: Processor) -> None:
+    """faust hands the records of a fetch to the processor's agent one at a time; the
+    processor decides a fetch's records together, in one pass (one append, one
+    acknowledgement). It used to decide one command per pass while the rest of the fetch
+    was handed over, so a burst that outran it queued up in the topic. Every command of
+    the burst is still decided once, and its execution completes."""
+    count = 300
+    roots = [f"burst-{n:03d}-{uuid.uuid4().hex[:6]}" for n in range(count)]
+    before = processor.stats.command_batches
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, **settings.profile.producer_options())
+    await producer.start()
+    try:
+        for root in roots:
+            command = Command(command_id=f"start-{root}", timestamp=datetime.now(timezone.utc),
+                              root_workflow_exec_id=root, workflow_exec_id=root,
+                              payload=m.StartWorkflowExecution(workflow_name="durable_child", task_queue="default",
+                                                               input_json=to_json({"value": root})))
+            await producer.send(settings.topics.commands, COMMANDS.encode(command), key=root.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    closed = lambda: sum(not state.open for engine in processor.engines.values()  # noqa: E731
+                         for state in engine.states.values())
+    await wait_until(lambda: closed() >= count, 60, "the burst's executions to close",
+                     lambda: f"{closed()} closed; {processor.stats}")
+    await quiesce(processor)
+    passes = processor.stats.command_batches - before
+    assert passes <= count // 10, f"the {count} commands of the burst took {passes} passes"
+    assert processor.stats.redelivered == 0 and processor.stats.undecodable == 0
+    by_exec = check_log(await read_events(settings), settings)
+    assert set(by_exec) == set(roots)
+    for root, history in by_exec.items():
+        assert history[-1].event_type is EventType.WORKFLOW_EXECUTION_COMPLETED, root
+        assert history[-1].payload.result_json == to_json(f"echo:{root}"), root
 
 
 # ---------------------------------------------------------------- 6. outages and redelivery (DESIGN §5 inv. 5, 6)

@@ -115,6 +115,9 @@ async def test_processor_and_worker_metrics_count_real_work(settings: KafkaSetti
         decided = total(samples, "treeflow_commands_decided_total")
         assert value(samples, "treeflow_decision_seconds_count") == decided > trees
         assert value(samples, "treeflow_append_seconds_count") > 0
+        # Every command read from the topic is in one pass; a pass takes at least one.
+        taken = value(samples, "treeflow_command_batch_size_sum")
+        assert 0 < value(samples, "treeflow_command_batch_size_count") <= taken <= decided
         assert value(samples, "treeflow_tasks_dispatched_total", task_queue="default", kind="activity") == 2 * trees
         assert value(samples, "treeflow_tasks_dispatched_total", task_queue="default", kind="workflow") >= 4 * trees
         assert value(samples, "treeflow_activity_attempts_total", activity="leaf_step") == logged[
