@@ -407,7 +407,7 @@ class Processor:
                 self._forget(partition)
             new = sorted(mine - set(self.engines))
             for partition in new:
-                self._ready[partition] = asyncio.Event()
+                self._replace_readiness(partition, asyncio.Event())
             if new:
                 # What is waiting in each commands partition now is its backlog.
                 commands = [TopicPartition(self.settings.topics.commands, p) for p in new]
@@ -508,10 +508,11 @@ class Processor:
                     self._forget(tp.partition)
 
     async def _recovered(self, partitions: set[int]) -> None:
-        """Wait until these partitions' state has been read back from the log."""
+        """Wait until these partitions' state has been read back from the log, or they are
+        no longer this processor's. A rebalance that takes a partition away (and maybe gives
+        it back) sets the readiness it replaces, so a wait never outlives its partition."""
         for partition in partitions:
-            ready = self._ready.get(partition)
-            if ready is not None:
+            while (ready := self._ready.get(partition)) is not None and not ready.is_set():
                 await ready.wait()
 
     def _release(self, messages: list[Any], consumer: Any) -> None:
@@ -521,12 +522,21 @@ class Processor:
             if message.partition in self._durable:
                 self._durable[message.partition] = max(self._durable[message.partition], message.offset)
 
+    def _replace_readiness(self, partition: int, ready: asyncio.Event | None) -> None:
+        """Install `ready` (None: none) as the partition's readiness, waking whoever waits on
+        the one it replaces (`_recovered` then looks again)."""
+        previous = self._ready.pop(partition, None)
+        if ready is not None:
+            self._ready[partition] = ready
+        if previous is not None:
+            previous.set()
+
     def _forget(self, partition: int) -> None:
         engine = self.engines.get(partition)
         if engine is not None and self._traces is not None:
             self._traces.forget(list(engine.states))
         self.engines.pop(partition, None)
-        self._ready.pop(partition, None)
+        self._replace_readiness(partition, None)
         self._durable.pop(partition, None)
         self._next_offsets.pop(partition, None)
         self._backlog.pop(partition, None)
