@@ -77,16 +77,17 @@ class HoldingWorker(Worker):
         self.armed[exec_id] = (asyncio.Event(), asyncio.Event(), asyncio.Event())
         return self.armed[exec_id]
 
-    async def _send(self, command: Any, after: Any = None) -> Any:
+    async def _send(self, command: Any) -> None:
         payload = command.payload
         gates = self.armed.get(command.workflow_exec_id)
         if gates is None or not isinstance(payload, m.CompleteWorkflowTask) or not any(
                 isinstance(d, m.StartChildWorkflowExecution) for d in payload.decisions):
-            return await super()._send(command, after=after)
+            await super()._send(command)
+            return
         holding, release, sent = self.armed.pop(command.workflow_exec_id)
         holding.set()
         await release.wait()
-        await super()._send(command, after=after)
+        await super()._send(command)
         await self._producer.flush()  # type: ignore[union-attr]
         sent.set()
 
