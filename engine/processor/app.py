@@ -64,6 +64,8 @@ BATCH_SIZE = 1000
 #: How often a partition whose backlog is not decided yet checks the group's committed
 #: offset again (a safety net: the backlog normally ends with its last record).
 BACKLOG_RECHECK = 2.0
+#: How long commands wait for their partition's recovery before each warning that says so.
+RECOVERY_WAIT_WARNING = 10.0
 
 
 @dataclass
@@ -512,8 +514,15 @@ class Processor:
         no longer this processor's. A rebalance that takes a partition away (and maybe gives
         it back) sets the readiness it replaces, so a wait never outlives its partition."""
         for partition in partitions:
+            waited = 0.0
             while (ready := self._ready.get(partition)) is not None and not ready.is_set():
-                await ready.wait()
+                waiting = asyncio.ensure_future(ready.wait())
+                done, _ = await asyncio.wait([waiting], timeout=RECOVERY_WAIT_WARNING)
+                if not done:
+                    waiting.cancel()
+                    waited += RECOVERY_WAIT_WARNING
+                    log.warning("commands of partition %d have waited %.0f s for its recovery "
+                                "(reading its events back)", partition, waited)
 
     def _release(self, messages: list[Any], consumer: Any) -> None:
         """These commands' events are in the log: let faust commit their offsets."""
