@@ -55,22 +55,19 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class _Consumer(driver.Consumer):
-    #: True from the first record of a fetch handed to the agents until the last one.
-    treeflow_handing_over: bool = False
-
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
         """faust's getmany, which its drain loop iterates to hand each record of a fetch
-        to the agents, one by one; `ProcessorApp.treeflow_handed_over` is called once a
-        fetch's records are all handed over."""
+        to the agents, one by one; it keeps `ProcessorApp.treeflow_handing_over` and calls
+        `ProcessorApp.treeflow_handed_over` once a fetch's records are all handed over."""
         try:
             async for item in super().getmany(timeout):
-                self.treeflow_handing_over = True
+                self.app.treeflow_handing_over = True
                 yield item
         finally:
-            self.treeflow_handing_over = False
+            self.app.treeflow_handing_over = False
             self.app.treeflow_handed_over()
 
 
@@ -91,13 +88,10 @@ class ProcessorApp(faust.App):
     treeflow_profile: BrokerProfile = KAFKA
     #: Set by the processor when it stops because its topics vanished: commit nothing more.
     treeflow_halted: bool = False
+    #: True from the first record of a fetch handed to the agents until the last one.
+    treeflow_handing_over: bool = False
     #: Called when the consumer has handed every record of a fetch to the agents.
     treeflow_handed_over: Callable[[], None] = staticmethod(lambda: None)
-
-    @property
-    def treeflow_handing_over(self) -> bool:
-        """Whether the consumer is handing a fetch's records to the agents (more are coming)."""
-        return self.consumer.treeflow_handing_over
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)

@@ -47,12 +47,16 @@ async def unfinished(settings: KafkaSettings, waiting: set[str]) -> str:
         if event.event_type in CLOSING_STATUS:
             closed.add(exec_id)
     open_ones = {exec_id: history[-4:] for exec_id, history in histories.items() if exec_id not in closed}
+
+    def in_the_log(exec_id: str) -> str:
+        if exec_id not in histories:
+            return "not in the log"
+        return ("closed: " if exec_id in closed else "open: ") + " | ".join(histories[exec_id][-3:])
+
     return ("open executions in the log:\n" + "\n".join(f"  {exec_id}: {' | '.join(last)}"
                                                        for exec_id, last in open_ones.items())
-            + "\nawaited by the test:\n" + "\n".join(
-                f"  {exec_id}: " + (("closed: " if exec_id in closed else "open: ")
-                                    + " | ".join(histories[exec_id][-3:]) if exec_id in histories else "not in the log")
-                for exec_id in sorted(waiting)))
+            + "\nawaited by the test:\n" + "\n".join(f"  {exec_id}: {in_the_log(exec_id)}"
+                                                      for exec_id in sorted(waiting)))
 
 
 async def test_processors_and_workers_killed_and_added_under_load_lose_and_duplicate_nothing(
