@@ -33,7 +33,8 @@ COMMANDS_DECIDED = Counter(
 COMMANDS_SKIPPED = Counter(
     "treeflow_commands_skipped",
     "Commands the processor read but did not decide: redelivered (decided before a lost offset commit), "
-    "undecodable, misrouted (keyed for another partition).", ["reason"])
+    "undecodable, misrouted (keyed for another partition), reassigned (taken before a rebalance, or for a "
+    "partition given to another processor: left for its owner to read again).", ["reason"])
 EVENTS_APPENDED = Counter("treeflow_events_appended", "Events appended to the events topic, by event type.", ["type"])
 DECISION_SECONDS = Histogram(
     "treeflow_decision_seconds", "Time to decide one command (the pure core and the partition's bookkeeping).",

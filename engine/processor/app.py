@@ -81,6 +81,9 @@ class ProcessorStats:
     command_batches: int = 0
     #: Commands read again after a lost offset commit, skipped (already decided).
     redelivered: int = 0
+    #: Commands taken before a rebalance (another consumer generation) or for a partition
+    #: this processor no longer owns: left unacknowledged, for the owner to read again.
+    reassigned: int = 0
     #: Commands that were waiting in a partition's backlog when it was recovered.
     backlog: int = 0
     #: Partitions recovered from a snapshot (the rest from the whole events partition).
@@ -410,6 +413,10 @@ class Processor:
             new = sorted(mine - set(self.engines))
             for partition in new:
                 self._replace_readiness(partition, asyncio.Event())
+            if new and self._last_publish is not None:
+                # A partition given back reads its events: those of decisions made before
+                # the rebalance must be in it (or have failed, which halts the processor).
+                await asyncio.gather(self._last_publish, return_exceptions=True)
             if new:
                 # What is waiting in each commands partition now is its backlog.
                 commands = [TopicPartition(self.settings.topics.commands, p) for p in new]
@@ -524,9 +531,14 @@ class Processor:
                     log.warning("commands of partition %d have waited %.0f s for its recovery "
                                 "(reading its events back)", partition, waited)
 
-    def _release(self, messages: list[Any], consumer: Any) -> None:
-        """These commands' events are in the log: let faust commit their offsets."""
+    def _release(self, messages: list[Any], consumer: Any, owners: dict[int, PartitionEngine]) -> None:
+        """These commands' events are in the log: let faust commit their offsets, and record
+        them as decided (`tf.durable`). Not those whose partition changed owner since they
+        were taken up (`owners`): the partition's owner reads them again from the committed
+        offset, and a decided one appends nothing the second time."""
         for message in messages:
+            if self.engines.get(message.partition) is not owners.get(message.partition):
+                continue
             message.ack(consumer)
             if message.partition in self._durable:
                 self._durable[message.partition] = max(self._durable[message.partition], message.offset)
@@ -567,15 +579,20 @@ class Processor:
             if not self._taken:
                 self._arrived.clear()
             self._room.set()
+            await self._recovered({message.partition for message, _ in batch})
+            batch = self._owned(batch)
+            if not batch:
+                continue
             messages = [message for message, _ in batch]
             self.stats.command_batches += 1
             metrics.COMMAND_BATCH_SIZE.observe(len(batch))
             if self._traces is not None:
                 self._remember_traces(messages)
             self._busy += 1
+            owners = {message.partition: self.engines[message.partition] for message in messages}
             try:
                 await self._handle([(m.partition, m.offset, value) for m, value in batch],
-                                   functools.partial(self._release, messages, self._app.consumer))
+                                   functools.partial(self._release, messages, self._app.consumer, owners))
             except Exception as exc:
                 log.critical("deciding commands failed (%r): stopping the processor; restart it to recover",
                              exc, exc_info=True)
@@ -583,6 +600,20 @@ class Processor:
                 return
             finally:
                 self._busy -= 1
+
+    def _owned(self, batch: list[tuple[Any, bytes]]) -> list[tuple[Any, bytes]]:
+        """The commands of `batch` this processor may decide: taken in the current consumer
+        generation, for a partition it owns. The others are left unacknowledged, untouched:
+        after a rebalance the consumer reads each partition again from its committed offset,
+        so the owner gets them. Decided here, a command taken before the rebalance would
+        mark later offsets decided (`tf.durable`) ahead of earlier ones read again."""
+        generation = self._app.consumer_generation_id
+        owned = [(message, value) for message, value in batch
+                 if message.generation_id == generation and message.partition in self.engines]
+        if len(owned) < len(batch):
+            self.stats.reassigned += len(batch) - len(owned)
+            metrics.COMMANDS_SKIPPED.labels("reassigned").inc(len(batch) - len(owned))
+        return owned
 
     async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
         topic = self.settings.topics.commands
