@@ -55,6 +55,56 @@ log = logging.getLogger(__name__)
 
 #: Eagerly taken attempts remembered, to drop their task copies.
 EAGER_REMEMBERED = 10_000
+#: How long a workflow task's report waits for the first report of an attempt it took
+#: eagerly, to go out with it in one produce request (`_HeldReport`).
+REPORT_HOLD = 0.010
+
+
+class _HeldReport:
+    """A workflow task's report held back until the first report of an attempt it took
+    eagerly is ready, or REPORT_HOLD has passed. The two are queued back to back, so
+    they reach the processor in one produce request and are decided in one pass (one
+    append, one acknowledgement) instead of the attempt's completion waiting behind the
+    report's append. The attempts ran before their report was in the log before too
+    (an eager attempt started once its report was queued); a worker that dies now
+    loses the report, and the task is redelivered, as before."""
+
+    def __init__(self, report: Command, send: Callable[[Command], Awaitable[Any]], done: Callable[[], None],
+                 holding: set[_HeldReport]) -> None:
+        self._report: Command | None = report
+        self._send, self._done, self._holding = send, done, holding
+        #: Resolved once the report is queued (or its lone send failed).
+        self.queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._timer = asyncio.get_running_loop().call_later(REPORT_HOLD, self._on_timer)
+        holding.add(self)
+
+    def take(self) -> Command | None:
+        """The report, to the first caller that will queue it (then call `taken_queued`)."""
+        report, self._report = self._report, None
+        if report is not None:
+            self._timer.cancel()
+            self._holding.discard(self)
+        return report
+
+    def taken_queued(self) -> None:
+        self._done()
+        if not self.queued.done():
+            self.queued.set_result(None)
+
+    def _on_timer(self) -> None:
+        report = self.take()
+        if report is not None:
+            asyncio.ensure_future(self._send_alone(report))
+
+    async def _send_alone(self, report: Command) -> None:
+        try:
+            await self._send(report)
+        except Exception as exc:  # its offset stays unfinished: the task is redelivered
+            log.error("sending a workflow task's report failed: %r", exc)
+            if not self.queued.done():
+                self.queued.set_result(None)
+            return
+        self.taken_queued()
 
 
 def _attempt_key(context: m.WorkflowContext, task: m.ActivityTask) -> str:
@@ -251,6 +301,8 @@ class Worker:
         #: Attempts taken eagerly here, oldest first: resolved once run (their task copies
         #: are dropped, and done with the run).
         self._eager: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
+        #: Reports held for the first report of their eager attempts (`_HeldReport`).
+        self._held: set[_HeldReport] = set()
         self._slots = asyncio.Semaphore(max_concurrent_activities)
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
@@ -372,6 +424,11 @@ class Worker:
                 await asyncio.gather(committing, return_exceptions=True)
             if self._in_flight and self._stopping.is_set():
                 await asyncio.wait(self._in_flight, timeout=self._grace)
+            for held in list(self._held):  # reports whose attempts were cut off
+                report = held.take()
+                if report is not None:
+                    await self._send(report)
+                    held.taken_queued()
             await self._commit(consumer, offsets)
 
     async def _take(self, tp: TopicPartition, record: Any, offsets: _Offsets, fresh: _Fresh) -> None:
@@ -390,13 +447,18 @@ class Worker:
             report, eager = await self._take_eagerly(self.runner.run_workflow_task(
                 task.workflow_context, task.task_id, task.payload.history), is_fresh)
             report, children = await self._start_children_eagerly(task.workflow_context, report, is_fresh)
-            await self._send(report)
-            offsets.finish(tp, record.offset)
+            held = None
+            if self.eager_continuations and (eager or children):
+                held = _HeldReport(report, self._send, functools.partial(offsets.finish, tp, record.offset),
+                                   self._held)
+            else:
+                await self._send(report)
+                offsets.finish(tp, record.offset)
             # After the report: the activity results follow it in the commands partition.
             traceparent = tracing.traceparent_of(record.headers)
-            self._run_eagerly(task.workflow_context, report.payload, eager, traceparent)
+            self._run_eagerly(task.workflow_context, report.payload, eager, traceparent, held)
             for child_context, child_task, child_eager in children:
-                self._run_eagerly(child_context, child_task, child_eager, traceparent)
+                self._run_eagerly(child_context, child_task, child_eager, traceparent, held)
             return
         if isinstance(task.payload, m.QueryTask):
             self.stats.query_tasks += 1
@@ -499,12 +561,13 @@ class Worker:
         return marked, eager
 
     def _run_eagerly(self, context: m.WorkflowContext, report: m.CompleteWorkflowTask, eager: list[m.ActivityTask],
-                     traceparent: bytes | None) -> None:
-        """Run the attempts `report` took eagerly. A lone one's completion goes with the
+                     traceparent: bytes | None, held: _HeldReport | None = None) -> None:
+        """Run the attempts `report` took eagerly; their first report goes out with `held`
+        (the report that took them, when it is held). A lone one's completion goes with the
         decisions of the workflow task it causes (`_send_continued`)."""
-        send = self._send
+        send: Callable[[Command], Awaitable[Any]] = functools.partial(self._send, after=held)
         if self.eager_continuations and len(eager) == 1:
-            send = functools.partial(self._send_continued, context, report, traceparent)
+            send = functools.partial(self._send_continued, context, report, traceparent, held)
         for activity in eager:
             self._spawn_activity(context, activity, claim=False, traceparent=traceparent,
                                  done=functools.partial(self._eager[_attempt_key(context, activity)].set_result, None),
@@ -556,7 +619,7 @@ class Worker:
             wait = min(wait * 2, CLAIM_RETRY_MAX)
 
     async def _send_continued(self, context: m.WorkflowContext, report: m.CompleteWorkflowTask,
-                              traceparent: bytes | None, command: Command) -> None:
+                              traceparent: bytes | None, held: _HeldReport | None, command: Command) -> None:
         """Send a report of the attempt `report` took eagerly; its completion with the
         decisions of the workflow task it causes, when the runner can make them
         (`TaskRunner.continue_after_activity`): the processor then records both at once,
@@ -576,13 +639,20 @@ class Worker:
                 if eager and task_id is not None:  # the continued task, as the next one's base
                     report = m.CompleteWorkflowTask(task_id=task_id, workflow_run_id=context.workflow_run_id,
                                                     history_length=continuation.history_length, decisions=decisions)
-        delivered = await self._send(command)
+        delivered = await self._send(command, after=held)
         if eager:  # a chained attempt starts once the completion it follows is in the log
             await delivered
         self._run_eagerly(context, report, eager, traceparent)
 
-    async def _send(self, command: Command) -> asyncio.Future[Any]:
-        """Queue `command`; the future resolves when the broker has it."""
+    async def _send(self, command: Command, after: _HeldReport | None = None) -> asyncio.Future[Any]:
+        """Queue `command` (after the held report `after`); the future resolves when the broker has it."""
+        if after is not None:
+            report = after.take()
+            if report is None:
+                await after.queued
+            else:  # queued back to back with `command`: no await between them yields
+                await self._send(report)
+                after.taken_queued()
         assert self._producer is not None
         return await self._producer.send(self.settings.topics.commands, COMMANDS.encode(command),
                                          key=command.root_workflow_exec_id.encode())

@@ -77,17 +77,16 @@ class HoldingWorker(Worker):
         self.armed[exec_id] = (asyncio.Event(), asyncio.Event(), asyncio.Event())
         return self.armed[exec_id]
 
-    async def _send(self, command: Any) -> None:
+    async def _send(self, command: Any, after: Any = None) -> Any:
         payload = command.payload
         gates = self.armed.get(command.workflow_exec_id)
         if gates is None or not isinstance(payload, m.CompleteWorkflowTask) or not any(
                 isinstance(d, m.StartChildWorkflowExecution) for d in payload.decisions):
-            await super()._send(command)
-            return
+            return await super()._send(command, after=after)
         holding, release, sent = self.armed.pop(command.workflow_exec_id)
         holding.set()
         await release.wait()
-        await super()._send(command)
+        await super()._send(command, after=after)
         await self._producer.flush()  # type: ignore[union-attr]
         sent.set()
 

@@ -295,3 +295,26 @@ async def test_a_parent_continuation_is_refused_when_the_parent_heard_more(setti
     assert continued_tasks(history) == []
     assert all(result.ok for result in Replayer(modules=[sys.modules[__name__]]).replay(
         history, raise_on_failure=False))
+
+
+async def test_a_report_and_its_eager_attempts_completion_are_decided_in_one_pass(
+        settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker holds a workflow task's report until the attempt it took eagerly reports
+    (`REPORT_HOLD`), and queues the two back to back: the processor takes the records of
+    that fetch together and decides them in one pass (one append, one acknowledgement)."""
+    async with Deployment(settings, continuations=True) as deployment:
+        batches: list[list[str]] = []
+        decide = deployment.processor._decide
+
+        async def recording(commands: list, on_durable: object = None) -> None:
+            batches.append([type(command.payload).__name__ for _, command in commands])
+            await decide(commands, on_durable)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(deployment.processor, "_decide", recording)
+        for _ in range(5):
+            value = f"v{uuid.uuid4().hex[:8]}"
+            handle = await deployment.client.start_workflow(ContinuedParent, value)
+            assert await handle.result(timeout=60) == f"done:{value}"
+    together = [batch for batch in batches if batch == ["CompleteWorkflowTask", "CompleteActivityTask"]]
+    alone = [batch for batch in batches if batch == ["CompleteActivityTask"]]
+    assert together and len(together) >= len(alone), batches
