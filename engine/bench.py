@@ -513,15 +513,17 @@ class ModeRun:
         try:
             response = await admin.delete_topics(names)
             # DeleteTopics answers an error code per topic (73: deletion disabled on the cluster).
-            failed = {entry[0]: entry[1] for entry in response.topic_error_codes if entry[1] != 0}
-            if failed:
-                raise RuntimeError(", ".join(f"{name}: {for_code(code).__name__}" for name, code in failed.items()))
-            progress(f"{self.mode}: deleted its topics {self.prefix}.*")
-        except Exception as exc:  # a cluster that forbids deletion: the run's figures stand
-            progress(f"{self.mode}: could not delete its topics {self.prefix}.* ({describe(exc)}); "
-                     f"delete them by hand, or pass --keep-topics")
+            problem = ", ".join(f"{entry[0]}: {for_code(entry[1]).__name__}"
+                                for entry in response.topic_error_codes if entry[1] != 0)
+        except Exception as exc:  # the run's figures stand all the same
+            problem = describe(exc)
         finally:
             await clients.stop(admin)
+        if problem:
+            progress(f"{self.mode}: could not delete its topics {self.prefix}.* ({problem}); "
+                     f"delete them by hand, or pass --keep-topics")
+        else:
+            progress(f"{self.mode}: deleted its topics {self.prefix}.*")
 
     async def execute(self, client: Any, workload: Workload, tag: str, timeout: float,
                       accepted: list[float] | None = None) -> float:

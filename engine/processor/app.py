@@ -536,8 +536,9 @@ class Processor:
         them as decided (`tf.durable`). Not those whose partition changed owner since they
         were taken up (`owners`): the partition's owner reads them again from the committed
         offset, and a decided one appends nothing the second time."""
+        kept = {partition for partition, engine in owners.items() if self.engines.get(partition) is engine}
         for message in messages:
-            if self.engines.get(message.partition) is not owners.get(message.partition):
+            if message.partition not in kept:
                 continue
             message.ack(consumer)
             if message.partition in self._durable:
@@ -579,7 +580,8 @@ class Processor:
             if not self._taken:
                 self._arrived.clear()
             self._room.set()
-            await self._recovered({message.partition for message, _ in batch})
+            partitions = {message.partition for message, _ in batch}
+            await self._recovered(partitions)
             batch = self._owned(batch)
             if not batch:
                 continue
@@ -589,7 +591,7 @@ class Processor:
             if self._traces is not None:
                 self._remember_traces(messages)
             self._busy += 1
-            owners = {message.partition: self.engines[message.partition] for message in messages}
+            owners = {partition: self.engines[partition] for partition in partitions if partition in self.engines}
             try:
                 await self._handle([(m.partition, m.offset, value) for m, value in batch],
                                    functools.partial(self._release, messages, self._app.consumer, owners))
@@ -616,8 +618,8 @@ class Processor:
         return owned
 
     async def _handle(self, records: list[tuple[int, int, bytes]], on_durable: Callable[[], None]) -> None:
+        """Decide commands read from the topic, of partitions recovered and owned (`_owned`)."""
         topic = self.settings.topics.commands
-        await self._recovered({p for p, _, _ in records})
         commands = []
         next_offsets = self._next_offsets
         for partition, offset, value in records:
