@@ -1,5 +1,6 @@
 """Commands taken up before a rebalance are left for the partition's owner to read again:
-neither decided nor acknowledged here, nor counted as decided (`tf.durable`)."""
+neither decided nor acknowledged here, nor counted as decided (`tf.durable`); a partition
+given back is read once this processor's appends in flight are acknowledged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+from aiokafka import TopicPartition
+
 from treeflow.kafka import KafkaSettings
+from treeflow.processor import app as processor_app
 from treeflow.processor.app import Processor
 
 
@@ -75,3 +80,35 @@ async def test_a_command_whose_partition_changed_owner_while_it_was_decided_is_n
     handled[0][1]()
     assert moved.acks == [] and made._durable[0] == -1
     assert stayed.acks == [6] and made._durable[1] == 6
+
+
+async def test_a_partition_given_back_is_read_once_the_appends_in_flight_are_acknowledged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made = processor(generation=5, owned=())
+    order: list[str] = []
+    acknowledged = asyncio.get_running_loop().create_future()
+
+    async def in_flight() -> None:  # a decision of before the rebalance, still being appended
+        await acknowledged
+        order.append("appended")
+
+    async def ends(settings: KafkaSettings, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        order.append("read back")
+        return {tp: 0 for tp in partitions}
+
+    async def committed(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in partitions}
+
+    async def recover(tp: TopicPartition, end: int, committed_offset: int) -> None:
+        made._ready[tp.partition].set()
+
+    monkeypatch.setattr(processor_app, "end_offsets", ends)
+    made._committed = committed  # type: ignore[method-assign]
+    made._recover = recover  # type: ignore[method-assign]
+    made._last_publish = asyncio.ensure_future(in_flight())
+    assigning = asyncio.ensure_future(made._on_assigned(None, {TopicPartition(made.settings.topics.commands, 0)}))
+    await asyncio.sleep(0.05)
+    assert order == [] and not assigning.done()
+    acknowledged.set_result(None)
+    await asyncio.wait_for(assigning, 1)
+    assert order == ["appended", "read back"]
